@@ -1,0 +1,66 @@
+"""Pass infrastructure: the state passes edit, the Pass protocol and the Pipeline.
+
+The state starts as a *copy* of the traced graph: passes never touch the input model or its
+traced graph. ``node_map`` maps each node of the traced graph to its copy, so passes can read
+the analysis (keyed by traced nodes) while editing the copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from prunefx.plan import PrunePlan
+
+__all__ = ["RewriteState", "Pass", "Pipeline"]
+
+
+@dataclass
+class RewriteState:
+    plan: PrunePlan
+    source: fx.GraphModule
+    graph: fx.Graph
+    node_map: dict[fx.Node, fx.Node]
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # canonical name -> new tensor
+    modules: dict[str, nn.Module] = field(default_factory=dict)  # call_module target -> new module
+    result: fx.GraphModule | None = None
+    log: list[str] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, plan: PrunePlan) -> RewriteState:
+        source = plan.analysis.traced.module
+        graph = fx.Graph()
+        node_map: dict[fx.Node, fx.Node] = {}
+        out = graph.graph_copy(source.graph, node_map)
+        graph.output(out)
+        return cls(plan, source, graph, node_map)
+
+
+@dataclass(frozen=True)
+class Pass:
+    """A rewrite step. Subclasses implement ``run`` and may check ``verify``."""
+
+    def run(self, state: RewriteState) -> None:
+        raise NotImplementedError(type(self).__name__)
+
+    def verify(self, state: RewriteState) -> None:
+        """Post-condition on the result of ``run``; raise AssertionError when broken."""
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    passes: Sequence[Pass]
+
+    def run(self, state: RewriteState) -> RewriteState:
+        for p in self.passes:
+            p.run(state)
+            p.verify(state)
+        return state

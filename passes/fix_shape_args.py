@@ -1,0 +1,177 @@
+"""FixShapeArgs: rewrite constants in node arguments that encode channel counts.
+
+Symbolic tracing freezes attributes read in ``forward`` into literals (``x.view(-1, self.c)``,
+``torch.split(x, [16, 16], 1)``, ``F.conv2d(..., groups=self.g)``). Each literal that names a
+size of a pruned dim is recomputed from the plan:
+
+    view/reshape/expand sizes   -> new output size of that dim (-1 and dynamic sizes untouched)
+    split/chunk                 -> torch.split with the new size of every piece
+    x[..., a:b] / x[..., i]     -> a' = #kept before a, b' = #kept before b, i' = #kept before i
+    narrow(d, s, n)             -> s' = #kept before s, n' = #kept in [s, s + n)
+    F.conv*(groups=g)           -> g' = C_out' / (C_out / g)
+    F.group_norm(G)             -> G' = C' / (C / G)
+    F.layer_norm(shape)         -> the new trailing sizes
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from prunefx.passes.base import Pass, RewriteState
+
+__all__ = ["FixShapeArgs"]
+
+
+def _sizes(old: Sequence[Any], old_shape: Sequence[int], new_shape: Sequence[int], offset: int = 0) -> list[Any]:
+    out = list(old)
+    for i, s in enumerate(old):
+        d = i + offset
+        if isinstance(s, int) and not isinstance(s, bool) and s != -1 and old_shape[d] != new_shape[d]:
+            out[i] = int(new_shape[d])
+    return out
+
+
+def _size_list(state: RewriteState, node: fx.Node, new: fx.Node) -> None:
+    old_shape, new_shape = state.plan.analysis.shapes[node], state.plan.new_shapes[node]
+    if old_shape == new_shape or len(node.args) < 2:
+        return
+    packed = len(new.args) == 2 and isinstance(new.args[1], (list, tuple))
+    sizes = new.args[1] if packed else new.args[1:]  # the copy's args: nodes of the new graph
+    fixed = _sizes(sizes, old_shape, new_shape)
+    new.args = (new.args[0], type(sizes)(fixed)) if packed else (new.args[0], *fixed)
+
+
+def _unflatten(state: RewriteState, node: fx.Node, new: fx.Node) -> None:
+    dim, sizes = new.args[1], new.args[2]
+    old_shape, new_shape = state.plan.analysis.shapes[node], state.plan.new_shapes[node]
+    if isinstance(dim, int) and isinstance(sizes, (list, tuple)):
+        dim = dim % len(state.plan.analysis.shapes[node.args[0]])
+        new.args = (new.args[0], dim, type(sizes)(_sizes(sizes, old_shape, new_shape, offset=dim)))
+
+
+def _split(state: RewriteState, node: fx.Node, new: fx.Node) -> None:
+    x = node.args[0]
+    nd = len(state.plan.analysis.shapes[x])
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    dim = dim % nd
+    old = [s[dim] for s in state.plan.analysis.shapes[node]]
+    fresh = [int(s[dim]) for s in state.plan.new_shapes[node]]
+    if old == fresh:
+        return
+    with state.graph.inserting_before(new):
+        rep = state.graph.call_function(torch.split, (new.args[0], fresh, dim))
+    new.replace_all_uses_with(rep)
+    state.graph.erase_node(new)
+    state.node_map[node] = rep
+
+
+def _prefix(kept: np.ndarray, i: int) -> int:
+    return int(kept[:i].sum())
+
+
+def _getitem(state: RewriteState, node: fx.Node, new: fx.Node) -> None:
+    src, index = node.args
+    value = state.plan.analysis.layouts.get(src)
+    shape = state.plan.analysis.shapes[src]
+    if not isinstance(shape, torch.Size):
+        return
+    items = list(index) if isinstance(index, tuple) else [index]
+    if Ellipsis in items:
+        k = items.index(Ellipsis)
+        fill = len(shape) - (len(items) - 1 - items.count(None))
+        expanded = items[:k] + [slice(None)] * fill + items[k + 1 :]
+    else:
+        expanded = items
+    out, dim, changed = [], 0, False
+    for it in expanded:
+        if it is None:
+            out.append(it)
+            continue
+        kept = state.plan.kept_along(value, shape[dim], dim)
+        if not kept.all() and isinstance(it, int):
+            it, changed = _prefix(kept, it % shape[dim]), True
+        elif not kept.all() and isinstance(it, slice) and it != slice(None):
+            start, stop, _ = it.indices(shape[dim])
+            it, changed = slice(_prefix(kept, start), _prefix(kept, max(stop, start))), True
+        out.append(it)
+        dim += 1
+    if changed:
+        new.args = (new.args[0], tuple(out) if isinstance(index, tuple) or len(out) > 1 else out[0])
+
+
+def _narrow(state: RewriteState, node: fx.Node, new: fx.Node) -> None:
+    x, dim, start, length = node.args[:4]
+    shape = state.plan.analysis.shapes[x]
+    dim = dim % len(shape)
+    kept = state.plan.kept_along(state.plan.analysis.layouts.get(x), shape[dim], dim)
+    if not kept.all():
+        new.args = (new.args[0], dim, _prefix(kept, start), int(kept[start : start + length].sum()))
+
+
+def _set_arg(new: fx.Node, index: int, name: str, value: Any) -> None:
+    if len(new.args) > index:
+        args = list(new.args)
+        args[index] = value
+        new.args = tuple(args)
+    else:
+        new.kwargs = {**new.kwargs, name: value}
+
+
+def _conv_groups(state: RewriteState, node: fx.Node, new: fx.Node) -> None:
+    groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
+    if not isinstance(groups, int) or groups == 1:
+        return
+    n = int(node.target.__name__[-2])
+    old_y, new_y = state.plan.analysis.shapes[node], state.plan.new_shapes[node]
+    cdim = len(old_y) - n - 1
+    if old_y[cdim] != new_y[cdim]:
+        _set_arg(new, 6, "groups", int(new_y[cdim]) // (old_y[cdim] // groups))
+
+
+def _group_norm(state: RewriteState, node: fx.Node, new: fx.Node) -> None:
+    groups = node.args[1] if len(node.args) > 1 else node.kwargs["num_groups"]
+    old_c, new_c = state.plan.analysis.shapes[node.args[0]][1], state.plan.new_shapes[node.args[0]][1]
+    if old_c != new_c:
+        _set_arg(new, 1, "num_groups", int(new_c) // (old_c // groups))
+
+
+def _layer_norm(state: RewriteState, node: fx.Node, new: fx.Node) -> None:
+    shape = node.args[1] if len(node.args) > 1 else node.kwargs["normalized_shape"]
+    x_new = state.plan.new_shapes[node.args[0]]
+    _set_arg(new, 1, "normalized_shape", tuple(int(s) for s in x_new[len(x_new) - len(shape):]))
+
+
+Handler = Callable[[RewriteState, fx.Node, fx.Node], None]
+_FUNCTIONS: dict[Any, Handler] = {
+    torch.reshape: _size_list, torch.split: _split, torch.chunk: _split, torch.unflatten: _unflatten,
+    torch.narrow: _narrow, operator.getitem: _getitem,
+    F.conv1d: _conv_groups, F.conv2d: _conv_groups, F.conv3d: _conv_groups,
+    F.conv_transpose1d: _conv_groups, F.conv_transpose2d: _conv_groups, F.conv_transpose3d: _conv_groups,
+    F.group_norm: _group_norm, F.layer_norm: _layer_norm,
+}
+_METHODS: dict[str, Handler] = {
+    "view": _size_list, "reshape": _size_list, "expand": _size_list, "unflatten": _unflatten,
+    "split": _split, "chunk": _split, "narrow": _narrow,
+}
+
+
+@dataclass(frozen=True)
+class FixShapeArgs(Pass):
+    def run(self, state: RewriteState) -> None:
+        for node in list(state.source.graph.nodes):
+            if node.op == "call_function":
+                handler = _FUNCTIONS.get(node.target)
+            elif node.op == "call_method":
+                handler = _METHODS.get(node.target)  # type: ignore[arg-type]
+            else:
+                continue
+            if handler is not None:
+                handler(state, node, state.node_map[node])

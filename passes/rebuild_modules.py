@@ -1,0 +1,113 @@
+"""RebuildModules: a copy of every called module, holding the sliced tensors, with its
+size attributes updated to match them.
+
+    Conv:        in_channels, out_channels, groups' = out' / (out / groups)
+    Linear:      in_features, out_features
+    BatchNorm*:  num_features          GroupNorm: num_channels, num_groups' = C' / (C / G)
+    LayerNorm:   normalized_shape      Embedding: embedding_dim      PReLU: num_parameters
+    Unflatten:   unflattened_size
+
+A module is copied shallowly (its hooks and flags too) and given fresh parameter/buffer
+dicts; a module with children (a user leaf module) is deep-copied, then its tensors replaced.
+Tied tensors stay tied: every alias receives the same new tensor.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from prunefx.passes.base import Pass, RewriteState
+
+__all__ = ["RebuildModules"]
+
+
+def _shell_copy(m: nn.Module) -> nn.Module:
+    if m._modules:
+        return copy.deepcopy(m)
+    new = m.__class__.__new__(m.__class__)
+    new.__dict__ = {k: (v.copy() if isinstance(v, dict) else v) for k, v in m.__dict__.items()}
+    new._non_persistent_buffers_set = set(m._non_persistent_buffers_set)
+    return new
+
+
+def _conv(m: nn.modules.conv._ConvNd, x: torch.Size, y: torch.Size) -> None:
+    cdim = len(x) - len(m.kernel_size) - 1
+    old_out, old_groups = m.out_channels, m.groups
+    m.in_channels, m.out_channels = int(x[cdim]), int(y[cdim])
+    if old_groups > 1:
+        m.groups = m.out_channels // (old_out // old_groups)
+
+
+def _linear(m: nn.Linear, x: torch.Size, y: torch.Size) -> None:
+    m.out_features, m.in_features = m.weight.shape
+
+
+def _norm(m: nn.modules.batchnorm._NormBase, x: torch.Size, y: torch.Size) -> None:
+    m.num_features = int(x[1] if len(x) > 1 else x[0])
+
+
+def _group_norm(m: nn.GroupNorm, x: torch.Size, y: torch.Size) -> None:
+    per_group = m.num_channels // m.num_groups
+    m.num_channels = int(x[1])
+    m.num_groups = m.num_channels // per_group
+
+
+def _layer_norm(m: nn.LayerNorm, x: torch.Size, y: torch.Size) -> None:
+    m.normalized_shape = tuple(int(s) for s in x[len(x) - len(m.normalized_shape):])
+
+
+def _embedding(m: nn.Embedding, x: torch.Size, y: torch.Size) -> None:
+    m.embedding_dim = m.weight.shape[1]
+
+
+def _prelu(m: nn.PReLU, x: torch.Size, y: torch.Size) -> None:
+    m.num_parameters = m.weight.numel()
+
+
+def _unflatten(m: nn.Unflatten, x: torch.Size, y: torch.Size) -> None:
+    dim = m.dim if m.dim >= 0 else m.dim + len(x)
+    m.unflattened_size = tuple(int(s) for s in y[dim : dim + len(m.unflattened_size)])
+
+
+_ATTRIBUTES: tuple[tuple[type, Callable[[Any, torch.Size, torch.Size], None]], ...] = (
+    (nn.modules.conv._ConvNd, _conv),
+    (nn.Linear, _linear),
+    (nn.modules.batchnorm._NormBase, _norm),
+    (nn.GroupNorm, _group_norm),
+    (nn.LayerNorm, _layer_norm),
+    (nn.Embedding, _embedding),
+    (nn.PReLU, _prelu),
+    (nn.Unflatten, _unflatten),
+)
+
+
+@dataclass(frozen=True)
+class RebuildModules(Pass):
+    def run(self, state: RewriteState) -> None:
+        aliases = state.plan.analysis.aliases
+        shapes = state.plan.new_shapes
+        for node in state.source.graph.nodes:
+            if node.op != "call_module" or node.target in state.modules:
+                continue
+            old = state.source.get_submodule(node.target)
+            new = _shell_copy(old)
+            for prefix, sub in new.named_modules(prefix=node.target):
+                for kind in ("_parameters", "_buffers"):
+                    slots = getattr(sub, kind)
+                    for pname, t in list(slots.items()):
+                        if t is not None:
+                            slots[pname] = state.tensors[aliases.get(f"{prefix}.{pname}", f"{prefix}.{pname}")]
+            x = shapes.get(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
+            y = shapes.get(node)
+            for kind, update in _ATTRIBUTES:
+                if isinstance(new, kind) and isinstance(x, torch.Size) and isinstance(y, torch.Size):
+                    update(new, x, y)
+                    break
+            state.modules[node.target] = new

@@ -1,0 +1,48 @@
+"""SliceTensors: new parameters and buffers holding only the kept channels.
+
+    W_new = W.index_select(d, kept_d) for every pruned dim d of W
+
+Every tensor is copied (sliced or cloned), so the result shares no storage with the input
+model. Parameters stay Parameters with the same ``requires_grad``; device, dtype and a
+channels-last memory format are kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from prunefx.passes.base import Pass, RewriteState
+
+__all__ = ["SliceTensors", "slice_tensor"]
+
+
+def slice_tensor(t: torch.Tensor, index: dict[int, torch.Tensor] | None) -> torch.Tensor:
+    with torch.no_grad():
+        new = t.detach()
+        if not index:
+            new = new.clone()
+        for dim, idx in sorted((index or {}).items()):
+            new = new.index_select(dim, idx.to(new.device))
+        if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+            new = new.contiguous(memory_format=torch.channels_last)
+    if isinstance(t, nn.Parameter):
+        return nn.Parameter(new, requires_grad=t.requires_grad)
+    return new
+
+
+@dataclass(frozen=True)
+class SliceTensors(Pass):
+    def run(self, state: RewriteState) -> None:
+        index = state.plan.index
+        src = state.source
+        for name, t in (*src.named_parameters(), *src.named_buffers()):
+            state.tensors[name] = slice_tensor(t, index.get(name))
+
+    def verify(self, state: RewriteState) -> None:
+        for name, idx in state.plan.index.items():
+            t = state.tensors[name]
+            for dim, kept in idx.items():
+                assert t.shape[dim] == len(kept), f"{name} dim {dim}: {t.shape[dim]} != {len(kept)}"

@@ -1,0 +1,20 @@
+"""prunefx: structured pruning as a graph compiler for PyTorch.
+
+    graph = prunefx.trace(model, x)              # channel groups
+    small = prunefx.reconfigure(model, mask)     # a physically smaller model
+    prunefx.apply_mask(model, mask)              # the reference: masked channels zeroed
+"""
+
+from prunefx import masks
+from prunefx.analysis import ChannelGroup
+from prunefx.errors import ExportError, MaskError, PruneFxError, TraceError
+from prunefx.flops import count_flops, count_params
+from prunefx.graph import PruneGraph, trace
+from prunefx.reconfigure import apply_mask, reconfigure
+
+__all__ = [
+    "trace", "PruneGraph", "ChannelGroup", "reconfigure", "apply_mask", "masks",
+    "count_flops", "count_params",
+    "PruneFxError", "TraceError", "MaskError", "ExportError",
+]
+__version__ = "0.1.0"

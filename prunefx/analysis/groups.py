@@ -1,0 +1,154 @@
+"""Channel groups: the union-find classes that share the same set of members.
+
+After the analysis every channel slot is a union-find class (its root id). Two slots belong
+to the same group when exactly the same parameter dims hold them and they are equally pinned
+/ exact: a conv's output channels feeding a BN and a consumer form one group; a residual
+stream spanning many convs forms one group; a split conv output feeding two consumers forms
+two groups. A group is named after its first producing module (graph order); a second group
+with the same name gets a ``#k`` suffix.
+
+Signatures are hashed (a random 64-bit key per member, summed per slot), so building groups
+is a few vectorised passes over the members rather than per-channel Python work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
+
+from prunefx.analysis.propagate import ChannelAnalysis, Member, Note, Role
+
+__all__ = ["ChannelGroup", "GroupMember", "GroupTable", "build_groups"]
+
+
+@dataclass(frozen=True)
+class GroupMember:
+    """One parameter/buffer dim spanned by a group. ``index_map[i]`` lists the indices along
+    ``dim`` that hold the group's channel i (one index, or several after flatten/repeat)."""
+
+    name: str
+    dim: int
+    index_map: tuple[tuple[int, ...], ...]
+    role: str
+
+    def __iter__(self):  # unpacks as (name, dim, index_map), the API's member triple
+        return iter((self.name, self.dim, self.index_map))
+
+
+@dataclass(frozen=True, eq=False)
+class ChannelGroup:
+    """A set of channels that must be kept or removed together."""
+
+    name: str
+    size: int
+    prunable: bool
+    exact: bool
+    reason: str | None
+    slots: np.ndarray = field(repr=False)  # union-find root of each channel, in group order
+    _members: tuple[tuple[Member, np.ndarray], ...] = field(repr=False, default=())
+
+    @cached_property
+    def members(self) -> tuple[GroupMember, ...]:
+        pos = {int(r): i for i, r in enumerate(self.slots)}
+        out = []
+        for m, roots in self._members:
+            rows: list[list[int]] = [[] for _ in range(self.size)]
+            for index, r in enumerate(roots.tolist()):
+                i = pos.get(r)
+                if i is not None:
+                    rows[i].append(index)
+            out.append(GroupMember(m.tensor, m.dim, tuple(tuple(r) for r in rows), m.role.value))
+        return tuple(out)
+
+    def __repr__(self) -> str:
+        flags = "prunable" if self.prunable else "pinned"
+        if self.prunable and not self.exact:
+            flags += ", approximate"
+        return f"ChannelGroup({self.name!r}, size={self.size}, {flags}, members={len(self._members)})"
+
+
+@dataclass(frozen=True, eq=False)
+class GroupTable:
+    groups: tuple[ChannelGroup, ...]
+    by_name: dict[str, ChannelGroup]
+    group_of_root: dict[int, ChannelGroup]
+    pin_reason: np.ndarray  # per root id: index into analysis.pins, or -1
+    inexact_reason: np.ndarray  # per root id: index into analysis.inexact, or -1
+
+
+def _first_note(analysis: ChannelAnalysis, notes: tuple[Note, ...]) -> np.ndarray:
+    first = np.full(analysis.uf.size, -1, dtype=np.int64)
+    for i, note in enumerate(notes):
+        roots = analysis.uf.find(note.ids)
+        fresh = roots[first[roots] == -1]
+        first[fresh] = i
+    return first
+
+
+def _owner(tensor: str) -> str:
+    return tensor.rsplit(".", 1)[0] if "." in tensor else tensor
+
+
+def build_groups(analysis: ChannelAnalysis) -> GroupTable:
+    uf = analysis.uf
+    pin = _first_note(analysis, analysis.pins)
+    inexact = _first_note(analysis, analysis.inexact)
+    rng = np.random.default_rng(0x5EED)
+    keys = rng.integers(1, 2**63 - 1, size=len(analysis.members) + 2, dtype=np.int64).astype(np.uint64)
+    sig = np.zeros(uf.size, dtype=np.uint64)
+    member_roots = []
+    for i, m in enumerate(analysis.members):
+        roots = uf.find(m.ids)
+        member_roots.append(roots)
+        np.add.at(sig, roots, keys[i])
+    sig += (pin >= 0).astype(np.uint64) * keys[-1] + (inexact >= 0).astype(np.uint64) * keys[-2]
+
+    order: list[np.uint64] = []  # group signatures in discovery order
+    first_member: dict[np.uint64, int] = {}
+    group_members: dict[np.uint64, list[int]] = {}
+    for i, roots in enumerate(member_roots):
+        sigs = sig[roots]
+        uniq, first_pos = np.unique(sigs, return_index=True)
+        for s in uniq[np.argsort(first_pos)]:
+            if s not in first_member:
+                first_member[s] = i
+                order.append(s)
+            group_members.setdefault(s, []).append(i)
+
+    groups: list[ChannelGroup] = []
+    by_name: dict[str, ChannelGroup] = {}
+    group_of_root: dict[int, ChannelGroup] = {}
+    for s in order:
+        members = group_members[s]
+        roots0 = member_roots[first_member[s]]
+        in_group = roots0[sig[roots0] == s]
+        _, idx = np.unique(in_group, return_index=True)
+        slots = in_group[np.sort(idx)]
+        writer = next((analysis.members[i] for i in members if analysis.members[i].role is Role.WRITE), analysis.members[members[0]])
+        name = _owner(writer.tensor)
+        k = 1
+        unique = name
+        while unique in by_name:
+            unique = f"{name}#{k}"
+            k += 1
+        r0 = int(slots[0])
+        reason, prunable, exact = None, True, True
+        if pin[r0] >= 0:
+            note = analysis.pins[pin[r0]]
+            prunable, exact = False, False
+            reason = f"pinned: {note.why}" + (f" ({analysis.traced.where(note.node)})" if note.node is not None else "")
+        elif inexact[r0] >= 0:
+            note = analysis.inexact[inexact[r0]]
+            exact = False
+            reason = f"approximate: {note.why} ({analysis.traced.where(note.node)})"
+        group = ChannelGroup(
+            name=unique, size=len(slots), prunable=prunable, exact=exact, reason=reason, slots=slots,
+            _members=tuple((analysis.members[i], member_roots[i]) for i in members),
+        )
+        groups.append(group)
+        by_name[unique] = group
+        for r in slots.tolist():
+            group_of_root[r] = group
+    return GroupTable(tuple(groups), by_name, group_of_root, pin, inexact)

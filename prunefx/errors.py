@@ -1,0 +1,22 @@
+"""Error classes. Exceptions are for misuse (bad masks, untraceable models); a model
+part that cannot be pruned is *data* (a pinned group with a reason), never an exception."""
+
+from __future__ import annotations
+
+__all__ = ["PruneFxError", "TraceError", "MaskError", "ExportError"]
+
+
+class PruneFxError(Exception):
+    """Base class of every error raised by prunefx."""
+
+
+class TraceError(PruneFxError):
+    """The model could not be traced or its shapes could not be propagated."""
+
+
+class MaskError(PruneFxError):
+    """A mask does not fit the model's channel groups."""
+
+
+class ExportError(PruneFxError):
+    """ONNX export or its verification failed."""

@@ -1,0 +1,31 @@
+"""Cost of a model on given inputs: FLOPs (``torch.utils.flop_counter``) and parameters.
+
+Runs on meta tensors (the model's parameters are swapped for meta copies for the duration
+of the call), so counting FLOPs of a large model costs no arithmetic and no memory.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils.stateless import _reparametrize_module
+from torch.utils.flop_counter import FlopCounterMode
+
+from prunefx.shapes import _to_meta
+
+__all__ = ["count_flops", "count_params"]
+
+
+def count_flops(model: nn.Module, example_inputs: Any) -> int:
+    """Forward FLOPs of ``model(*example_inputs)`` as counted by FlopCounterMode."""
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    meta = {n: torch.empty_like(t, device="meta") for n, t in (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False))}
+    with _reparametrize_module(model, meta), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(*_to_meta(inputs))
+    return int(counter.get_total_flops())
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

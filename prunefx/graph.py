@@ -1,0 +1,151 @@
+"""``prunefx.trace``: the analysis half of the pipeline, and its result ``PruneGraph``.
+
+    trace -> shapes -> channel analysis -> groups
+
+Example::
+
+    >>> import torch, torchvision, prunefx
+    >>> g = prunefx.trace(torchvision.models.resnet18(), torch.randn(1, 3, 64, 64))
+    >>> g.group_of("layer1.0.conv1")
+    ChannelGroup('layer1.0.conv1', size=64, prunable, members=6)
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch import nn
+
+from prunefx.analysis import ChannelAnalysis, ChannelGroup, analyze, build_groups
+from prunefx.errors import MaskError, TraceError
+from prunefx.shapes import Shapes, propagate_shapes
+from prunefx.tracing import Traced, guess_example_inputs, symbolic_trace
+
+__all__ = ["PruneGraph", "trace"]
+
+
+class PruneGraph:
+    """The traced model with its channel groups. Build it with ``prunefx.trace``."""
+
+    def __init__(self, traced: Traced, shapes: Shapes, analysis: ChannelAnalysis, example_inputs: tuple[Any, ...]) -> None:
+        self.traced = traced
+        self.shapes = shapes
+        self.analysis = analysis
+        self.example_inputs = example_inputs
+        self._table = build_groups(analysis)
+
+    @property
+    def module(self) -> fx.GraphModule:
+        """The torch.fx GraphModule (submodules are the traced model's own)."""
+        return self.traced.module
+
+    @property
+    def groups(self) -> tuple[ChannelGroup, ...]:
+        """Every channel group, in graph order."""
+        return self._table.groups
+
+    def group(self, name: str) -> ChannelGroup:
+        """The group called ``name``."""
+        try:
+            return self._table.by_name[name]
+        except KeyError:
+            raise MaskError(f"no channel group named '{name}'{_closest(name, self.names())}") from None
+
+    def groups_of(self, name: str) -> tuple[ChannelGroup, ...]:
+        """Every group holding some output channel of module ``name`` (several after a split)."""
+        ids = self.analysis.module_outputs.get(name)
+        if ids is None:
+            raise MaskError(f"module '{name}' has no tracked output channels{_closest(name, self.names())}")
+        seen: dict[int, ChannelGroup] = {}
+        for r in self.analysis.uf.find(ids).tolist():
+            g = self._table.group_of_root.get(r)
+            if g is not None:
+                seen.setdefault(id(g), g)
+        return tuple(seen.values())
+
+    def group_of(self, name: str) -> ChannelGroup:
+        """The group holding the output channels of module ``name`` (a producer such as
+        "layer1.0.conv1" or a pass-through such as "layer1.0.bn1"); a group name works too.
+        When a split spreads the module's outputs over several groups, the one holding its
+        first channel."""
+        if name in self._table.by_name and name not in self.analysis.module_outputs:
+            return self._table.by_name[name]
+        found = self.groups_of(name)
+        if not found:
+            raise MaskError(f"the output channels of '{name}' belong to no channel group (they touch no parameter)")
+        return found[0]
+
+    def output_channels(self, name: str) -> np.ndarray:
+        """Union-find roots of module ``name``'s output channels, in channel order."""
+        ids = self.analysis.module_outputs.get(name)
+        if ids is None:
+            raise MaskError(f"'{name}' is neither a channel group nor a module with output channels{_closest(name, self.names())}")
+        return self.analysis.uf.find(ids)
+
+    def names(self) -> list[str]:
+        return [*self._table.by_name, *self.analysis.module_outputs]
+
+    def is_pinned(self, roots: np.ndarray) -> np.ndarray:
+        return self._table.pin_reason[roots] >= 0
+
+    def pin_reason(self, root: int) -> str:
+        note = self.analysis.pins[self._table.pin_reason[root]]
+        return f"{note.why} ({self.traced.where(note.node)})" if note.node is not None else note.why
+
+    def __repr__(self) -> str:
+        n = len(self.groups)
+        p = sum(g.prunable for g in self.groups)
+        e = sum(g.prunable and g.exact for g in self.groups)
+        return f"PruneGraph({self.module.__class__.__name__}: {len(self.module.graph.nodes)} nodes, {n} groups, {p} prunable, {e} exact)"
+
+
+def _closest(name: str, names: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(names), n=3, cutoff=0.5)
+    return f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+
+
+def _as_tuple(example_inputs: Any) -> tuple[Any, ...] | None:
+    if example_inputs is None:
+        return None
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, list):
+        return tuple(example_inputs)
+    if isinstance(example_inputs, tuple):
+        return example_inputs
+    return (example_inputs,)
+
+
+def trace(
+    model: nn.Module,
+    example_inputs: Any = None,
+    *,
+    leaf_modules: Iterable[type | str] = (),
+    concrete_args: dict[str, Any] | None = None,
+) -> PruneGraph:
+    """Trace ``model`` and find its channel groups.
+
+    ``example_inputs`` is a Tensor or a tuple of positional inputs; only their shapes and
+    dtypes are used (shapes propagate on meta tensors). When omitted, they are inferred from
+    the first layer (a Conv2d(C, ...) gives (1, C, 224, 224)); a TraceError says when that
+    is not possible. ``leaf_modules`` (types or qualified names) are kept opaque: their
+    channels are pinned.
+    """
+    traced = symbolic_trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    inputs = _as_tuple(example_inputs)
+    if inputs is None:
+        inputs = guess_example_inputs(traced.module)
+        if inputs is None:
+            raise TraceError(
+                f"cannot infer example inputs for {type(model).__name__}: its inputs do not feed a "
+                "Conv/Linear/Embedding layer directly. Pass example_inputs=(tensor, ...)."
+            )
+    shapes = propagate_shapes(traced, inputs)
+    with torch.no_grad():
+        analysis = analyze(traced, shapes)
+    return PruneGraph(traced, shapes, analysis, inputs)

@@ -1,0 +1,66 @@
+"""The pruning plan: what the rewrite passes need, derived from the analysis and a Keep.
+
+- ``index[tensor][dim]``: indices kept along ``dim`` of each parameter/buffer that shrinks
+  (``torch.index_select`` order = original order);
+- ``new_shapes[node]``: each node's output shape after pruning (same nesting as
+  ``Shapes``); a dim carrying a grid factor keeps the indices whose slice holds a kept slot;
+- ``kept_along(node, dim)``: bool per index of a node's output along ``dim``, for passes that
+  rewrite slice bounds and split sizes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from prunefx.analysis.layout import Layout
+from prunefx.analysis.propagate import ChannelAnalysis
+from prunefx.mask import Keep
+
+__all__ = ["PrunePlan", "make_plan"]
+
+
+@dataclass(frozen=True, eq=False)
+class PrunePlan:
+    analysis: ChannelAnalysis
+    keep: Keep
+    index: Mapping[str, Mapping[int, torch.Tensor]]
+    new_shapes: Mapping[fx.Node, Any]
+
+    def kept_along(self, value: Layout | None, size: int, dim: int) -> np.ndarray:
+        """Bool per index along ``dim`` of a tensor with layout ``value``."""
+        f = value.on(dim) if isinstance(value, Layout) else None
+        if f is None:
+            return np.ones(size, dtype=bool)
+        kept = self.keep.of(self.analysis.uf.find(f.ids))
+        k = f.axis(dim)
+        other = tuple(a for a in range(kept.ndim) if a != k)
+        return kept.any(axis=other) if other else kept
+
+    def shape_of(self, old: Any, value: Any) -> Any:
+        if isinstance(old, torch.Size):
+            if not isinstance(value, Layout):
+                return old
+            return torch.Size(int(self.kept_along(value, old[d], d).sum()) if value.on(d) is not None else old[d] for d in range(len(old)))
+        if isinstance(old, (list, tuple)):
+            vals = value if isinstance(value, (list, tuple)) else [None] * len(old)
+            return tuple(self.shape_of(o, v) for o, v in zip(old, vals))
+        if isinstance(old, dict):
+            return {k: self.shape_of(v, value.get(k) if isinstance(value, dict) else None) for k, v in old.items()}
+        return old
+
+
+def make_plan(analysis: ChannelAnalysis, keep: Keep) -> PrunePlan:
+    index: dict[str, dict[int, torch.Tensor]] = {}
+    for m in analysis.members:
+        kept = keep.of(analysis.uf.find(m.ids))
+        if not kept.all():
+            index.setdefault(m.tensor, {})[m.dim] = torch.from_numpy(np.nonzero(kept)[0])
+    plan = PrunePlan(analysis, keep, index, {})
+    new_shapes = {node: plan.shape_of(analysis.shapes[node], analysis.layouts.get(node)) for node in analysis.traced.module.graph.nodes}
+    return PrunePlan(analysis, keep, index, new_shapes)

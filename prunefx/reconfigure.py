@@ -1,0 +1,99 @@
+"""``reconfigure`` and ``apply_mask``: the whole pipeline, one step per line.
+
+    trace -> shapes -> channel analysis -> mask resolution -> plan -> passes -> GraphModule
+
+``apply_mask`` is the reference semantics: it zeroes, in place, every parameter that *writes*
+a masked channel. ``reconfigure`` removes those channels instead; whenever every masked group
+is exact, ``reconfigure(model, mask)(x) == apply_mask(copy, mask)(x)`` to float rounding.
+
+Example::
+
+    >>> import copy, torch, torchvision, prunefx
+    >>> model = torchvision.models.resnet18().eval()
+    >>> x = torch.randn(1, 3, 64, 64)
+    >>> mask = {"layer1.0.conv1": torch.arange(64) % 2 == 0}
+    >>> small = prunefx.reconfigure(model, mask, example_inputs=x)
+    >>> ref = copy.deepcopy(model); prunefx.apply_mask(ref, mask, example_inputs=x)
+    >>> torch.allclose(small(x), ref(x), atol=1e-5)
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from prunefx.analysis.propagate import Role
+from prunefx.graph import PruneGraph, trace
+from prunefx.mask import resolve_mask
+from prunefx.passes import DEFAULT_PIPELINE, Pipeline, RewriteState
+from prunefx.plan import make_plan
+
+__all__ = ["reconfigure", "apply_mask"]
+
+
+def _graph_for(model: nn.Module, graph: PruneGraph | None, example_inputs: Any, leaf_modules: Iterable[Any], concrete_args: Any) -> PruneGraph:
+    if graph is not None:
+        return graph
+    return trace(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
+
+
+def reconfigure(
+    model: nn.Module,
+    mask: Mapping[str, Any],
+    *,
+    example_inputs: Any = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    policy: str = "union",
+    graph: PruneGraph | None = None,
+    leaf_modules: Iterable[Any] = (),
+    concrete_args: dict[str, Any] | None = None,
+    pipeline: Pipeline = DEFAULT_PIPELINE,
+) -> torch.fx.GraphModule:
+    """A new, dense, smaller model without the channels ``mask`` drops.
+
+    The result is a GraphModule whose submodule names match ``model``'s. ``model`` is never
+    modified. Pass ``graph=prunefx.trace(model, x)`` to reuse an analysis. With
+    ``optimizer``, its param_groups and per-parameter state are re-pointed to the new
+    parameters and sliced alike, in place. On any error nothing is changed.
+    """
+    g = _graph_for(model, graph, example_inputs, leaf_modules, concrete_args)  # trace, shapes, analysis
+    keep = resolve_mask(g, mask, policy)  # mask resolution (validates everything first)
+    plan = make_plan(g.analysis, keep)  # kept indices and new shapes
+    state = pipeline.run(RewriteState.start(plan))  # slice, rebuild, fix args, DCE, assemble
+    assert state.result is not None
+    if optimizer is not None:
+        from prunefx.optim import repoint_optimizer
+
+        repoint_optimizer(optimizer, state)
+    return state.result
+
+
+def apply_mask(
+    model: nn.Module,
+    mask: Mapping[str, Any],
+    *,
+    example_inputs: Any = None,
+    policy: str = "union",
+    graph: PruneGraph | None = None,
+    leaf_modules: Iterable[Any] = (),
+    concrete_args: dict[str, Any] | None = None,
+) -> nn.Module:
+    """Zero, in place, every parameter that writes a channel ``mask`` drops ("soft
+    pruning"); returns ``model``."""
+    g = _graph_for(model, graph, example_inputs, leaf_modules, concrete_args)
+    keep = resolve_mask(g, mask, policy)
+    state = dict((*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)))
+    with torch.no_grad():
+        for m in g.analysis.members:
+            if m.role is not Role.WRITE:
+                continue
+            dropped = np.nonzero(~keep.of(g.analysis.uf.find(m.ids)))[0]
+            if dropped.size:
+                t = state[m.tensor]
+                t.index_fill_(m.dim, torch.as_tensor(dropped, device=t.device), 0)
+    return model

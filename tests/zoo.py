@@ -1,0 +1,85 @@
+"""Shared helpers for the zoo tests: model list, smallest inputs, randomised norms, and the
+equivalence check against apply_mask."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torchvision
+from torch import nn
+
+import prunefx
+
+# Transformers and ConvNeXt come with the transformer issue (LayerNorm streams, heads).
+NOT_CNN = ("vit_", "swin", "maxvit", "convnext")
+
+INPUT_SIZE = {
+    "inception_v3": 75,
+    "alexnet": 63,
+}
+DEFAULT_SIZE = 32
+
+
+def cnn_names() -> list[str]:
+    return sorted(n for n in torchvision.models.list_models(module=torchvision.models) if not n.startswith(NOT_CNN))
+
+
+def example_input(name: str, batch: int = 2) -> torch.Tensor:
+    s = INPUT_SIZE.get(name, DEFAULT_SIZE)
+    return torch.randn(batch, 3, s, s, generator=torch.Generator().manual_seed(1))
+
+
+def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Norm statistics and affine terms away from their 0/1 defaults: defaults hide
+    misaligned slices."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._NormBase):
+                if m.running_mean is not None:
+                    m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+                    m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+            if isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)):
+                if getattr(m, "weight", None) is not None:
+                    m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                if getattr(m, "bias", None) is not None:
+                    m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+    return model
+
+
+def build(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    kwargs = {"aux_logits": False, "init_weights": False} if name in ("googlenet", "inception_v3") else {}
+    model = torchvision.models.get_model(name, weights=None, **kwargs)
+    return randomize_norms(model).eval()
+
+
+def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / max(1.0, float(b.abs().max())))
+
+
+def state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def check_exact(model: nn.Module, x: torch.Tensor, mask: dict, graph: prunefx.PruneGraph | None = None) -> tuple[nn.Module, float]:
+    """Reconfigure with ``mask``; return the small model and max|diff| / max(1, max|ref|)
+    against ``apply_mask`` on a copy."""
+    before = state_copy(model)
+    small = prunefx.reconfigure(model, mask, example_inputs=x, graph=graph)
+    ref = copy.deepcopy(model)
+    prunefx.apply_mask(ref, mask, example_inputs=x)
+    after = state_copy(model)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before), "input model changed"
+    with torch.no_grad():
+        out, expected = small(x), ref(x)
+    return small, max_rel_diff(_tensor_out(out), _tensor_out(expected))
+
+
+def _tensor_out(y):
+    if isinstance(y, torch.Tensor):
+        return y
+    if isinstance(y, dict):
+        return torch.cat([v.flatten() for v in y.values()])
+    return torch.cat([v.flatten() for v in y])
