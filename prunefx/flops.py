@@ -1,7 +1,9 @@
 """Cost of a model on given inputs: FLOPs (``torch.utils.flop_counter``) and parameters.
 
 Runs on meta tensors (the model's parameters are swapped for meta copies for the duration
-of the call), so counting FLOPs of a large model costs no arithmetic and no memory.
+of the call), so counting FLOPs of a large model costs no arithmetic and no memory. A
+traceable model runs through the same interpreter as shape propagation, which skips
+shape-preserving modules (FlopCounterMode counts no FLOPs for them).
 """
 
 from __future__ import annotations
@@ -9,11 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.fx as fx
 from torch import nn
 from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils.flop_counter import FlopCounterMode
 
-from prunefx.shapes import _to_meta
+from prunefx.shapes import _MetaShapeProp, _to_meta
 
 __all__ = ["count_flops", "count_params"]
 
@@ -22,8 +25,13 @@ def count_flops(model: nn.Module, example_inputs: Any) -> int:
     """Forward FLOPs of ``model(*example_inputs)`` as counted by FlopCounterMode."""
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     meta = {n: torch.empty_like(t, device="meta") for n, t in (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False))}
-    with _reparametrize_module(model, meta), torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(*_to_meta(inputs))
+    try:  # norms and activations add no FLOPs in FlopCounterMode: skip their meta kernels
+        gm = model if isinstance(model, fx.GraphModule) else fx.symbolic_trace(model)
+        run = _MetaShapeProp(gm).propagate
+    except Exception:  # not traceable: run the module itself on meta tensors
+        gm, run = model, model
+    with _reparametrize_module(gm, meta), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        run(*_to_meta(inputs))
     return int(counter.get_total_flops())
 
 

@@ -902,6 +902,13 @@ FUNCTION_RULES: dict[Any, Callable[[Analyzer, fx.Node], Any]] = {
     builtins.getattr: metadata,
 }
 
+try:  # torchvision wraps these for fx; they scale whole samples, so channels pass through
+    from torchvision.ops import stochastic_depth as _stochastic_depth
+
+    FUNCTION_RULES[_stochastic_depth] = _unary(True)
+except ImportError:  # pragma: no cover - torchvision is optional
+    pass
+
 _METHOD_ALIASES: dict[str, Any] = {
     "add": _elementwise(_ADD), "add_": _elementwise(_ADD), "sub": _elementwise(_ADD), "sub_": _elementwise(_ADD),
     "__add__": _elementwise(_ADD), "__radd__": _elementwise(_ADD),

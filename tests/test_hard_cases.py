@@ -1,0 +1,927 @@
+"""Hand-written small models that exercise the corners of the channel analysis and the rewrite.
+
+Every case is checked three ways:
+
+1. numerically: a seeded random mask keeping ~50% of every prunable *exact* group, and
+   ``reconfigure(model)(x) == apply_mask(copy)(x)`` to 1e-4 * max(1, max|ref|)
+   (``zoo.check_exact``, which also asserts the input model is unchanged);
+2. physically: the reconfigured model has fewer parameters;
+3. structurally: which modules share a group, the group sizes and index maps, which groups
+   are pinned and that the reason names the node — all written down by hand from the model
+   source, not read back from prunefx. Several cases also rebuild the expected small
+   weights by hand (rows kept in the producer => columns kept in the consumer).
+
+A last test prunes every prunable group (exact or not) of every case at random and checks
+that the result runs forward and backward.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import prunefx
+from zoo import check_exact, max_rel_diff, randomize_norms, state_copy
+
+TOL = 1e-4
+
+
+# ---------------------------------------------------------------------------------------
+# helpers (independent of prunefx's internals: only the public API and plain torch)
+# ---------------------------------------------------------------------------------------
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def rand(*shape: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def prepare(make, *args, seed: int = 0) -> nn.Module:
+    """Build ``make(*args)`` with seeded weights and random norm statistics, in eval mode."""
+    torch.manual_seed(seed)
+    return randomize_norms(make(*args), seed).eval()
+
+
+def prune_exact(model: nn.Module, x: torch.Tensor, seed: int = 0) -> tuple[prunefx.PruneGraph, dict, nn.Module]:
+    """Trace, random 50% mask over the exact groups, reconfigure; check equivalence + size."""
+    graph = prunefx.trace(model, x)
+    mask = prunefx.masks.random(graph, 0.5, seed=seed, exact_only=True)
+    assert mask, f"no prunable exact group in {type(model).__name__}: {graph.groups}"
+    small, diff = check_exact(model, x, mask, graph=graph)
+    assert diff <= TOL, f"reconfigured model differs from apply_mask reference: {diff:.3g}"
+    assert n_params(small) < n_params(model), "the reconfigured model is not smaller"
+    return graph, mask, small
+
+
+def members(group: prunefx.ChannelGroup) -> dict[tuple[str, int], tuple[tuple[int, ...], ...]]:
+    return {(name, dim): imap for name, dim, imap in group.members}
+
+
+def group_with(graph: prunefx.PruneGraph, tensor: str, dim: int) -> prunefx.ChannelGroup:
+    found = [g for g in graph.groups if (tensor, dim) in members(g)]
+    assert len(found) == 1, f"({tensor}, {dim}) is in {len(found)} groups: {found}"
+    return found[0]
+
+
+def kept_rows(original: torch.Tensor, small: torch.Tensor, dim: int = 0) -> list[int]:
+    """Indices along ``dim`` of ``original`` that survive in ``small`` (matched by value;
+    random weights make every slice unique). ``original`` must already be cut like ``small``
+    on every other dim (pass a bias, or ``w[:, kept_in]``)."""
+    o = original.detach().movedim(dim, 0).reshape(original.shape[dim], -1)
+    s = small.detach().movedim(dim, 0).reshape(small.shape[dim], -1)
+    out = []
+    for row in s:
+        hits = [i for i in range(o.shape[0]) if torch.equal(o[i], row)]
+        assert len(hits) == 1, "a slice of the small tensor is not a slice of the original"
+        out.append(hits[0])
+    assert out == sorted(out), "kept channels are not in original order"
+    return out
+
+
+def line_of(obj, text: str) -> int:
+    """Line number (in this file) of the first source line of ``obj`` containing ``text``."""
+    lines, start = inspect.getsourcelines(obj)
+    for k, line in enumerate(lines):
+        if text in line:
+            return start + k
+    raise AssertionError(f"{text!r} not in source of {obj}")
+
+
+# ---------------------------------------------------------------------------------------
+# a module called twice
+# ---------------------------------------------------------------------------------------
+class SharedChain(nn.Module):
+    """The shared conv reads its own output: its in- and out-channels become one group."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.shared = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = self.shared(F.relu(x))
+        x = self.shared(F.relu(self.bn(x)))
+        return self.head(x)
+
+
+class SharedBranches(nn.Module):
+    """The shared conv reads two different producers: their outputs must be pruned alike."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(3, 8, 1)
+        self.shared = nn.Conv2d(8, 6, 3, padding=1)
+        self.head = nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        y = self.shared(F.relu(self.a(x))) + self.shared(torch.tanh(self.b(x)))
+        return self.head(F.relu(y))
+
+
+def test_shared_conv_chain():
+    model = prepare(SharedChain)
+    x = rand(2, 3, 8, 8)
+    graph, mask, small = prune_exact(model, x)
+    g = graph.group_of("stem")
+    assert g is graph.group_of("shared") is graph.group_of("bn")
+    assert g.size == 8 and g.prunable and g.exact
+    m = members(g)
+    assert {("stem.weight", 0), ("shared.weight", 0), ("shared.weight", 1), ("bn.weight", 0), ("head.weight", 1)} <= set(m)
+    head = graph.group_of("head")
+    assert not head.prunable and "model output" in head.reason
+    # by hand: the stem's surviving rows are the shared conv's surviving rows and columns
+    keep = kept_rows(model.stem.weight, small.stem.weight)
+    assert len(keep) == 4
+    assert torch.equal(small.shared.weight, model.shared.weight[keep][:, keep])
+    assert torch.equal(small.head.weight, model.head.weight[:, keep])
+
+
+def test_shared_conv_branches():
+    model = prepare(SharedBranches)
+    x = rand(2, 3, 8, 8)
+    graph, mask, small = prune_exact(model, x)
+    ab = graph.group_of("a")
+    assert ab is graph.group_of("b") and ab.size == 8 and ab.prunable and ab.exact
+    assert ("shared.weight", 1) in members(ab)
+    out = graph.group_of("shared")
+    assert out is not ab and out.size == 6 and out.prunable
+    assert ("head.weight", 1) in members(out)
+    keep_a = kept_rows(model.a.weight, small.a.weight)
+    keep_b = kept_rows(model.b.weight, small.b.weight)
+    assert keep_a == keep_b
+    keep_s = kept_rows(model.shared.bias, small.shared.bias)
+    assert torch.equal(small.shared.weight, model.shared.weight[keep_s][:, keep_a])
+
+
+# ---------------------------------------------------------------------------------------
+# split, then concatenated in swapped order
+# ---------------------------------------------------------------------------------------
+class SplitSwap(nn.Module):
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 5, 1)
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x)))
+        if self.how == "split_list":
+            a, b = torch.split(y, [6, 10], dim=1)
+        elif self.how == "split_int":
+            a, b = torch.split(y, 8, 1)
+        elif self.how == "chunk":
+            a, b = torch.chunk(y, 2, dim=1)
+        else:  # tensor method
+            a, b = y.split([6, 10], 1)
+        return self.conv2(torch.cat([b, a], dim=1))
+
+
+@pytest.mark.parametrize("how", ["split_list", "split_int", "chunk", "method"])
+def test_split_then_swapped_concat(how):
+    model = prepare(SplitSwap, how)
+    x = rand(2, 3, 6, 6)
+    first = 6 if how in ("split_list", "method") else 8
+    graph, mask, small = prune_exact(model, x)
+    # both pieces feed the same consumer, so they stay one group; only the index map into
+    # conv2 is rotated: conv1 channel i < first sits at 16 - first + i, the others at i - first
+    g = graph.group_of("conv1")
+    assert g is graph.group_of("bn1") and g.size == 16 and g.prunable and g.exact
+    assert members(g)[("conv1.weight", 0)] == tuple((i,) for i in range(16))
+    rotated = [16 - first + i if i < first else i - first for i in range(16)]
+    assert members(g)[("conv2.weight", 1)] == tuple((j,) for j in rotated)
+    # by hand: conv2 columns = kept b channels then kept a channels
+    keep = kept_rows(model.conv1.weight, small.conv1.weight)
+    a_kept = [i for i in keep if i < first]
+    b_kept = [i for i in keep if i >= first]
+    assert len(keep) == 8 and 0 < len(a_kept) and 0 < len(b_kept)
+    cols = [i - first for i in b_kept] + [16 - first + i for i in a_kept]
+    assert torch.equal(small.conv2.weight, model.conv2.weight[:, cols])
+
+
+# ---------------------------------------------------------------------------------------
+# self concat
+# ---------------------------------------------------------------------------------------
+class SelfCat(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x)))
+        return self.conv2(torch.cat([y, y], 1))
+
+
+def test_self_concat():
+    model = prepare(SelfCat)
+    x = rand(2, 3, 6, 6)
+    graph, mask, small = prune_exact(model, x)
+    g = graph.group_of("conv1")
+    assert g.size == 8 and g.prunable and g.exact and g is graph.group_of("bn1")
+    assert members(g)[("conv2.weight", 1)] == tuple((i, i + 8) for i in range(8))
+    keep = kept_rows(model.conv1.weight, small.conv1.weight)
+    assert len(keep) == 4
+    assert torch.equal(small.conv2.weight, model.conv2.weight[:, keep + [i + 8 for i in keep]])
+
+
+# ---------------------------------------------------------------------------------------
+# flatten -> Linear with spatial size > 1
+# ---------------------------------------------------------------------------------------
+class FlattenLinear(nn.Module):
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.pool = nn.AdaptiveAvgPool2d((3, 2))
+        self.flat = nn.Flatten()
+        self.fc1 = nn.Linear(8 * 6, 12)
+        self.fc2 = nn.Linear(12, 3)
+
+    def forward(self, x):
+        y = self.pool(F.relu(self.bn(self.conv(x))))
+        if self.how == "torch.flatten":
+            y = torch.flatten(y, 1)
+        elif self.how == "nn.Flatten":
+            y = self.flat(y)
+        elif self.how == "view":
+            y = y.view(y.size(0), -1)
+        else:
+            y = y.reshape(y.shape[0], 48)
+        return self.fc2(F.relu(self.fc1(y)))
+
+
+@pytest.mark.parametrize("how", ["torch.flatten", "nn.Flatten", "view", "reshape_literal"])
+def test_flatten_linear(how):
+    model = prepare(FlattenLinear, how)
+    x = rand(2, 3, 6, 6)
+    graph, mask, small = prune_exact(model, x)
+    g = graph.group_of("conv")
+    assert g.size == 8 and g.prunable and g.exact
+    assert members(g)[("fc1.weight", 1)] == tuple(tuple(range(6 * i, 6 * i + 6)) for i in range(8))
+    fc1 = graph.group_of("fc1")
+    assert fc1.size == 12 and fc1.prunable and ("fc2.weight", 1) in members(fc1)
+    keep = kept_rows(model.conv.weight, small.conv.weight)
+    keep_fc1 = kept_rows(model.fc1.bias, small.fc1.bias)
+    cols = [6 * i + k for i in keep for k in range(6)]
+    assert torch.equal(small.fc1.weight, model.fc1.weight[keep_fc1][:, cols])
+    assert small.fc1.in_features == 6 * len(keep)
+
+
+# ---------------------------------------------------------------------------------------
+# grouped conv and depthwise conv with channel multiplier 2
+# ---------------------------------------------------------------------------------------
+class Grouped(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 1)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.gconv = nn.Conv2d(16, 16, 3, padding=1, groups=4)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.conv3 = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = F.relu(self.bn2(self.gconv(y)))
+        return self.conv3(y)
+
+
+class Depthwise(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.dw = nn.Conv2d(8, 16, 3, padding=1, groups=8)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.pw = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = F.relu(self.bn2(self.dw(y)))
+        return self.pw(y)
+
+
+def test_grouped_conv():
+    model = prepare(Grouped)
+    x = rand(2, 3, 6, 6)
+    graph, mask, small = prune_exact(model, x)
+    # a grouped conv with 4 groups of 4 in / 4 out: whole conv groups go, so the producer,
+    # the grouped conv's output and the consumer form one group with one slot per conv group
+    g = graph.group_of("conv1")
+    assert g is graph.group_of("gconv") is graph.group_of("bn2")
+    assert g.size == 4 and g.prunable and g.exact
+    assert members(g)[("conv1.weight", 0)] == tuple(tuple(range(4 * i, 4 * i + 4)) for i in range(4))
+    assert members(g)[("gconv.weight", 0)] == tuple(tuple(range(4 * i, 4 * i + 4)) for i in range(4))
+    sg = small.gconv
+    assert sg.groups == 2 and sg.in_channels == 8 and sg.out_channels == 8
+    assert sg.weight.shape == (8, 4, 3, 3)
+    keep = kept_rows(model.gconv.bias, small.gconv.bias)
+    assert keep == kept_rows(model.conv1.weight, small.conv1.weight)
+    whole = sorted({i // 4 for i in keep})
+    assert keep == [4 * grp + k for grp in whole for k in range(4)], "a conv group was cut in half"
+    assert torch.equal(small.gconv.weight, model.gconv.weight[keep])
+    assert torch.equal(small.conv3.weight, model.conv3.weight[:, keep])
+
+
+def test_depthwise_multiplier_2():
+    model = prepare(Depthwise)
+    x = rand(2, 3, 6, 6)
+    graph, mask, small = prune_exact(model, x)
+    g = graph.group_of("conv1")
+    assert g is graph.group_of("dw") is graph.group_of("bn2")
+    assert g.size == 8 and g.prunable and g.exact
+    assert members(g)[("dw.weight", 0)] == tuple((2 * i, 2 * i + 1) for i in range(8))
+    assert members(g)[("pw.weight", 1)] == tuple((2 * i, 2 * i + 1) for i in range(8))
+    keep = kept_rows(model.conv1.weight, small.conv1.weight)
+    assert len(keep) == 4
+    rows = [2 * i + k for i in keep for k in range(2)]
+    assert small.dw.groups == 4 and small.dw.in_channels == 4 and small.dw.out_channels == 8
+    assert torch.equal(small.dw.weight, model.dw.weight[rows])
+    assert torch.equal(small.pw.weight, model.pw.weight[:, rows])
+
+
+# ---------------------------------------------------------------------------------------
+# ConvTranspose2d with a skip concat (U-Net)
+# ---------------------------------------------------------------------------------------
+class TinyUNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Conv2d(3, 8, 3, padding=1)
+        self.enc_bn = nn.BatchNorm2d(8)
+        self.down = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.down_bn = nn.BatchNorm2d(16)
+        self.up = nn.ConvTranspose2d(16, 6, 2, stride=2)
+        self.up_bn = nn.BatchNorm2d(6)
+        self.dec = nn.Conv2d(6 + 8, 2, 3, padding=1)
+
+    def forward(self, x):
+        e = F.relu(self.enc_bn(self.enc(x)))
+        d = F.relu(self.down_bn(self.down(e)))
+        u = F.relu(self.up_bn(self.up(d)))
+        return self.dec(torch.cat([u, e], dim=1))
+
+
+def test_conv_transpose_skip_concat():
+    model = prepare(TinyUNet)
+    x = rand(2, 3, 8, 8)
+    graph, mask, small = prune_exact(model, x)
+    enc, down, up = graph.group_of("enc"), graph.group_of("down"), graph.group_of("up")
+    assert len({id(enc), id(down), id(up)}) == 3
+    assert (enc.size, down.size, up.size) == (8, 16, 6)
+    assert all(g.prunable and g.exact for g in (enc, down, up))
+    assert ("up.weight", 0) in members(down)  # ConvTranspose weight: (in, out, kh, kw)
+    assert ("up.weight", 1) in members(up) and ("up_bn.weight", 0) in members(up)
+    assert members(up)[("dec.weight", 1)] == tuple((i,) for i in range(6))
+    assert members(enc)[("dec.weight", 1)] == tuple((6 + i,) for i in range(8))
+    keep_e = kept_rows(model.enc.weight, small.enc.weight)
+    keep_d = kept_rows(model.down.bias, small.down.bias)
+    keep_u = kept_rows(model.up.bias, small.up.bias)
+    assert torch.equal(small.up.weight, model.up.weight[keep_d][:, keep_u])
+    assert small.up.in_channels == len(keep_d) and small.up.out_channels == len(keep_u)
+    assert torch.equal(small.dec.weight, model.dec.weight[:, keep_u + [6 + i for i in keep_e]])
+
+
+# ---------------------------------------------------------------------------------------
+# functional conv / linear on bare nn.Parameters
+# ---------------------------------------------------------------------------------------
+class FunctionalParams(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.weight = nn.Parameter(torch.randn(8, 3, 3, 3, generator=g) * 0.3)
+        self.bias = nn.Parameter(torch.randn(8, generator=g) * 0.1)
+        self.w2 = nn.Parameter(torch.randn(6, 8, 1, 1, generator=g) * 0.3)
+        self.fc_w = nn.Parameter(torch.randn(10, 6, generator=g) * 0.3)
+        self.fc_b = nn.Parameter(torch.randn(10, generator=g) * 0.1)
+        self.out_w = nn.Parameter(torch.randn(3, 10, generator=g) * 0.3)
+
+    def forward(self, x):
+        y = F.relu(F.conv2d(x, self.weight, self.bias, padding=1))
+        y = F.relu(F.conv2d(y, self.w2))
+        y = y.mean((2, 3))
+        y = F.relu(F.linear(y, self.fc_w, self.fc_b))
+        return F.linear(y, self.out_w)
+
+
+def test_functional_conv_and_linear_on_parameters():
+    model = prepare(FunctionalParams)
+    x = rand(2, 3, 6, 6)
+    graph, mask, small = prune_exact(model, x)
+    g1 = group_with(graph, "weight", 0)
+    assert g1.size == 8 and g1.prunable and g1.exact
+    assert {("bias", 0), ("w2", 1)} <= set(members(g1))
+    g2 = group_with(graph, "w2", 0)
+    assert g2.size == 6 and g2.prunable and g2.exact and ("fc_w", 1) in members(g2)
+    g3 = group_with(graph, "fc_w", 0)
+    assert g3.size == 10 and g3.prunable and g3.exact
+    assert {("fc_b", 0), ("out_w", 1)} <= set(members(g3))
+    out = group_with(graph, "out_w", 0)
+    assert not out.prunable and "model output" in out.reason
+    keep1 = kept_rows(model.weight, small.weight)
+    keep2 = kept_rows(model.w2[:, keep1], small.w2)
+    keep3 = kept_rows(model.fc_b, small.fc_b)
+    assert len(keep1) == 4 and len(keep2) == 3 and len(keep3) == 5
+    assert torch.equal(small.bias, model.bias[keep1])
+    assert torch.equal(small.w2, model.w2[keep2][:, keep1])
+    assert torch.equal(small.fc_w, model.fc_w[keep3][:, keep2])
+    assert torch.equal(small.out_w, model.out_w[:, keep3])
+
+
+# ---------------------------------------------------------------------------------------
+# squeeze-excitation gate
+# ---------------------------------------------------------------------------------------
+class SqueezeExcite(nn.Module):
+    def __init__(self, style: str) -> None:
+        super().__init__()
+        self.style = style
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        if style == "conv":
+            self.fc1, self.fc2 = nn.Conv2d(16, 4, 1), nn.Conv2d(4, 16, 1)
+        else:
+            self.fc1, self.fc2 = nn.Linear(16, 4), nn.Linear(4, 16)
+        self.conv3 = nn.Conv2d(16, 5, 1)
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x)))
+        if self.style == "conv":
+            s = torch.sigmoid(self.fc2(F.relu(self.fc1(self.pool(y)))))
+        else:
+            b, c, _, _ = y.shape
+            s = self.pool(y).view(b, c)
+            s = torch.sigmoid(self.fc2(F.relu(self.fc1(s)))).view(b, c, 1, 1)
+        return self.conv3(y * s)
+
+
+@pytest.mark.parametrize("style", ["conv", "linear"])
+def test_squeeze_excitation(style):
+    model = prepare(SqueezeExcite, style)
+    x = rand(2, 3, 6, 6)
+    graph, mask, small = prune_exact(model, x)
+    g = graph.group_of("conv1")
+    assert g is graph.group_of("bn1") is graph.group_of("fc2")
+    assert g.size == 16 and g.prunable and g.exact
+    assert {("fc1.weight", 1), ("fc2.bias", 0), ("conv3.weight", 1)} <= set(members(g))
+    se = graph.group_of("fc1")
+    assert se is not g and se.size == 4 and se.prunable and se.exact
+    keep = kept_rows(model.conv1.weight, small.conv1.weight)
+    keep_se = kept_rows(model.fc1.bias, small.fc1.bias)
+    assert torch.equal(small.fc1.weight, model.fc1.weight[keep_se][:, keep])
+    assert torch.equal(small.fc2.weight, model.fc2.weight[keep][:, keep_se])
+
+
+# ---------------------------------------------------------------------------------------
+# in-place residuals
+# ---------------------------------------------------------------------------------------
+class InplaceResidual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0, self.bn0 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv1, self.bn1 = nn.Conv2d(8, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.conv2, self.bn2 = nn.Conv2d(6, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv3, self.bn3 = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)
+        self.relu = nn.ReLU(inplace=True)
+        self.head = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x):
+        x = self.relu(self.bn0(self.conv0(x)))
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        out = self.relu(out)
+        y = self.bn3(self.conv3(out))
+        y.add_(out)
+        y = F.relu(y, inplace=True)
+        return self.head(y)
+
+
+def test_inplace_residuals():
+    model = prepare(InplaceResidual)
+    x = rand(2, 3, 6, 6)
+    graph, mask, small = prune_exact(model, x)
+    stream = graph.group_of("conv0")
+    assert stream is graph.group_of("bn2") is graph.group_of("conv3") is graph.group_of("bn3")
+    assert stream.size == 8 and stream.prunable and stream.exact
+    inner = graph.group_of("conv1")
+    assert inner is not stream and inner.size == 6 and inner.prunable and inner.exact
+    keep = kept_rows(model.conv0.weight, small.conv0.weight)
+    assert keep == kept_rows(model.conv2.bias, small.conv2.bias) == kept_rows(model.conv3.bias, small.conv3.bias)
+    assert torch.equal(small.head.weight, model.head.weight[:, keep])
+
+
+# ---------------------------------------------------------------------------------------
+# GroupNorm
+# ---------------------------------------------------------------------------------------
+class GroupNormNet(nn.Module):
+    def __init__(self, functional: bool) -> None:
+        super().__init__()
+        self.functional = functional
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.gn1 = nn.GroupNorm(4, 16)
+        self.conv2 = nn.Conv2d(16, 12, 3, padding=1)
+        self.gn2_w = nn.Parameter(torch.rand(12) + 0.5)
+        self.gn2_b = nn.Parameter(torch.randn(12) * 0.1)
+        self.gn2 = nn.GroupNorm(6, 12)
+        self.conv3 = nn.Conv2d(12, 4, 1)
+
+    def forward(self, x):
+        y = F.relu(self.gn1(self.conv1(x)))
+        y = self.conv2(y)
+        y = F.group_norm(y, 6, self.gn2_w, self.gn2_b) if self.functional else self.gn2(y)
+        return self.conv3(F.relu(y))
+
+
+@pytest.mark.parametrize("functional", [False, True], ids=["module", "functional"])
+def test_group_norm(functional):
+    model = prepare(GroupNormNet, functional)
+    x = rand(2, 3, 6, 6)
+    graph, mask, small = prune_exact(model, x)
+    g1 = graph.group_of("conv1")
+    assert g1 is graph.group_of("gn1")
+    assert g1.size == 4 and g1.prunable and g1.exact  # one slot per norm group of 4 channels
+    assert members(g1)[("conv1.weight", 0)] == tuple(tuple(range(4 * i, 4 * i + 4)) for i in range(4))
+    g2 = graph.group_of("conv2")
+    assert g2.size == 6 and g2.prunable and g2.exact
+    assert (("gn2_w", 0) if functional else ("gn2.weight", 0)) in members(g2)
+    gn1 = small.gn1
+    assert gn1.num_groups == 2 and gn1.num_channels == 8 and gn1.num_channels % gn1.num_groups == 0
+    keep1 = kept_rows(model.conv1.weight, small.conv1.weight)
+    assert len(keep1) == 8
+    assert all(sum(1 for i in keep1 if i // 4 == k) in (0, 4) for k in range(4)), "norm groups cut in half"
+    keep2 = kept_rows(model.conv2.bias, small.conv2.bias)
+    assert len(keep2) == 6 and all(sum(1 for i in keep2 if i // 2 == k) in (0, 2) for k in range(6))
+    if not functional:
+        assert small.gn2.num_groups == 3 and small.gn2.num_channels == 6
+
+
+# ---------------------------------------------------------------------------------------
+# multiple inputs, tuple / dict outputs
+# ---------------------------------------------------------------------------------------
+class MultiIO(nn.Module):
+    def __init__(self, out: str) -> None:
+        super().__init__()
+        self.out = out
+        self.conv_a, self.bn_a = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv_b = nn.Conv2d(1, 8, 1)
+        self.conv_c = nn.Conv2d(8, 10, 3, padding=1)
+        self.head1 = nn.Conv2d(10, 4, 1)
+        self.head2 = nn.Conv2d(8, 2, 1)
+
+    def forward(self, a, b):
+        z = F.relu(self.bn_a(self.conv_a(a)) + self.conv_b(b))
+        h = F.relu(self.conv_c(z))
+        out1 = self.head1(h).mean((2, 3))
+        out2 = self.head2(z).flatten(1)
+        if self.out == "tuple":
+            return out1, out2
+        return {"cls": out1, "seg": out2, "feat": h}
+
+
+def _check_exact_multi(model, inputs, mask, graph):
+    """zoo.check_exact for a model with several positional inputs."""
+    before = state_copy(model)
+    small = prunefx.reconfigure(model, mask, example_inputs=inputs, graph=graph)
+    ref = copy.deepcopy(model)
+    prunefx.apply_mask(ref, mask, example_inputs=inputs)
+    after = state_copy(model)
+    assert all(torch.equal(before[k], after[k]) for k in before), "input model changed"
+    with torch.no_grad():
+        out, expected = small(*inputs), ref(*inputs)
+    assert type(out) is type(expected)
+    if isinstance(out, dict):
+        assert out.keys() == expected.keys()
+        pairs = [(out[k], expected[k]) for k in out]
+    else:
+        assert len(out) == len(expected)
+        pairs = list(zip(out, expected))
+    for o, e in pairs:
+        assert o.shape == e.shape
+    return small, max(max_rel_diff(o, e) for o, e in pairs)
+
+
+@pytest.mark.parametrize("out", ["tuple", "dict"])
+def test_multi_input_multi_output(out):
+    model = prepare(MultiIO, out)
+    inputs = (rand(2, 3, 6, 6, seed=1), rand(2, 1, 6, 6, seed=2))
+    graph = prunefx.trace(model, inputs)
+    z = graph.group_of("conv_a")
+    assert z is graph.group_of("conv_b") is graph.group_of("bn_a")
+    assert z.size == 8 and z.prunable and z.exact and ("head2.weight", 1) in members(z)
+    h = graph.group_of("conv_c")
+    assert h.size == 10
+    if out == "dict":  # h is returned as "feat": its channels are part of the interface
+        assert not h.prunable and "model output" in h.reason
+    else:
+        assert h.prunable and h.exact and ("head1.weight", 1) in members(h)
+    for head in ("head1", "head2"):
+        assert not graph.group_of(head).prunable
+    mask = prunefx.masks.random(graph, 0.5, exact_only=True)
+    assert set(mask) == ({"conv_a"} if out == "dict" else {"conv_a", "conv_c"})
+    small, diff = _check_exact_multi(model, inputs, mask, graph)
+    assert diff <= TOL
+    assert n_params(small) < n_params(model)
+
+
+# ---------------------------------------------------------------------------------------
+# view with a literal channel count; slicing the channel dim
+# ---------------------------------------------------------------------------------------
+class LiteralView(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 64, 3, padding=1)
+        self.bn = nn.BatchNorm2d(64)
+        self.fc = nn.Linear(64, 5)
+
+    def forward(self, x):
+        y = F.relu(self.bn(self.conv(x)))
+        y = y.view(x.size(0), 64, -1).mean(-1)
+        return self.fc(y)
+
+
+class ChannelSlice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 32, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(32)
+        self.conv_lo = nn.Conv2d(16, 8, 1)
+        self.conv_hi = nn.Conv2d(16, 8, 1)
+        self.head = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x)))
+        z = self.conv_lo(y[:, :16]) + self.conv_hi(y[:, 16:])
+        return self.head(F.relu(z))
+
+
+def test_view_with_literal_channel_count():
+    model = prepare(LiteralView)
+    x = rand(2, 3, 4, 4)
+    graph, mask, small = prune_exact(model, x)
+    g = graph.group_of("conv")
+    assert g.size == 64 and g.prunable and g.exact and ("fc.weight", 1) in members(g)
+    keep = kept_rows(model.conv.weight, small.conv.weight)
+    assert len(keep) == 32
+    assert torch.equal(small.fc.weight, model.fc.weight[:, keep])
+    assert "64" not in small.code, f"the literal 64 survived the rewrite:\n{small.code}"
+
+
+def test_slice_on_channel_dim():
+    model = prepare(ChannelSlice)
+    x = rand(2, 3, 4, 4)
+    graph, mask, small = prune_exact(model, x)
+    lo, hi = graph.groups_of("conv1")
+    assert lo.size == 16 and hi.size == 16 and lo.prunable and hi.prunable and lo.exact and hi.exact
+    assert members(lo)[("conv1.weight", 0)] == tuple((i,) for i in range(16))
+    assert members(lo)[("conv_lo.weight", 1)] == tuple((i,) for i in range(16))
+    assert members(hi)[("conv1.weight", 0)] == tuple((16 + i,) for i in range(16))
+    assert members(hi)[("conv_hi.weight", 1)] == tuple((i,) for i in range(16))
+    z = graph.group_of("conv_lo")
+    assert z is graph.group_of("conv_hi") and z.size == 8
+    keep = kept_rows(model.conv1.weight, small.conv1.weight)
+    lo_k, hi_k = [i for i in keep if i < 16], [i - 16 for i in keep if i >= 16]
+    assert len(lo_k) == 8 and len(hi_k) == 8
+    keep_z = kept_rows(model.conv_lo.bias, small.conv_lo.bias)
+    assert torch.equal(small.conv_lo.weight, model.conv_lo.weight[keep_z][:, lo_k])
+    assert torch.equal(small.conv_hi.weight, model.conv_hi.weight[keep_z][:, hi_k])
+
+
+# ---------------------------------------------------------------------------------------
+# hand-written channel shuffle: exact or pinned, never wrong
+# ---------------------------------------------------------------------------------------
+class Shuffle(nn.Module):
+    def __init__(self, literal: bool) -> None:
+        super().__init__()
+        self.literal = literal
+        self.conv1 = nn.Conv2d(3, 16, 1)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 6, 1)
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x)))
+        if self.literal:
+            y = y.view(x.size(0), 4, 4, 5, 5).transpose(1, 2).contiguous().view(x.size(0), 16, 5, 5)
+        else:
+            b, c, h, w = y.size()
+            y = y.view(b, 4, c // 4, h, w).transpose(1, 2).contiguous().view(b, -1, h, w)
+        return self.conv2(y)
+
+
+@pytest.mark.parametrize("literal", [True, False], ids=["literal", "dynamic"])
+def test_hand_written_channel_shuffle(literal):
+    model = prepare(Shuffle, literal)
+    x = rand(2, 3, 5, 5)
+    graph = prunefx.trace(model, x)
+    g = graph.group_of("conv1")
+    assert g is graph.group_of("bn1")
+    if not g.prunable:  # allowed: pinned with a reason that names the shuffle
+        assert re.search(r"view|transpose|reshape", g.reason), g.reason
+        return
+    # channel c = 4 * group + k lands at conv2 input 4 * k + group; a pruned tensor must still
+    # reshape to (B, 4, k', H, W), so the same k goes in every group
+    assert g.exact and g.size in (4, 16)
+    graph, mask, small = prune_exact(model, x)
+    keep = kept_rows(model.conv1.weight, small.conv1.weight)
+    ks = sorted({i % 4 for i in keep})
+    assert keep == [4 * grp + k for grp in range(4) for k in ks], "kept set is not a product"
+    # by hand, conv2 reads the shuffled order k-major
+    cols = [4 * k + grp for k in range(4) for grp in range(4) if k in ks]
+    assert torch.equal(small.conv2.weight, model.conv2.weight[:, cols])
+    # and an independent reference: the original with those channels zeroed by hand
+    ref = copy.deepcopy(model)
+    drop = [i for i in range(16) if i not in keep]
+    with torch.no_grad():
+        for t in (ref.conv1.weight, ref.conv1.bias, ref.bn1.weight, ref.bn1.bias):
+            t[drop] = 0
+        assert max_rel_diff(small(x), ref(x)) <= TOL
+
+
+# ---------------------------------------------------------------------------------------
+# unknown ops pin what they touch
+# ---------------------------------------------------------------------------------------
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x * 1.0
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 0.5
+
+
+@torch.fx.wrap
+def scale_grad(x):
+    return _ScaleGrad.apply(x)
+
+
+class UnknownOp(nn.Module):
+    def __init__(self, op: str) -> None:
+        super().__init__()
+        self.op = op
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 6, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(6)
+        self.conv3 = nn.Conv2d(6, 3, 1)
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x)))
+        if self.op == "roll":
+            y = torch.roll(y, 1, dims=1)
+        else:
+            y = scale_grad(y)
+        y = F.relu(self.bn2(self.conv2(y)))
+        return self.conv3(y)
+
+
+@pytest.mark.parametrize("op", ["roll", "custom_autograd"])
+def test_unknown_op_pins_its_channels(op):
+    model = prepare(UnknownOp, op)
+    x = rand(2, 3, 6, 6)
+    graph, mask, small = prune_exact(model, x)
+    g = graph.group_of("conv1")
+    assert g is graph.group_of("bn1")
+    assert not g.prunable and not g.exact
+    target = "roll" if op == "roll" else "scale_grad"
+    assert target in g.reason, g.reason
+    line = line_of(UnknownOp.forward, "torch.roll" if op == "roll" else "scale_grad(y)")
+    assert f"test_hard_cases.py:{line}" in g.reason, g.reason
+    # conv2 reads the unknown op's output: its input channels are fixed too
+    assert ("conv2.weight", 1) not in members(graph.group_of("conv2"))
+    assert group_with(graph, "conv2.weight", 1).prunable is False
+    assert "conv1" not in mask and "conv2" in mask
+    assert small.conv1.weight.shape == model.conv1.weight.shape
+    assert small.conv2.weight.shape[1] == 8
+
+
+# ---------------------------------------------------------------------------------------
+# frozen parameters; analysis under no_grad
+# ---------------------------------------------------------------------------------------
+class Plain(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 12, 3, padding=1), nn.BatchNorm2d(12)
+        self.fc = nn.Linear(12, 4)
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = F.relu(self.bn2(self.conv2(y)))
+        return self.fc(y.mean((2, 3)))
+
+
+def test_frozen_parameters_are_pruned():
+    model = prepare(Plain)
+    for p in (*model.conv1.parameters(), *model.bn1.parameters()):
+        p.requires_grad_(False)
+    x = rand(2, 3, 6, 6)
+    graph, mask, small = prune_exact(model, x)
+    assert graph.group_of("conv1").prunable and "conv1" in mask
+    assert small.conv1.weight.shape[0] == 4 and small.bn1.weight.shape[0] == 4
+    assert small.conv2.weight.shape[1] == 4
+    frozen = {n for n, p in small.named_parameters() if not p.requires_grad}
+    assert frozen == {"conv1.weight", "conv1.bias", "bn1.weight", "bn1.bias"}
+
+
+def test_analysis_under_no_grad():
+    model = prepare(Plain)
+    x = rand(2, 3, 6, 6)
+    with torch.no_grad():
+        graph, mask, small = prune_exact(model, x)
+    assert set(mask) == {"conv1", "conv2"}
+    assert all(p.requires_grad for p in small.parameters())
+    small.train()
+    small(x).square().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in small.parameters())
+
+
+# ---------------------------------------------------------------------------------------
+# every prunable group (exact or not): forward and backward still run
+# ---------------------------------------------------------------------------------------
+class Mixed(nn.Module):
+    """Approximate groups too: LayerNorm over channels, softmax over channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.se1, self.se2 = nn.Conv2d(16, 4, 1), nn.Conv2d(4, 16, 1)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1, groups=4)
+        self.proj = nn.Linear(16, 12)
+        self.ln = nn.LayerNorm(12)
+        self.attn = nn.Linear(12, 12)
+        self.fc = nn.Linear(12, 5)
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = y * torch.sigmoid(self.se2(F.relu(self.se1(y.mean((2, 3), keepdim=True)))))
+        y = y + self.conv2(y)
+        t = self.ln(self.proj(y.flatten(2).transpose(1, 2)))
+        t = t * torch.softmax(self.attn(t), dim=-1)
+        return self.fc(t.mean(1))
+
+
+CASES = {
+    "shared_chain": (SharedChain, (2, 3, 8, 8)),
+    "shared_branches": (SharedBranches, (2, 3, 8, 8)),
+    "split_swap": (lambda: SplitSwap("split_list"), (2, 3, 6, 6)),
+    "chunk_swap": (lambda: SplitSwap("chunk"), (2, 3, 6, 6)),
+    "self_cat": (SelfCat, (2, 3, 6, 6)),
+    "flatten_linear": (lambda: FlattenLinear("view"), (2, 3, 6, 6)),
+    "grouped": (Grouped, (2, 3, 6, 6)),
+    "depthwise": (Depthwise, (2, 3, 6, 6)),
+    "unet": (TinyUNet, (2, 3, 8, 8)),
+    "functional": (FunctionalParams, (2, 3, 6, 6)),
+    "se_conv": (lambda: SqueezeExcite("conv"), (2, 3, 6, 6)),
+    "se_linear": (lambda: SqueezeExcite("linear"), (2, 3, 6, 6)),
+    "inplace": (InplaceResidual, (2, 3, 6, 6)),
+    "groupnorm": (lambda: GroupNormNet(False), (2, 3, 6, 6)),
+    "literal_view": (LiteralView, (2, 3, 4, 4)),
+    "slice": (ChannelSlice, (2, 3, 4, 4)),
+    "shuffle": (lambda: Shuffle(True), (2, 3, 5, 5)),
+    "roll": (lambda: UnknownOp("roll"), (2, 3, 6, 6)),
+    "mixed": (Mixed, (2, 3, 6, 6)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_random_mask_all_groups_forward_backward(case):
+    make, shape = CASES[case]
+    model = prepare(make)
+    x = rand(*shape)
+    graph = prunefx.trace(model, x)
+    mask = prunefx.masks.random(graph, 0.5, seed=3, exact_only=False)
+    assert mask
+    before = state_copy(model)
+    small = prunefx.reconfigure(model, mask, example_inputs=x, graph=graph)
+    assert all(torch.equal(before[k], v) for k, v in state_copy(model).items())
+    assert n_params(small) < n_params(model)
+    small.train()
+    out = small(x)
+    with torch.no_grad():
+        expected = model(x)
+    assert out.shape == expected.shape
+    out.square().mean().backward()
+    for name, p in small.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_mixed_has_approximate_groups():
+    model = prepare(Mixed)
+    graph = prunefx.trace(model, rand(2, 3, 6, 6))
+    proj = graph.group_of("proj")
+    assert proj.prunable and not proj.exact and "LayerNorm" in proj.reason
+    assert graph.group_of("ln") is proj
