@@ -73,6 +73,8 @@ class Row:
     reconfigure: list[float] = field(default_factory=list)
     tp_build: list[float] = field(default_factory=list)
     tp_prune: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)  # process CPU seconds, prunefx total
+    tp_cpu: list[float] = field(default_factory=list)
     kept_params: float = float("nan")  # prunefx result / original
     tp_kept_params: float = float("nan")
     check_error: float | None = None
@@ -90,6 +92,12 @@ class Row:
         if not self.tp_total:
             return None
         return statistics.median(self.tp_total) / statistics.median(self.total)
+
+    @property
+    def cpu_speedup(self) -> float | None:
+        if not self.tp_cpu:
+            return None
+        return statistics.median(self.tp_cpu) / statistics.median(self.cpu)
 
     @property
     def spread(self) -> float:
@@ -118,11 +126,12 @@ def _final_linear(model: nn.Module) -> nn.Module:
     return linears[-1]
 
 
-def _timed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[float, Any]:
+def _timed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[float, float, Any]:
+    """Wall seconds, process CPU seconds (all threads) and the result of one call."""
     gc.collect()
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     out = fn(*args, **kwargs)
-    return time.perf_counter() - start, out
+    return time.perf_counter() - wall, time.process_time() - cpu, out
 
 
 def _randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -151,15 +160,16 @@ def check(model: nn.Module, x: torch.Tensor) -> float:
     return float((got - want).abs().max() / want.abs().max().clamp_min(torch.finfo(want.dtype).tiny))
 
 
-def _tp_prune(model: nn.Module, x: torch.Tensor) -> tuple[float, float]:
-    """Seconds to build Torch-Pruning's dependency graph and to prune, on ``model`` in place."""
+def _tp_prune(model: nn.Module, x: torch.Tensor) -> tuple[float, float, float]:
+    """Wall seconds to build Torch-Pruning's dependency graph and to prune ``model`` in place,
+    and the CPU seconds of both."""
     ignored = [_final_linear(model)]
-    build_s, pruner = _timed(
+    build_s, build_cpu, pruner = _timed(
         tp.pruner.MagnitudePruner, model, x, importance=tp.importance.MagnitudeImportance(p=1),
         pruning_ratio=RATIO, ignored_layers=ignored,
     )
-    prune_s, _ = _timed(pruner.step)
-    return build_s, prune_s
+    prune_s, prune_cpu, _ = _timed(pruner.step)
+    return build_s, prune_s, build_cpu + prune_cpu
 
 
 def measure(name: str, repeats: int, *, with_tp: bool, do_check: bool, tol: float) -> Row:
@@ -176,18 +186,20 @@ def measure(name: str, repeats: int, *, with_tp: bool, do_check: bool, tol: floa
                 "Reproduce with tests/zoo.py check_exact."
             )
     for _ in range(repeats):
-        t, graph = _timed(prunefx.trace, model, x)
+        t, trace_cpu, graph = _timed(prunefx.trace, model, x)
         row.trace.append(t)
         mask = prunefx.masks.random(graph, RATIO, seed=0)
-        t, small = _timed(prunefx.reconfigure, model, mask, example_inputs=x, graph=graph)
+        t, reconf_cpu, small = _timed(prunefx.reconfigure, model, mask, example_inputs=x, graph=graph)
         row.reconfigure.append(t)
+        row.cpu.append(trace_cpu + reconf_cpu)
         row.kept_params = _n_params(small) / _n_params(model)
         del small, graph
         if with_tp:
             victim = copy.deepcopy(model)
-            build_s, prune_s = _tp_prune(victim, x)
+            build_s, prune_s, cpu = _tp_prune(victim, x)
             row.tp_build.append(build_s)
             row.tp_prune.append(prune_s)
+            row.tp_cpu.append(cpu)
             with torch.no_grad():
                 if victim(x).shape != (1, 1000):
                     raise SystemExit(f"{name}: the Torch-Pruning result no longer gives 1000 logits")
@@ -200,29 +212,62 @@ def _med(xs: list[float]) -> str:
     return f"{statistics.median(xs):.3f}" if xs else "-"
 
 
-HEADERS = (
-    "model", "nodes", "prunefx trace+analysis (s)", "prunefx reconfigure (s)", "prunefx total (s)",
-    "TP build (s)", "TP prune (s)", "TP total (s)", "speedup (TP/prunefx)",
-    "params kept prunefx / TP", "spread",
+# (short header for the terminal, long header for markdown)
+COLUMNS = (
+    ("model", "model"),
+    ("nodes", "fx nodes"),
+    ("pfx trace", "prunefx trace+analysis (s)"),
+    ("pfx reconf", "prunefx reconfigure (s)"),
+    ("pfx total", "prunefx total (s)"),
+    ("TP build", "TP build_dependency (s)"),
+    ("TP prune", "TP prune step (s)"),
+    ("TP total", "TP total (s)"),
+    ("speedup", "speedup (TP / prunefx, wall)"),
+    ("CPU speedup", "speedup (TP / prunefx, CPU time)"),
+    ("kept pfx/TP", "params kept prunefx / TP"),
+    ("spread", "spread (max-min)/median"),
 )
+TP_ONLY = {"TP build", "TP prune", "TP total", "speedup", "CPU speedup"}
 
 
 def _cells(row: Row, with_tp: bool) -> list[str]:
-    cells = [row.model, str(row.nodes), _med(row.trace), _med(row.reconfigure), _med(row.total)]
-    if with_tp:
-        cells += [
-            _med(row.tp_build), _med(row.tp_prune), _med(row.tp_total), f"{row.speedup:.1f}x",
-            f"{row.kept_params:.3f} / {row.tp_kept_params:.3f}",
-        ]
-    else:
-        cells += [f"{row.kept_params:.3f}"]
-    return cells + [f"{row.spread:.0%}"]
+    kept = f"{row.kept_params:.3f}" + (f" / {row.tp_kept_params:.3f}" if with_tp else "")
+    cells = {  # keyed by the short column names
+        "model": row.model,
+        "nodes": str(row.nodes),
+        "pfx trace": _med(row.trace),
+        "pfx reconf": _med(row.reconfigure),
+        "pfx total": _med(row.total),
+        "TP build": _med(row.tp_build),
+        "TP prune": _med(row.tp_prune),
+        "TP total": _med(row.tp_total),
+        "speedup": f"{row.speedup:.1f}x" if row.speedup else "-",
+        "CPU speedup": f"{row.cpu_speedup:.1f}x" if row.cpu_speedup else "-",
+        "kept pfx/TP": kept,
+        "kept": kept,
+        "spread": f"{row.spread:.0%}",
+    }
+    return [cells[short] for short, _ in _columns(with_tp)]
 
 
-def _headers(with_tp: bool) -> list[str]:
+def _columns(with_tp: bool) -> list[tuple[str, str]]:
     if with_tp:
-        return list(HEADERS)
-    return [*HEADERS[:5], "params kept", HEADERS[-1]]
+        return list(COLUMNS)
+    renamed = {"kept pfx/TP": ("kept", "params kept")}
+    return [renamed.get(s, (s, long)) for s, long in COLUMNS if s not in TP_ONLY]
+
+
+def _source_state() -> str:
+    """The commit measured, and whether the prunefx sources differ from it."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "prunefx", "passes"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "source state unknown (not a git checkout)"
+    return f"commit {head}" + (" with uncommitted changes to prunefx/ or passes/" if dirty else "")
 
 
 def machine() -> str:
@@ -250,7 +295,7 @@ def _tp_version() -> str:
 
 
 def to_markdown(rows: list[Row], with_tp: bool, repeats: int, loads: list[float]) -> str:
-    headers = _headers(with_tp)
+    headers = [long for _, long in _columns(with_tp)]
     lines = [
         "| " + " | ".join(headers) + " |",
         "|" + "|".join("---" if i == 0 else "---:" for i in range(len(headers))) + "|",
@@ -258,7 +303,8 @@ def to_markdown(rows: list[Row], with_tp: bool, repeats: int, loads: list[float]
     lines += ["| " + " | ".join(_cells(r, with_tp)) + " |" for r in rows]
     lines += [
         "",
-        f"Medians of {repeats} runs, input {INPUT_SHAPE}, {RATIO:.0%} random mask. {machine()}.",
+        f"Medians of {repeats} runs, input {INPUT_SHAPE}, {RATIO:.0%} random mask, {_source_state()}.",
+        f"{machine()}.",
         f"1-minute load average during the run: {min(loads):.2f} to {max(loads):.2f}.",
     ]
     return "\n".join(lines) + "\n"
@@ -280,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     repeats = args.repeats or (3 if args.quick else 5)
     with_tp = tp is not None and not args.no_tp
     console = Console(stderr=True)
-    console.print(machine())
+    console.print(f"{machine()}; {_source_state()}")
     if tp is None and not args.no_tp:
         console.print("torch_pruning is not installed: Torch-Pruning columns left out")
 
@@ -300,11 +346,11 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
 
     table = Table(title=f"prunefx reconfigure latency, medians of {repeats} runs")
-    for i, h in enumerate(_headers(with_tp)):
-        table.add_column(h, justify="left" if i == 0 else "right")
+    for i, (short, _) in enumerate(_columns(with_tp)):
+        table.add_column(short, justify="left" if i == 0 else "right")
     for r in rows:
         table.add_row(*_cells(r, with_tp))
-    Console().print(table)
+    Console(width=max(Console().width, 150)).print(table)
     print(f"1-minute load average during the run: {min(loads):.2f} to {max(loads):.2f}")
     if args.markdown:
         with open(args.markdown, "w") as f:

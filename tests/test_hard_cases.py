@@ -210,6 +210,43 @@ def test_split_then_swapped_concat(how):
     assert torch.equal(small.conv2.weight, model.conv2.weight[:, cols])
 
 
+class SplitTwoConsumers(nn.Module):
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.conv1 = nn.Conv2d(3, 16, 1)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv_a = nn.Conv2d(8, 4, 1)
+        self.conv_b = nn.Conv2d(8, 4, 3, padding=1)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x)))
+        a, b = torch.chunk(y, 2, dim=1) if self.how == "chunk" else torch.split(y, 8, 1)
+        return self.head(F.relu(self.conv_b(b) + self.conv_a(a)))
+
+
+@pytest.mark.parametrize("how", ["chunk", "split_int"])
+def test_split_to_two_consumers_uneven(how):
+    """Each piece is its own group; pruning them unevenly must turn chunk(2) / split(8)
+    into a split with the new piece sizes."""
+    model = prepare(SplitTwoConsumers, how)
+    x = rand(2, 3, 5, 5)
+    graph, _, _ = prune_exact(model, x)
+    ga, gb = graph.groups_of("conv1")
+    assert (ga.size, gb.size) == (8, 8) and ga is not gb
+    assert members(ga)[("conv_a.weight", 1)] == tuple((i,) for i in range(8))
+    assert members(gb)[("conv1.weight", 0)] == tuple((8 + i,) for i in range(8))
+    assert members(gb)[("conv_b.weight", 1)] == tuple((i,) for i in range(8))
+    keep_a = torch.tensor([1, 0, 0, 1, 0, 0, 0, 0], dtype=torch.bool)
+    keep_b = torch.tensor([1, 1, 1, 0, 1, 1, 1, 1], dtype=torch.bool)
+    small, diff = check_exact(model, x, {ga.name: keep_a, gb.name: keep_b}, graph=graph)
+    assert diff <= TOL
+    assert small.conv1.out_channels == 9
+    assert torch.equal(small.conv_a.weight, model.conv_a.weight[:, [0, 3]])
+    assert torch.equal(small.conv_b.weight, model.conv_b.weight[:, [0, 1, 2, 4, 5, 6, 7]])
+
+
 # ---------------------------------------------------------------------------------------
 # self concat
 # ---------------------------------------------------------------------------------------
@@ -279,6 +316,30 @@ def test_flatten_linear(how):
     cols = [6 * i + k for i in keep for k in range(6)]
     assert torch.equal(small.fc1.weight, model.fc1.weight[keep_fc1][:, cols])
     assert small.fc1.in_features == 6 * len(keep)
+
+
+class ChannelsLastFlatten(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.fc = nn.Linear(8 * 6, 5)
+
+    def forward(self, x):
+        y = F.relu(self.conv(x))  # (B, 8, 3, 2)
+        return self.fc(y.permute(0, 2, 3, 1).flatten(1))
+
+
+def test_channels_last_flatten_linear():
+    """Flatten after a permute: channel i is every 8th feature of the Linear."""
+    model = prepare(ChannelsLastFlatten)
+    x = rand(2, 3, 3, 2)
+    graph, mask, small = prune_exact(model, x)
+    g = graph.group_of("conv")
+    assert g.size == 8 and g.prunable and g.exact
+    assert members(g)[("fc.weight", 1)] == tuple(tuple(range(i, 48, 8)) for i in range(8))
+    keep = kept_rows(model.conv.weight, small.conv.weight)
+    cols = [8 * s + i for s in range(6) for i in keep]
+    assert torch.equal(small.fc.weight, model.fc.weight[:, cols])
 
 
 # ---------------------------------------------------------------------------------------
@@ -351,6 +412,45 @@ def test_depthwise_multiplier_2():
     assert small.dw.groups == 4 and small.dw.in_channels == 4 and small.dw.out_channels == 8
     assert torch.equal(small.dw.weight, model.dw.weight[rows])
     assert torch.equal(small.pw.weight, model.pw.weight[:, rows])
+    # keyed by the depthwise conv, one bool per output channel: the union keeps whole pairs
+    per_channel = torch.zeros(16, dtype=torch.bool)
+    per_channel[[0, 5]] = True
+    small, diff = check_exact(model, x, {"dw": per_channel}, graph=graph)
+    assert diff <= TOL
+    assert kept_rows(model.conv1.weight, small.conv1.weight) == [0, 2]
+    assert torch.equal(small.dw.weight, model.dw.weight[[0, 1, 4, 5]]) and small.dw.groups == 2
+
+
+class GroupedTranspose(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 1)
+        self.up = nn.ConvTranspose2d(8, 12, 2, stride=2, groups=4)  # 4 groups: 2 in -> 3 out
+        self.bn = nn.BatchNorm2d(12)
+        self.conv2 = nn.Conv2d(12, 3, 1)
+
+    def forward(self, x):
+        return self.conv2(F.relu(self.bn(self.up(F.relu(self.conv1(x))))))
+
+
+def test_grouped_conv_transpose():
+    model = prepare(GroupedTranspose)
+    x = rand(2, 3, 4, 4)
+    graph, mask, small = prune_exact(model, x)
+    g = graph.group_of("conv1")
+    assert g is graph.group_of("up") is graph.group_of("bn")
+    assert g.size == 4 and g.prunable and g.exact
+    assert members(g)[("conv1.weight", 0)] == tuple((2 * i, 2 * i + 1) for i in range(4))
+    assert members(g)[("up.weight", 0)] == tuple((2 * i, 2 * i + 1) for i in range(4))
+    assert members(g)[("bn.weight", 0)] == tuple((3 * i, 3 * i + 1, 3 * i + 2) for i in range(4))
+    keep_in = kept_rows(model.conv1.bias, small.conv1.bias)
+    whole = sorted({i // 2 for i in keep_in})
+    assert len(whole) == 2 and keep_in == [2 * grp + k for grp in whole for k in range(2)]
+    out = [3 * grp + k for grp in whole for k in range(3)]
+    assert small.up.groups == 2 and small.up.in_channels == 4 and small.up.out_channels == 6
+    assert torch.equal(small.up.weight, model.up.weight[keep_in])
+    assert torch.equal(small.up.bias, model.up.bias[out])
+    assert torch.equal(small.conv2.weight, model.conv2.weight[:, out])
 
 
 # ---------------------------------------------------------------------------------------
@@ -438,6 +538,37 @@ def test_functional_conv_and_linear_on_parameters():
     assert torch.equal(small.w2, model.w2[keep2][:, keep1])
     assert torch.equal(small.fc_w, model.fc_w[keep3][:, keep2])
     assert torch.equal(small.out_w, model.out_w[:, keep3])
+
+
+class FunctionalDepthwise(nn.Module):
+    """F.conv2d with a literal groups=8 on a bare parameter: the literal must shrink."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(4)
+        self.conv1 = nn.Conv2d(3, 8, 1)
+        self.dw_w = nn.Parameter(torch.randn(16, 1, 3, 3, generator=g) * 0.3)
+        self.dw_b = nn.Parameter(torch.randn(16, generator=g) * 0.1)
+        self.conv2 = nn.Conv2d(16, 3, 1)
+
+    def forward(self, x):
+        y = F.relu(self.conv1(x))
+        y = F.relu(F.conv2d(y, self.dw_w, self.dw_b, 1, 1, 1, 8))
+        return self.conv2(y)
+
+
+def test_functional_depthwise_conv():
+    model = prepare(FunctionalDepthwise)
+    x = rand(2, 3, 5, 5)
+    graph, mask, small = prune_exact(model, x)
+    g = graph.group_of("conv1")
+    assert g.size == 8 and g.prunable and g.exact
+    assert members(g)[("dw_w", 0)] == tuple((2 * i, 2 * i + 1) for i in range(8))
+    assert members(g)[("conv2.weight", 1)] == tuple((2 * i, 2 * i + 1) for i in range(8))
+    keep = kept_rows(model.conv1.weight, small.conv1.weight)
+    rows = [2 * i + k for i in keep for k in range(2)]
+    assert torch.equal(small.dw_w, model.dw_w[rows]) and torch.equal(small.dw_b, model.dw_b[rows])
+    assert f"1, 1, 1, {len(keep)})" in small.code, f"groups literal not rewritten:\n{small.code}"
 
 
 # ---------------------------------------------------------------------------------------
@@ -567,6 +698,13 @@ def test_group_norm(functional):
     assert len(keep2) == 6 and all(sum(1 for i in keep2 if i // 2 == k) in (0, 2) for k in range(6))
     if not functional:
         assert small.gn2.num_groups == 3 and small.gn2.num_channels == 6
+    # a per-channel mask keyed by the module: the union keeps every norm group it touches whole
+    per_channel = torch.zeros(16, dtype=torch.bool)
+    per_channel[[0, 5]] = True
+    small, diff = check_exact(model, x, {"conv1": per_channel}, graph=graph)
+    assert diff <= TOL
+    assert kept_rows(model.conv1.weight, small.conv1.weight) == list(range(8))
+    assert small.gn1.num_groups == 2 and small.gn1.num_channels == 8
 
 
 # ---------------------------------------------------------------------------------------
@@ -654,8 +792,9 @@ class LiteralView(nn.Module):
 
 
 class ChannelSlice(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, how: str = "slice") -> None:
         super().__init__()
+        self.how = how
         self.conv1 = nn.Conv2d(3, 32, 3, padding=1)
         self.bn1 = nn.BatchNorm2d(32)
         self.conv_lo = nn.Conv2d(16, 8, 1)
@@ -664,7 +803,17 @@ class ChannelSlice(nn.Module):
 
     def forward(self, x):
         y = F.relu(self.bn1(self.conv1(x)))
-        z = self.conv_lo(y[:, :16]) + self.conv_hi(y[:, 16:])
+        if self.how == "slice":
+            lo, hi = y[:, :16], y[:, 16:]
+        elif self.how == "negative":
+            lo, hi = y[:, :-16], y[:, -16:]
+        elif self.how == "ellipsis":
+            lo, hi = y[:, :16, ...], y[:, 16:32, :, :]
+        elif self.how == "narrow":
+            lo, hi = y.narrow(1, 0, 16), torch.narrow(y, 1, 16, 16)
+        else:  # strided: even / odd channels
+            lo, hi = y[:, 0::2], y[:, 1::2]
+        z = self.conv_lo(lo) + self.conv_hi(hi)
         return self.head(F.relu(z))
 
 
@@ -680,8 +829,9 @@ def test_view_with_literal_channel_count():
     assert "64" not in small.code, f"the literal 64 survived the rewrite:\n{small.code}"
 
 
-def test_slice_on_channel_dim():
-    model = prepare(ChannelSlice)
+@pytest.mark.parametrize("how", ["slice", "negative", "ellipsis", "narrow"])
+def test_slice_on_channel_dim(how):
+    model = prepare(ChannelSlice, how)
     x = rand(2, 3, 4, 4)
     graph, mask, small = prune_exact(model, x)
     lo, hi = graph.groups_of("conv1")
@@ -698,6 +848,16 @@ def test_slice_on_channel_dim():
     keep_z = kept_rows(model.conv_lo.bias, small.conv_lo.bias)
     assert torch.equal(small.conv_lo.weight, model.conv_lo.weight[keep_z][:, lo_k])
     assert torch.equal(small.conv_hi.weight, model.conv_hi.weight[keep_z][:, hi_k])
+
+
+def test_strided_channel_slice_is_pinned_not_wrong():
+    model = prepare(ChannelSlice, "strided")
+    x = rand(2, 3, 4, 4)
+    graph = prunefx.trace(model, x)
+    for g in graph.groups_of("conv1"):
+        assert not g.prunable and "strided slice" in g.reason and "0::2" in g.reason.replace(" ", ""), g.reason
+    with pytest.raises(prunefx.MaskError, match="pinned"):
+        prunefx.reconfigure(model, {"conv1": torch.arange(32) < 30}, example_inputs=x)
 
 
 # ---------------------------------------------------------------------------------------
@@ -849,6 +1009,23 @@ def test_analysis_under_no_grad():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in small.parameters())
 
 
+@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
+    "passes/slice_tensors.py::slice_tensor builds the new Parameters from tensors created under "
+    "the caller's torch.inference_mode(): they are inference tensors, so training the "
+    "reconfigured model fails with 'Inference tensors cannot be saved for backward'"
+))
+def test_reconfigure_under_inference_mode_then_train():
+    model = prepare(Plain)
+    x = rand(2, 3, 6, 6)
+    with torch.inference_mode():
+        graph = prunefx.trace(model, x)
+        mask = prunefx.masks.random(graph, 0.5, exact_only=True)
+        small = prunefx.reconfigure(model, mask, example_inputs=x, graph=graph)
+    small.train()
+    small(x).square().sum().backward()
+    assert all(p.grad is not None for p in small.parameters())
+
+
 # ---------------------------------------------------------------------------------------
 # every prunable group (exact or not): forward and backward still run
 # ---------------------------------------------------------------------------------------
@@ -881,10 +1058,14 @@ CASES = {
     "chunk_swap": (lambda: SplitSwap("chunk"), (2, 3, 6, 6)),
     "self_cat": (SelfCat, (2, 3, 6, 6)),
     "flatten_linear": (lambda: FlattenLinear("view"), (2, 3, 6, 6)),
+    "channels_last_flatten": (ChannelsLastFlatten, (2, 3, 3, 2)),
     "grouped": (Grouped, (2, 3, 6, 6)),
     "depthwise": (Depthwise, (2, 3, 6, 6)),
     "unet": (TinyUNet, (2, 3, 8, 8)),
     "functional": (FunctionalParams, (2, 3, 6, 6)),
+    "functional_dw": (FunctionalDepthwise, (2, 3, 5, 5)),
+    "split_two": (lambda: SplitTwoConsumers("chunk"), (2, 3, 5, 5)),
+    "grouped_transpose": (GroupedTranspose, (2, 3, 4, 4)),
     "se_conv": (lambda: SqueezeExcite("conv"), (2, 3, 6, 6)),
     "se_linear": (lambda: SqueezeExcite("linear"), (2, 3, 6, 6)),
     "inplace": (InplaceResidual, (2, 3, 6, 6)),

@@ -19,6 +19,7 @@ paste into a hand-written repro. ``PRUNEFX_HYPOTHESIS_EXAMPLES`` sets the number
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from dataclasses import dataclass
@@ -29,9 +30,9 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 from torch import nn
+from zoo import check_exact, randomize_norms
 
 import prunefx
-from zoo import check_exact, randomize_norms
 
 EXAMPLES = int(os.environ.get("PRUNEFX_HYPOTHESIS_EXAMPLES", "300"))
 INPUT_SHAPE = (2, 3, 8, 8)
@@ -264,7 +265,7 @@ def programs(draw: st.DrawFn) -> Program:
             else:
                 cuts = draw(st.lists(st.integers(1, c - 1), min_size=1, max_size=min(3, c - 1), unique=True))
                 bounds = [0, *sorted(cuts), c]
-                arg = tuple(b - a for a, b in zip(bounds, bounds[1:]))
+                arg = tuple(b - a for a, b in itertools.pairwise(bounds))
             sizes = _split_sizes(c, variant, arg)
             emit(Step("split", (i,), variant, sizes=arg, n_out=len(sizes)), [(n, h) for n in sizes])
         elif op == "pool":
