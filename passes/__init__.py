@@ -9,6 +9,7 @@ rule it implements in the module docstring. The pipeline is explicit::
         FixShapeArgs(),      # view sizes, split sizes, slice bounds, groups, normalized_shape
         EliminateDeadCode(), # nodes left without users (in-place ops kept)
         Assemble(),          # GraphModule with the original submodule names; lint; recompile
+        RecordLayout(),      # which channels of the original model the result keeps
     ])
 """
 
@@ -18,10 +19,13 @@ from prunefx.passes.rebuild_modules import RebuildModules
 from prunefx.passes.fix_shape_args import FixShapeArgs
 from prunefx.passes.dead_code import EliminateDeadCode
 from prunefx.passes.assemble import Assemble
+from prunefx.passes.record_layout import RecordLayout
 
 __all__ = [
     "Pass", "Pipeline", "RewriteState", "SliceTensors", "RebuildModules", "FixShapeArgs",
-    "EliminateDeadCode", "Assemble", "DEFAULT_PIPELINE",
+    "EliminateDeadCode", "Assemble", "RecordLayout", "DEFAULT_PIPELINE",
 ]
 
-DEFAULT_PIPELINE = Pipeline((SliceTensors(), RebuildModules(), FixShapeArgs(), EliminateDeadCode(), Assemble()))
+DEFAULT_PIPELINE = Pipeline(
+    (SliceTensors(), RebuildModules(), FixShapeArgs(), EliminateDeadCode(), Assemble(), RecordLayout())
+)

@@ -28,16 +28,18 @@ class RewriteState:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # canonical name -> new tensor
     modules: dict[str, nn.Module] = field(default_factory=dict)  # call_module target -> new module
     result: fx.GraphModule | None = None
+    origin: dict | None = None  # the input model's channel layout, if it was reconfigured before
+    inputs: tuple = ()  # example inputs of the analysis (shapes and dtypes are recorded)
     log: list[str] = field(default_factory=list)
 
     @classmethod
-    def start(cls, plan: PrunePlan) -> RewriteState:
+    def start(cls, plan: PrunePlan, origin: dict | None = None, inputs: tuple = ()) -> RewriteState:
         source = plan.analysis.traced.module
         graph = fx.Graph()
         node_map: dict[fx.Node, fx.Node] = {}
         out = graph.graph_copy(source.graph, node_map)
         graph.output(out)
-        return cls(plan, source, graph, node_map)
+        return cls(plan, source, graph, node_map, origin=origin, inputs=inputs)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@
 
 from prunefx import masks
 from prunefx.analysis import ChannelGroup
+from prunefx.checkpoint import load_state_dict, state_dict
 from prunefx.errors import ExportError, MaskError, PruneFxError, TraceError
 from prunefx.flops import count_flops, count_params
 from prunefx.graph import PruneGraph, trace
@@ -14,7 +15,7 @@ from prunefx.reconfigure import apply_mask, reconfigure
 
 __all__ = [
     "trace", "PruneGraph", "ChannelGroup", "reconfigure", "apply_mask", "masks",
-    "count_flops", "count_params",
+    "state_dict", "load_state_dict", "count_flops", "count_params",
     "PruneFxError", "TraceError", "MaskError", "ExportError",
 ]
 __version__ = "0.1.0"

@@ -23,6 +23,7 @@ from torch import nn
 
 from prunefx.analysis import ChannelAnalysis, ChannelGroup, analyze, build_groups
 from prunefx.errors import MaskError, TraceError
+from prunefx.provenance import layout_of
 from prunefx.shapes import Shapes, propagate_shapes
 from prunefx.tracing import Traced, guess_example_inputs, symbolic_trace
 
@@ -32,8 +33,11 @@ __all__ = ["PruneGraph", "trace"]
 class PruneGraph:
     """The traced model with its channel groups. Build it with ``prunefx.trace``."""
 
-    def __init__(self, traced: Traced, shapes: Shapes, analysis: ChannelAnalysis, example_inputs: tuple[Any, ...]) -> None:
+    def __init__(
+        self, traced: Traced, shapes: Shapes, analysis: ChannelAnalysis, example_inputs: tuple[Any, ...], origin: dict | None = None
+    ) -> None:
         self.traced = traced
+        self.origin = origin  # channel layout of a model that was reconfigured before
         self.shapes = shapes
         self.analysis = analysis
         self.example_inputs = example_inputs
@@ -146,6 +150,5 @@ def trace(
                 "Conv/Linear/Embedding layer directly. Pass example_inputs=(tensor, ...)."
             )
     shapes = propagate_shapes(traced, inputs)
-    with torch.no_grad():
-        analysis = analyze(traced, shapes)
-    return PruneGraph(traced, shapes, analysis, inputs)
+    analysis = analyze(traced, shapes)
+    return PruneGraph(traced, shapes, analysis, inputs, origin=layout_of(model))

@@ -64,7 +64,7 @@ def reconfigure(
     g = _graph_for(model, graph, example_inputs, leaf_modules, concrete_args)  # trace, shapes, analysis
     keep = resolve_mask(g, mask, policy)  # mask resolution (validates everything first)
     plan = make_plan(g.analysis, keep)  # kept indices and new shapes
-    state = pipeline.run(RewriteState.start(plan))  # slice, rebuild, fix args, DCE, assemble
+    state = pipeline.run(RewriteState.start(plan, g.origin, g.example_inputs))  # slice, rebuild, fix args, DCE, assemble, record
     assert state.result is not None
     if optimizer is not None:
         from prunefx.optim import repoint_optimizer

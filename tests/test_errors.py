@@ -166,8 +166,8 @@ def test_pinned_group_all_true_is_fine(fn):
     model = make()
     before = state_copy(model)
     out = fn(model, {"fc": torch.ones(10, dtype=torch.bool)})
+    assert same_state(model, before)  # keeping every channel zeroes nothing
     if fn is _reconfigure:
-        assert same_state(model, before)
         with torch.no_grad():
             assert torch.allclose(out(X), model(X), atol=1e-6)
 
@@ -309,6 +309,31 @@ def test_data_dependent_control_flow_trace_error(call):
     assert f"test_errors.py:{_if_line()}" in msg and "if x.sum() > 0" in msg, msg
     assert "leaf_modules" in msg and "concrete_args" in msg, msg
     assert isinstance(info.value, prunefx.PruneFxError)
+
+
+class TopLevelIf(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if y.mean() > 0:
+            y = y * 2
+        return y
+
+
+def test_data_dependent_control_flow_in_top_level_forward():
+    model = TopLevelIf().eval()
+    before = state_copy(model)
+    with pytest.raises(prunefx.TraceError) as info:
+        prunefx.trace(model, X)
+    assert same_state(model, before)
+    msg = str(info.value)
+    lines, start = inspect.getsourcelines(TopLevelIf.forward)
+    line = start + next(k for k, text in enumerate(lines) if "if y.mean() > 0" in text)
+    assert "TopLevelIf" in msg and f"test_errors.py:{line}" in msg, msg
+    assert "leaf_modules" in msg and "concrete_args" in msg, msg
 
 
 @pytest.mark.parametrize("leaf", [DataDependentGate, "gate"], ids=["type", "name"])
