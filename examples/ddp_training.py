@@ -155,7 +155,7 @@ def main() -> None:
     log("")
     log("communication summary")
     for i, (step, before, after, seconds) in enumerate(history, 1):
-        log(f"  reconfiguration {i} (step {step}): {before:,} -> {after:,} bytes per step")
+        log(f"  reconfiguration {i} (step {step}): {before:,} -> {after:,} bytes per step, rewritten in {seconds:.2f} s")
     log(f"  per step: {initial:,} -> {final:,} gradient bytes all-reduced: {per_step:.1f}% less after both reconfigurations")
     log(f"  whole run: {sent:,} bytes instead of {initial * args.steps:,} without pruning: {whole_run:.1f}% less")
     log(f"  PruneTrain reported {PRUNETRAIN_REDUCTION:.0f}% less inter-accelerator communication; "

@@ -13,13 +13,13 @@ rule it implements in the module docstring. The pipeline is explicit::
     ])
 """
 
-from prunefx.passes.base import Pass, Pipeline, RewriteState
-from prunefx.passes.slice_tensors import SliceTensors
-from prunefx.passes.rebuild_modules import RebuildModules
-from prunefx.passes.fix_shape_args import FixShapeArgs
-from prunefx.passes.dead_code import EliminateDeadCode
 from prunefx.passes.assemble import Assemble
+from prunefx.passes.base import Pass, Pipeline, RewriteState
+from prunefx.passes.dead_code import EliminateDeadCode
+from prunefx.passes.fix_shape_args import FixShapeArgs
+from prunefx.passes.rebuild_modules import RebuildModules
 from prunefx.passes.record_layout import RecordLayout
+from prunefx.passes.slice_tensors import SliceTensors
 
 __all__ = [
     "Pass", "Pipeline", "RewriteState", "SliceTensors", "RebuildModules", "FixShapeArgs",

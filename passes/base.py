@@ -7,7 +7,7 @@ the analysis (keyed by traced nodes) while editing the copy.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -22,8 +22,8 @@ __all__ = ["RewriteState", "Pass", "Pipeline"]
 @dataclass
 class RewriteState:
     plan: PrunePlan
-    source: fx.GraphModule
-    graph: fx.Graph
+    sources: tuple[fx.GraphModule, ...]  # traced graphs: the main mode first, then the other
+    graphs: tuple[fx.Graph, ...]  # their copies, edited by the passes
     node_map: dict[fx.Node, fx.Node]
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # canonical name -> new tensor
     modules: dict[str, nn.Module] = field(default_factory=dict)  # call_module target -> new module
@@ -34,12 +34,35 @@ class RewriteState:
 
     @classmethod
     def start(cls, plan: PrunePlan, origin: dict | None = None, inputs: tuple = ()) -> RewriteState:
-        source = plan.analysis.traced.module
-        graph = fx.Graph()
+        sources = plan.analysis.traced.graphs
         node_map: dict[fx.Node, fx.Node] = {}
-        out = graph.graph_copy(source.graph, node_map)
-        graph.output(out)
-        return cls(plan, source, graph, node_map, origin=origin, inputs=inputs)
+        graphs = []
+        for source in sources:
+            graph = fx.Graph()
+            graph.output(graph.graph_copy(source.graph, node_map))
+            graphs.append(graph)
+        return cls(plan, sources, tuple(graphs), node_map, origin=origin, inputs=inputs)
+
+    @property
+    def source(self) -> fx.GraphModule:
+        """The main traced graph (the input model's current train/eval mode)."""
+        return self.sources[0]
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.graphs[0]
+
+    def source_nodes(self) -> Iterator[fx.Node]:
+        for gm in self.sources:
+            yield from gm.graph.nodes
+
+    def source_tensors(self) -> dict[str, torch.Tensor]:
+        """Every parameter and buffer of the traced graphs, by canonical name."""
+        out: dict[str, torch.Tensor] = {}
+        for gm in self.sources:
+            for name, t in (*gm.named_parameters(), *gm.named_buffers()):
+                out.setdefault(self.plan.analysis.aliases.get(name, name), t)
+        return out
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,8 @@ def _removable(node: fx.Node) -> bool:
 @dataclass(frozen=True)
 class EliminateDeadCode(Pass):
     def run(self, state: RewriteState) -> None:
-        for node in reversed(list(state.graph.nodes)):
-            if _removable(node):
-                state.log.append(f"removed dead node {node.name}")
-                state.graph.erase_node(node)
+        for graph in state.graphs:
+            for node in reversed(list(graph.nodes)):
+                if _removable(node):
+                    state.log.append(f"removed dead node {node.name}")
+                    graph.erase_node(node)

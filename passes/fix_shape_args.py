@@ -66,10 +66,10 @@ def _split(state: RewriteState, node: fx.Node, new: fx.Node) -> None:
     fresh = [int(s[dim]) for s in state.plan.new_shapes[node]]
     if old == fresh:
         return
-    with state.graph.inserting_before(new):
-        rep = state.graph.call_function(torch.split, (new.args[0], fresh, dim))
+    with new.graph.inserting_before(new):
+        rep = new.graph.call_function(torch.split, (new.args[0], fresh, dim))
     new.replace_all_uses_with(rep)
-    state.graph.erase_node(new)
+    new.graph.erase_node(new)
     state.node_map[node] = rep
 
 
@@ -166,7 +166,7 @@ _METHODS: dict[str, Handler] = {
 @dataclass(frozen=True)
 class FixShapeArgs(Pass):
     def run(self, state: RewriteState) -> None:
-        for node in list(state.source.graph.nodes):
+        for node in list(state.source_nodes()):
             if node.op == "call_function":
                 handler = _FUNCTIONS.get(node.target)
             elif node.op == "call_method":

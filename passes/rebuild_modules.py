@@ -93,10 +93,10 @@ class RebuildModules(Pass):
     def run(self, state: RewriteState) -> None:
         aliases = state.plan.analysis.aliases
         shapes = state.plan.new_shapes
-        for node in state.source.graph.nodes:
+        for node in state.source_nodes():
             if node.op != "call_module" or node.target in state.modules:
                 continue
-            old = state.source.get_submodule(node.target)
+            old = node.graph.owning_module.get_submodule(node.target)
             new = _shell_copy(old)
             for prefix, sub in new.named_modules(prefix=node.target):
                 for kind in ("_parameters", "_buffers"):

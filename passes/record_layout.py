@@ -30,7 +30,7 @@ class RecordLayout(Pass):
         origin: dict[str, Any] = state.origin or {}
         old = origin.get("tensors", {})
         tensors: dict[str, Any] = {}
-        for name, t in (*state.source.named_parameters(), *state.source.named_buffers()):
+        for name, t in state.source_tensors().items():
             prev = old.get(name, {"shape": list(t.shape), "kept": {}})
             kept = dict(prev["kept"])
             for dim, idx in state.plan.index.get(name, {}).items():

@@ -20,7 +20,8 @@ __all__ = ["SliceTensors", "slice_tensor"]
 
 
 def slice_tensor(t: torch.Tensor, index: dict[int, torch.Tensor] | None) -> torch.Tensor:
-    with torch.no_grad():
+    # normal tensors even under torch.inference_mode(), so the result can be trained
+    with torch.inference_mode(False), torch.no_grad():
         new = t.detach()
         if not index:
             new = new.clone()
@@ -37,8 +38,7 @@ def slice_tensor(t: torch.Tensor, index: dict[int, torch.Tensor] | None) -> torc
 class SliceTensors(Pass):
     def run(self, state: RewriteState) -> None:
         index = state.plan.index
-        src = state.source
-        for name, t in (*src.named_parameters(), *src.named_buffers()):
+        for name, t in state.source_tensors().items():
             state.tensors[name] = slice_tensor(t, index.get(name))
 
     def verify(self, state: RewriteState) -> None:

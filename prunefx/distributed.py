@@ -176,7 +176,7 @@ def _restore(optimizer: torch.optim.Optimizer | None, saved: Any) -> None:
     if optimizer is None:
         return
     params, state = saved
-    for g, ps in zip(optimizer.param_groups, params):
+    for g, ps in zip(optimizer.param_groups, params, strict=True):
         g["params"] = ps
     optimizer.state = state
 

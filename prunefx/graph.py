@@ -12,7 +12,9 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -149,6 +151,20 @@ def trace(
                 f"cannot infer example inputs for {type(model).__name__}: its inputs do not feed a "
                 "Conv/Linear/Embedding layer directly. Pass example_inputs=(tensor, ...)."
             )
-    shapes = propagate_shapes(traced, inputs)
+    try:
+        shapes = propagate_shapes(traced, inputs)
+    except TraceError as exc:
+        if traced.other is None:
+            raise
+        # the input fits the current mode but not the other one (e.g. an auxiliary head
+        # that needs a larger input in training): keep the current mode only
+        warnings.warn(
+            f"prunefx: {type(model).__name__} in {'evaluation' if traced.training else 'training'} mode does not run on "
+            f"these example inputs ({str(exc).splitlines()[0]}); the reconfigured model reproduces only the "
+            f"{'training' if traced.training else 'evaluation'} mode",
+            stacklevel=2,
+        )
+        traced = dataclasses.replace(traced, other=None)
+        shapes = propagate_shapes(traced, inputs)
     analysis = analyze(traced, shapes)
     return PruneGraph(traced, shapes, analysis, inputs, origin=layout_of(model))

@@ -41,11 +41,11 @@ class Keep:
 def _as_bool_vector(key: str, value: Any, size: int, what: str) -> np.ndarray:
     if isinstance(value, torch.Tensor):
         if value.dtype != torch.bool:
-            raise MaskError(f"mask for {what} '{key}' has dtype {value.dtype}; expected torch.bool (True = keep), e.g. scores > threshold")
+            raise MaskError(f"mask for {what} '{key}' has dtype {value.dtype}; expected a torch.bool tensor of shape ({size},) (True = keep), e.g. scores > threshold")
         arr = value.detach().cpu().numpy()
     elif isinstance(value, np.ndarray):
         if value.dtype != np.bool_:
-            raise MaskError(f"mask for {what} '{key}' has dtype {value.dtype}; expected bool (True = keep)")
+            raise MaskError(f"mask for {what} '{key}' has dtype {value.dtype}; expected a bool array of shape ({size},) (True = keep)")
         arr = value
     elif isinstance(value, (list, tuple)) and all(isinstance(v, (bool, np.bool_)) for v in value):
         arr = np.asarray(value, dtype=bool)

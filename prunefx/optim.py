@@ -24,8 +24,9 @@ __all__ = ["repoint_optimizer"]
 def repoint_optimizer(optimizer: torch.optim.Optimizer, state: RewriteState) -> None:
     index = state.plan.index
     mapping: dict[int, tuple[torch.Tensor, dict[int, torch.Tensor] | None]] = {}
-    for name, p in state.source.named_parameters():
-        mapping[id(p)] = (state.tensors[name], index.get(name))
+    for name, p in state.source_tensors().items():
+        if isinstance(p, torch.nn.Parameter):
+            mapping[id(p)] = (state.tensors[name], index.get(name))
 
     new_groups = [[mapping[id(p)][0] if id(p) in mapping else p for p in g["params"]] for g in optimizer.param_groups]
     new_state: dict[Any, Any] = defaultdict(dict)
@@ -38,6 +39,6 @@ def repoint_optimizer(optimizer: torch.optim.Optimizer, state: RewriteState) -> 
             k: (slice_tensor(v, idx) if isinstance(v, torch.Tensor) and v.shape == p.shape and v.dim() > 0 else v)
             for k, v in st.items()
         }
-    for g, params in zip(optimizer.param_groups, new_groups):
+    for g, params in zip(optimizer.param_groups, new_groups, strict=True):
         g["params"] = params
     optimizer.state = new_state

@@ -49,7 +49,7 @@ class PrunePlan:
             return torch.Size(int(self.kept_along(value, old[d], d).sum()) if value.on(d) is not None else old[d] for d in range(len(old)))
         if isinstance(old, (list, tuple)):
             vals = value if isinstance(value, (list, tuple)) else [None] * len(old)
-            return tuple(self.shape_of(o, v) for o, v in zip(old, vals))
+            return tuple(self.shape_of(o, v) for o, v in zip(old, vals, strict=False))
         if isinstance(old, dict):
             return {k: self.shape_of(v, value.get(k) if isinstance(value, dict) else None) for k, v in old.items()}
         return old
@@ -62,5 +62,5 @@ def make_plan(analysis: ChannelAnalysis, keep: Keep) -> PrunePlan:
         if not kept.all():
             index.setdefault(m.tensor, {})[m.dim] = torch.from_numpy(np.nonzero(kept)[0])
     plan = PrunePlan(analysis, keep, index, {})
-    new_shapes = {node: plan.shape_of(analysis.shapes[node], analysis.layouts.get(node)) for node in analysis.traced.module.graph.nodes}
+    new_shapes = {node: plan.shape_of(analysis.shapes[node], analysis.layouts.get(node)) for node in analysis.traced.nodes()}
     return PrunePlan(analysis, keep, index, new_shapes)

@@ -100,7 +100,18 @@ def _dtype_of(meta: Any) -> Any:
 
 def propagate_shapes(traced: Traced, example_inputs: tuple[Any, ...]) -> Shapes:
     """Shapes of every node of ``traced.module`` for ``example_inputs``."""
-    gm = traced.module
+    of: dict[fx.Node, Any] = {}
+    dtypes: dict[fx.Node, Any] = {}
+    for gm in traced.graphs:
+        _propagate(traced, gm, example_inputs)
+        for node in gm.graph.nodes:
+            meta = node.meta.get("tensor_meta")
+            of[node] = _shape_tree(meta)
+            dtypes[node] = _dtype_of(meta)
+    return Shapes(of, dtypes)
+
+
+def _propagate(traced: Traced, gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> None:
     meta_state = {
         name: torch.empty_like(t, device="meta")
         for name, t in (*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False))
@@ -118,13 +129,6 @@ def propagate_shapes(traced: Traced, example_inputs: tuple[Any, ...]) -> Shapes:
                 prop.propagate(*example_inputs)
         except Exception as exc:
             raise _shape_error(traced, prop.current, exc) from exc
-    of: dict[fx.Node, Any] = {}
-    dtypes: dict[fx.Node, Any] = {}
-    for node in gm.graph.nodes:
-        meta = node.meta.get("tensor_meta")
-        of[node] = _shape_tree(meta)
-        dtypes[node] = _dtype_of(meta)
-    return Shapes(of, dtypes)
 
 
 def _shape_error(traced: Traced, failed: fx.Node | None, exc: BaseException) -> TraceError:

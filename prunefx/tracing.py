@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import linecache
 import os
+import re
 import sys
 import traceback
-from collections.abc import Iterable, Mapping
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +41,10 @@ _PLUMBING = (
     os.path.join(_TORCH_DIR, "_ops.py"),
     os.path.join(_TORCH_DIR, "overrides.py"),
     os.path.join(_TORCH_DIR, "_tensor.py"),
+    os.path.join(_TORCH_DIR, "nn", "functional.py"),  # F.* reach the tracer via handle_torch_function
+    os.path.join(_TORCH_DIR, "functional.py"),
+    os.path.join(_TORCH_DIR, "_jit_internal.py"),
+    os.path.join(_TORCH_DIR, "__init__.py"),  # torch._assert
 )
 
 
@@ -78,14 +84,27 @@ def _user_frame(frame: Any) -> SourceLoc | None:
 
 @dataclass(frozen=True)
 class Traced:
-    """Result of tracing: the GraphModule and where each node came from."""
+    """Result of tracing: the GraphModule, where each node came from and, when the model's
+    forward differs between training and evaluation (Python branches on ``self.training``),
+    the graph of the other mode."""
 
     module: fx.GraphModule
-    sources: Mapping[str, SourceLoc]  # node name -> user source line
+    sources: Mapping[fx.Node, SourceLoc]  # node -> user source line
+    other: fx.GraphModule | None = None  # traced in the other train/eval mode, if different
+    training: bool = False  # the mode `module` was traced in
+
+    @property
+    def graphs(self) -> tuple[fx.GraphModule, ...]:
+        return (self.module,) if self.other is None else (self.module, self.other)
+
+    def nodes(self) -> Iterator[fx.Node]:
+        """Nodes of every graph, the main one first."""
+        for gm in self.graphs:
+            yield from gm.graph.nodes
 
     def where(self, node: fx.Node) -> str:
         """``node.format_node()`` plus the user source line, for reasons and errors."""
-        return describe_node(node, self.sources.get(node.name))
+        return describe_node(node, self.sources.get(node))
 
 
 def describe_node(node: fx.Node, loc: SourceLoc | None) -> str:
@@ -100,7 +119,7 @@ class _Tracer(fx.Tracer):
         leaves = tuple(leaf_modules)
         self._leaf_types = tuple(x for x in leaves if isinstance(x, type))
         self._leaf_names = frozenset(x for x in leaves if isinstance(x, str))
-        self.sources: dict[str, SourceLoc] = {}
+        self.sources: dict[fx.Node, SourceLoc] = {}
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self._leaf_names or isinstance(m, self._leaf_types):
@@ -111,7 +130,7 @@ class _Tracer(fx.Tracer):
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
         loc = _user_frame(sys._getframe(1))
         if loc is not None:
-            self.sources[node.name] = loc
+            self.sources[node] = loc
         return node
 
 
@@ -120,21 +139,65 @@ def symbolic_trace(
     *,
     leaf_modules: Iterable[type | str] = (),
     concrete_args: dict[str, Any] | None = None,
+    both_modes: bool = True,
 ) -> Traced:
-    """Trace ``model`` into a GraphModule whose submodule names match the model's.
+    """Trace ``model`` into a GraphModule whose submodule names match the model's; with
+    ``both_modes``, also in the other train/eval mode (kept only when the code differs).
 
     Raises TraceError naming the module and source line that symbolic tracing cannot
     handle, and what to do about it.
     """
     if not isinstance(model, nn.Module):
         raise TraceError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    tracer = _Tracer(leaf_modules)
+    leaves = tuple(leaf_modules)
+    tracer = _Tracer(leaves)
     try:
         graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as exc:  # fx raises many types; all mean "cannot trace"
         raise _trace_error(model, tracer, exc) from exc
+    _default_concrete(graph, concrete_args)
     name = model.__class__.__name__
-    return Traced(fx.GraphModule(tracer.root, graph, class_name=name), dict(tracer.sources))
+    main = fx.GraphModule(tracer.root, graph, class_name=name)
+    sources = dict(tracer.sources)
+    other = _trace_other_mode(model, leaves, concrete_args, main, sources) if both_modes else None
+    return Traced(main, sources, other, model.training)
+
+
+def _default_concrete(graph: fx.Graph, concrete_args: dict[str, Any] | None) -> None:
+    """fx keeps a placeholder for each concrete arg, guarded by an assert that it equals the
+    concrete value, but with the signature's old default. Make the concrete value the
+    default, so shape propagation and the reconfigured model run without passing it."""
+    if not concrete_args:
+        return
+    for node in graph.find_nodes(op="placeholder"):
+        target = str(node.target)
+        name = target if target in concrete_args else re.sub(r"_\d+$", "", target)  # fx renames it `double_1`
+        if name in concrete_args and not target.startswith("*"):
+            node.args = (concrete_args[name],)
+
+
+def _trace_other_mode(model: nn.Module, leaves: tuple, concrete_args: Any, main: fx.GraphModule, sources: dict) -> fx.GraphModule | None:
+    """The graph of the other train/eval mode, or None when it is the same code. The
+    model's mode flags are restored exactly."""
+    flags = [(m, m.training) for m in model.modules()]
+    tracer = _Tracer(leaves)
+    try:
+        model.train(not model.training)
+        graph = tracer.trace(model, concrete_args=concrete_args)
+    except Exception as exc:
+        mode = "training" if not main.training else "evaluation"
+        warnings.warn(f"prunefx: {type(model).__name__} cannot be traced in {mode} mode ({exc}); the reconfigured "
+                      f"model reproduces only the mode it was traced in", stacklevel=3)
+        return None
+    finally:
+        for m, flag in flags:
+            m.training = flag
+    _default_concrete(graph, concrete_args)
+    other = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+    if other.code == main.code:
+        return None
+    sources.update(tracer.sources)
+    return other
 
 
 def _trace_error(model: nn.Module, tracer: _Tracer, exc: BaseException) -> TraceError:

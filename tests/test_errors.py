@@ -47,10 +47,16 @@ def bools(*bits: int) -> torch.Tensor:
     return torch.tensor(bits, dtype=torch.bool)
 
 
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
 def same_state(model: nn.Module, before: dict[str, torch.Tensor]) -> bool:
+    """Bit-for-bit: same keys, dtypes, shapes and bytes (so -0.0 != 0.0)."""
     after = model.state_dict()
     return after.keys() == before.keys() and all(
-        a.dtype == before[k].dtype and a.shape == before[k].shape and torch.equal(a, before[k]) for k, a in after.items()
+        a.dtype == before[k].dtype and a.shape == before[k].shape and torch.equal(_bits(a), _bits(before[k]))
+        for k, a in after.items()
     )
 
 
@@ -62,11 +68,6 @@ def _apply_mask(model, mask, **kw):
     return prunefx.apply_mask(model, mask, example_inputs=X, **kw)
 
 
-DTYPE_BUG = (
-    "prunefx/mask.py::_as_bool_vector: the dtype check raises before the size check and its "
-    "message ('mask for group 'conv1' has dtype torch.float32; expected torch.bool ...') does not "
-    "state the group's size (12), unlike the wrong-length message"
-)
 
 ENTRY_POINTS = pytest.mark.parametrize("fn", [_reconfigure, _apply_mask], ids=["reconfigure", "apply_mask"])
 
@@ -114,8 +115,8 @@ def test_wrong_length_names_group_and_size(fn):
 @pytest.mark.parametrize(
     "bad",
     [
-        pytest.param(torch.ones(12), id="float", marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=DTYPE_BUG)),
-        pytest.param(torch.ones(12, dtype=torch.long), id="long", marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=DTYPE_BUG)),
+        pytest.param(torch.ones(12), id="float"),
+        pytest.param(torch.ones(12, dtype=torch.long), id="long"),
         pytest.param(torch.ones(2, 6, dtype=torch.bool), id="2d"),
         pytest.param([1.0] * 12, id="list_of_float"),
     ],
@@ -394,12 +395,6 @@ def test_concrete_args_default_value():
     assert graph.group_of("conv1").prunable
 
 
-@pytest.mark.xfail(strict=True, raises=prunefx.TraceError, reason=(
-    "prunefx/graph.py::trace -> shapes.propagate_shapes: fx keeps a placeholder for every concrete "
-    "arg (default = the *signature* default, guarded by torch._assert(value == concrete)); trace() "
-    "feeds only example_inputs, so with concrete_args={'double': True} the placeholder gets False and "
-    "shape propagation fails with a TraceError blaming example_inputs' shape"
-))
 def test_concrete_args_non_default_value():
     """The remedy the TraceError names: fix a Python flag with concrete_args."""
     model = Flagged().eval()

@@ -32,7 +32,7 @@ def test_optimizer_state_follows_the_slices(make_opt) -> None:
     # state as a known (positive, Adam takes its sqrt) function of the parameter: 3|p| + 1
     with torch.no_grad():
         for p, st in opt.state.items():
-            for k, v in st.items():
+            for v in st.values():
                 if isinstance(v, torch.Tensor) and v.shape == p.shape:
                     v.copy_(3 * p.abs() + 1)
     steps_before = {k: v for st in opt.state.values() for k, v in st.items() if k == "step"}
@@ -48,7 +48,7 @@ def test_optimizer_state_follows_the_slices(make_opt) -> None:
     assert not old_ids & {id(p) for p in opt.state}
     for p in new_params:
         st = opt.state[p]
-        for k, v in st.items():
+        for v in st.values():
             if isinstance(v, torch.Tensor) and v.dim() > 0:
                 torch.testing.assert_close(v, 3 * p.detach().abs() + 1)
     if steps_before:

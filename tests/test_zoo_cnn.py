@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import prunefx
-from zoo import build, check_exact, cnn_names, example_input
+from zoo import build, check_exact, cnn_names, example_input, tensor_out
 
 # Models with more than ~80M parameters share one xdist worker so two never sit in memory
 # at once.
@@ -28,6 +28,7 @@ def _params(names):
     return out
 
 
+@pytest.mark.filterwarnings("ignore:prunefx. Inception3 in training mode")  # 75 px: eval only
 @pytest.mark.parametrize("name", _params(cnn_names()))
 def test_cnn_zoo(name: str) -> None:
     model = build(name)
@@ -45,7 +46,7 @@ def test_cnn_zoo(name: str) -> None:
     every = prunefx.reconfigure(model, prunefx.masks.random(graph, 0.5, seed=1), graph=graph)
     every.train()
     out = every(x)
-    loss = (out if isinstance(out, torch.Tensor) else torch.cat([o.flatten() for o in out.values()])).square().mean()
+    loss = tensor_out(out).square().mean()
     loss.backward()
     grads = [p.grad for p in every.parameters() if p.requires_grad]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)

@@ -15,7 +15,7 @@ import prunefx
 NOT_CNN = ("vit_", "swin", "maxvit", "convnext")
 
 INPUT_SIZE = {
-    "inception_v3": 75,
+    "inception_v3": 75,  # eval only: its training-mode aux head needs 299 (tests/test_modes.py)
     "alexnet": 63,
 }
 DEFAULT_SIZE = 32
@@ -50,7 +50,7 @@ def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
 
 def build(name: str) -> nn.Module:
     torch.manual_seed(0)
-    kwargs = {"aux_logits": False, "init_weights": False} if name in ("googlenet", "inception_v3") else {}
+    kwargs = {"init_weights": False} if name in ("googlenet", "inception_v3") else {}
     model = torchvision.models.get_model(name, weights=None, **kwargs)
     return randomize_norms(model).eval()
 
@@ -74,12 +74,12 @@ def check_exact(model: nn.Module, x: torch.Tensor, mask: dict, graph: prunefx.Pr
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before), "input model changed"
     with torch.no_grad():
         out, expected = small(x), ref(x)
-    return small, max_rel_diff(_tensor_out(out), _tensor_out(expected))
+    return small, max_rel_diff(tensor_out(out), tensor_out(expected))
 
 
-def _tensor_out(y):
+def tensor_out(y):
+    """All tensors of a model output (tensor, tuple/namedtuple, dict) as one flat vector."""
     if isinstance(y, torch.Tensor):
-        return y
-    if isinstance(y, dict):
-        return torch.cat([v.flatten() for v in y.values()])
-    return torch.cat([v.flatten() for v in y])
+        return y.flatten()
+    values = y.values() if isinstance(y, dict) else y
+    return torch.cat([tensor_out(v) for v in values if v is not None])

@@ -84,9 +84,8 @@ class Analyzer:
 
     def __init__(self, traced: Traced, shapes: Shapes) -> None:
         self.traced = traced
-        self.gm = traced.module
         self.shapes = shapes
-        self.modules = dict(self.gm.named_modules())
+        self.modules = {n: m for gm in traced.graphs for n, m in gm.named_modules()}
         self.uf = UnionFind()
         self.layouts: dict[fx.Node, Any] = {}
         self._members: dict[tuple[str, int], Member] = {}
@@ -95,7 +94,8 @@ class Analyzer:
         self.inexacts: list[Note] = []
         self.grids: list[Factor] = []
         self.module_outputs: dict[str, np.ndarray] = {}
-        self.aliases = _aliases(self.gm)
+        self.aliases = _aliases(traced.graphs)
+        self._tensors = {n: t for gm in traced.graphs for n, t in (*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False))}
 
     # ---- reading the graph -------------------------------------------------
     def module(self, node: fx.Node) -> nn.Module:
@@ -137,6 +137,10 @@ class Analyzer:
         if ids is not None and np.size(ids):
             self.inexacts.append(Note(np.asarray(ids).ravel(), node, why))
 
+    def lookup(self, tensor: str) -> torch.Tensor:
+        """The parameter or buffer called ``tensor`` (in any traced graph)."""
+        return self._tensors[tensor]
+
     def canonical(self, tensor: str) -> str:
         return self.aliases.get(tensor, tensor)
 
@@ -168,7 +172,7 @@ class Analyzer:
     def param_layout(self, tensor: str, node: fx.Node, roles: Mapping[int, Role]) -> Layout:
         """Layout of a parameter/buffer: one factor per dim of size > 1 listed in ``roles``;
         dims not listed carry no ids (fixed size)."""
-        t = self.gm.get_parameter(tensor) if _is_param(self.gm, tensor) else self.gm.get_buffer(tensor)
+        t = self.lookup(tensor)
         factors = []
         for d, role in sorted(roles.items()):
             if t.shape[d] > 1 or len(roles) == 1:
@@ -314,19 +318,12 @@ class Analyzer:
         )
 
 
-def _is_param(gm: nn.Module, name: str) -> bool:
-    try:
-        gm.get_parameter(name)
-        return True
-    except AttributeError:
-        return False
-
-
-def _aliases(gm: nn.Module) -> dict[str, str]:
+def _aliases(graphs: Sequence[nn.Module]) -> dict[str, str]:
     first: dict[int, str] = {}
     out: dict[str, str] = {}
-    for name, t in (*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)):
-        out[name] = first.setdefault(id(t), name)
+    for gm in graphs:
+        for name, t in (*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)):
+            out[name] = first.setdefault(id(t), name)
     return out
 
 
@@ -366,7 +363,7 @@ def analyze(traced: Traced, shapes: Shapes) -> ChannelAnalysis:
     from prunefx.analysis import rules  # the rule table imports this module
 
     a = Analyzer(traced, shapes)
-    for node in traced.module.graph.nodes:
+    for node in traced.nodes():  # both train/eval graphs share one union-find
         a.layouts[node] = rules.apply(a, node)
     return a.finish()
 

@@ -93,7 +93,17 @@ def placeholder(a: Analyzer, node: fx.Node) -> Any:
 
 
 def output(a: Analyzer, node: fx.Node) -> Any:
-    a.pin_value(a.value(node.args[0]), None, "model output")
+    def pin(arg: Any) -> None:
+        if isinstance(arg, fx.Node):
+            a.pin_value(a.value(arg), arg, "model output")
+        elif isinstance(arg, (list, tuple)):
+            for x in arg:
+                pin(x)
+        elif isinstance(arg, dict):
+            for x in arg.values():
+                pin(x)
+
+    pin(node.args[0])
     return None
 
 
@@ -101,18 +111,10 @@ def get_attr(a: Analyzer, node: fx.Node) -> Any:
     shape = a.shape(node)
     if not isinstance(shape, torch.Size):
         return None
-    is_param = isinstance(a.gm.get_parameter(node.target) if _has_param(a, node.target) else None, nn.Parameter)
+    is_param = isinstance(a.lookup(node.target), nn.Parameter)
     role = Role.WRITE if is_param else Role.STAT
     lay = a.param_layout(node.target, node, {d: role for d in range(len(shape)) if shape[d] > 1})
     return lay.with_zero(is_param)
-
-
-def _has_param(a: Analyzer, name: str) -> bool:
-    try:
-        a.gm.get_parameter(name)
-        return True
-    except AttributeError:
-        return False
 
 
 # ---- elementwise -------------------------------------------------------------------------
@@ -136,9 +138,9 @@ def _elementwise(kind: str) -> Callable[[Analyzer, fx.Node], Any]:
             return lay.zero and out_dims <= {d + off for d in lay.dims}
 
         if kind == _ADD:
-            zero = all(covers(l, s) for l, s in operands) and all(v == 0 for v in scalars)
+            zero = all(covers(lay, shp) for lay, shp in operands) and all(v == 0 for v in scalars)
         elif kind == _MUL:
-            zero = any(covers(l, s) for l, s in operands) or any(v == 0 for v in scalars)
+            zero = any(covers(lay, shp) for lay, shp in operands) or any(v == 0 for v in scalars)
         else:  # division: zero numerator
             first = node.args[0]
             zero = isinstance(first, fx.Node) and isinstance(a.value(first), Layout) and covers(a.value(first), a.shape(first))
@@ -224,7 +226,7 @@ def _perm_of(node: fx.Node, nd: int) -> list[int]:
         dst = [_norm_dim(d, nd) for d in dst]
         rest = [d for d in range(nd) if d not in src]
         perm: list[int] = [-1] * nd
-        for s, d in zip(src, dst):
+        for s, d in zip(src, dst, strict=True):
             perm[d] = s
         it = iter(rest)
         return [p if p >= 0 else next(it) for p in perm]
