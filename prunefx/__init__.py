@@ -5,17 +5,17 @@
     prunefx.apply_mask(model, mask)              # the reference: masked channels zeroed
 """
 
-from prunefx import masks
+from prunefx import distributed, masks
 from prunefx.analysis import ChannelGroup
 from prunefx.checkpoint import load_state_dict, state_dict
-from prunefx.errors import ExportError, MaskError, PruneFxError, TraceError
+from prunefx.errors import DistributedError, ExportError, MaskError, PruneFxError, TraceError
 from prunefx.flops import count_flops, count_params
 from prunefx.graph import PruneGraph, trace
 from prunefx.reconfigure import apply_mask, reconfigure
 
 __all__ = [
-    "trace", "PruneGraph", "ChannelGroup", "reconfigure", "apply_mask", "masks",
+    "trace", "PruneGraph", "ChannelGroup", "reconfigure", "apply_mask", "masks", "distributed",
     "state_dict", "load_state_dict", "count_flops", "count_params",
-    "PruneFxError", "TraceError", "MaskError", "ExportError",
+    "PruneFxError", "TraceError", "MaskError", "ExportError", "DistributedError",
 ]
 __version__ = "0.1.0"

@@ -48,16 +48,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from prunefx.errors import PruneFxError
+from prunefx.errors import DistributedError
 from prunefx.reconfigure import reconfigure
 
 __all__ = ["reconfigure_ddp", "grad_bytes_per_step", "DistributedError"]
 
 _MB = 1024 * 1024
-
-
-class DistributedError(PruneFxError):
-    """torch.distributed is not set up, or the ranks could not reconfigure together."""
 
 
 def reconfigure_ddp(

@@ -3,7 +3,7 @@ part that cannot be pruned is *data* (a pinned group with a reason), never an ex
 
 from __future__ import annotations
 
-__all__ = ["PruneFxError", "TraceError", "MaskError", "ExportError"]
+__all__ = ["PruneFxError", "TraceError", "MaskError", "ExportError", "DistributedError"]
 
 
 class PruneFxError(Exception):
@@ -20,3 +20,7 @@ class MaskError(PruneFxError):
 
 class ExportError(PruneFxError):
     """ONNX export or its verification failed."""
+
+
+class DistributedError(PruneFxError):
+    """torch.distributed is not set up, or the ranks could not reconfigure together."""
