@@ -23,6 +23,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from prunefx import nn as pnn
 from prunefx.passes.base import Pass, RewriteState
 
 __all__ = ["RebuildModules"]
@@ -88,6 +89,34 @@ _ATTRIBUTES: tuple[tuple[type, Callable[[Any, torch.Size, torch.Size], None]], .
 )
 
 
+def _attention(old: nn.Module, state: RewriteState, target: str) -> nn.Module:
+    """nn.MultiheadAttention with pruned heads or width -> prunefx.nn.MultiheadAttention."""
+    w = state.tensors[f"{target}.in_proj_weight"]
+    d = getattr(old, "head_dim", None) or old.embed_dim // old.num_heads
+    heads = w.shape[0] // (3 * d)
+    kept = state.plan.index.get(f"{target}.in_proj_weight", {}).get(0)
+    kept_heads = kept[: heads * d : d] // d if kept is not None else torch.arange(heads)
+    new = pnn.MultiheadAttention(
+        w.shape[1], heads, d, batch_first=old.batch_first, dropout=old.dropout,
+        bias=old.in_proj_bias is not None, kept_heads=kept_heads.to(w.device), device="meta",
+    )
+    new.in_proj_weight = w
+    new.in_proj_bias = state.tensors.get(f"{target}.in_proj_bias") if old.in_proj_bias is not None else None
+    new.out_proj.weight = state.tensors[f"{target}.out_proj.weight"]
+    if old.out_proj.bias is not None:
+        new.out_proj.bias = state.tensors[f"{target}.out_proj.bias"]
+    new.out_proj.in_features, new.out_proj.out_features = new.out_proj.weight.shape[1], new.out_proj.weight.shape[0]
+    new.train(old.training)
+    return new
+
+
+# modules whose class cannot hold the pruned shapes: built anew, same parameter names
+_REPLACE: tuple[tuple[type, Callable[[Any, RewriteState, str], nn.Module]], ...] = (
+    (nn.MultiheadAttention, _attention),
+    (pnn.MultiheadAttention, _attention),
+)
+
+
 @dataclass(frozen=True)
 class RebuildModules(Pass):
     def run(self, state: RewriteState) -> None:
@@ -97,6 +126,10 @@ class RebuildModules(Pass):
             if node.op != "call_module" or node.target in state.modules:
                 continue
             old = node.graph.owning_module.get_submodule(node.target)
+            replace = next((fn for kind, fn in _REPLACE if isinstance(old, kind)), None)
+            if replace is not None:
+                state.modules[node.target] = replace(old, state, node.target)
+                continue
             new = _shell_copy(old)
             for prefix, sub in new.named_modules(prefix=node.target):
                 for kind in ("_parameters", "_buffers"):

@@ -25,6 +25,7 @@ from torch import nn
 
 from prunefx.analysis import ChannelAnalysis, ChannelGroup, analyze, build_groups
 from prunefx.errors import MaskError, TraceError
+from prunefx.nn import LEAF_MODULES
 from prunefx.provenance import layout_of
 from prunefx.shapes import Shapes, propagate_shapes
 from prunefx.tracing import Traced, guess_example_inputs, symbolic_trace
@@ -142,7 +143,7 @@ def trace(
     is not possible. ``leaf_modules`` (types or qualified names) are kept opaque: their
     channels are pinned.
     """
-    traced = symbolic_trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    traced = symbolic_trace(model, leaf_modules=(*leaf_modules, *LEAF_MODULES), concrete_args=concrete_args)
     inputs = _as_tuple(example_inputs)
     if inputs is None:
         inputs = guess_example_inputs(traced.module)

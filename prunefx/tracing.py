@@ -113,6 +113,18 @@ def describe_node(node: fx.Node, loc: SourceLoc | None) -> str:
     return f"{text} at {loc}" if loc is not None else text
 
 
+def _keeps_base_forward(m: nn.Module) -> bool:
+    """A subclass of a torch.nn layer that does not override forward (torchvision's
+    Conv3DSimple): trace it as the layer it is, not through its forward."""
+    cls = type(m)
+    if cls.__module__.startswith("torch.nn"):
+        return False
+    for base in cls.__mro__[1:]:
+        if base.__module__.startswith("torch.nn.modules") and base is not nn.Module:
+            return cls.forward is base.forward and not isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
+    return False
+
+
 class _Tracer(fx.Tracer):
     def __init__(self, leaf_modules: Iterable[type | str] = ()) -> None:
         super().__init__()
@@ -122,7 +134,7 @@ class _Tracer(fx.Tracer):
         self.sources: dict[fx.Node, SourceLoc] = {}
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if module_qualified_name in self._leaf_names or isinstance(m, self._leaf_types):
+        if module_qualified_name in self._leaf_names or isinstance(m, self._leaf_types) or _keeps_base_forward(m):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 

@@ -31,10 +31,15 @@ def example_input(name: str, batch: int = 2) -> torch.Tensor:
 
 
 def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Norm statistics and affine terms away from their 0/1 defaults: defaults hide
-    misaligned slices."""
+    """Norm statistics and affine terms away from their 0/1 defaults, and every constant-
+    initialised tensor (zero classifier heads and class tokens, 1e-6 layer scales) random:
+    defaults hide misaligned slices."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
+        for p in model.parameters():
+            if p.numel() > 1 and bool((p == p.flatten()[0]).all()):
+                scale = max(float(p.flatten()[0].abs()), 0.02)
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._NormBase):
                 if m.running_mean is not None:

@@ -24,6 +24,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from prunefx import nn as pnn
 from prunefx.analysis.layout import Factor, Layout
 from prunefx.analysis.propagate import Analyzer, Role, empty_like_shape
 
@@ -792,6 +793,60 @@ def prelu_module(a: Analyzer, node: fx.Node) -> Any:
     return lay
 
 
+def multihead_attention(a: Analyzer, node: fx.Node) -> Any:
+    """Heads are the unit: the q, k and v rows of head i (packed in ``in_proj_weight``) and
+    the output-projection columns reading it form one slot. The model width (the stream
+    read by the input projection and written by the output projection) is another group."""
+    m = a.module(node)
+    if not getattr(m, "_qkv_same_embed_dim", True) or getattr(m, "bias_k", None) is not None or getattr(m, "add_zero_attn", False):
+        return unknown(a, node)
+    t = node.target
+    h = m.num_heads
+    d = getattr(m, "head_dim", None) or m.embed_dim // h
+    w, wo = f"{t}.in_proj_weight", f"{t}.out_proj.weight"
+    inner, width = m.in_proj_weight.shape[0] // 3, m.in_proj_weight.shape[1]
+    rows = a.tensor_ids(w, 0, 3 * inner)
+    heads = rows.reshape(3, h, d).transpose(1, 0, 2).reshape(h, 3 * d)
+    a.unify(heads[:, :1], heads)
+    cols = a.tensor_ids(wo, 1, inner)
+    a.unify(cols.reshape(h, d), heads[:, :1])
+    stream_in, stream_out = a.tensor_ids(w, 1, width), a.tensor_ids(wo, 0, m.out_proj.weight.shape[0])
+    a.member(w, 0, rows, Role.WRITE, node)
+    a.member(w, 1, stream_in, Role.READ, node)
+    a.member(wo, 1, cols, Role.READ, node)
+    a.member(wo, 0, stream_out, Role.WRITE, node)
+    if m.in_proj_bias is not None:
+        a.member(f"{t}.in_proj_bias", 0, rows, Role.WRITE, node)
+    if m.out_proj.bias is not None:
+        a.member(f"{t}.out_proj.bias", 0, stream_out, Role.WRITE, node)
+    for i, name in enumerate(("query", "key", "value")):
+        x = _arg(node, i, name)
+        lay, shape = a.value(x), a.shape(x)
+        last = len(shape) - 1
+        lay = _only_on(a, node, lay, {last}, "attention mixes the sequence")
+        ids = a.axis_ids(lay, last)
+        if ids is not None:
+            a.unify(ids, stream_in)
+            _not_zero_reader(a, node, lay, ids)
+        else:
+            a.pin(stream_in, node, "attention input has a fixed width")
+    head_ids = a.uf.find(heads[:, 0])
+    out_shape, weights_shape = a.shape(node)
+    out = Layout((Factor((len(out_shape) - 1,), stream_out),), True)
+    a.module_outputs.setdefault(t, stream_out)
+    weights = None
+    if isinstance(weights_shape, torch.Size):
+        average = _arg(node, 6, "average_attn_weights", True)
+        used = any(u.op != "call_function" or u.target is not operator.getitem or u.args[1] != 0 for u in node.users)
+        if average:
+            if used:
+                a.mark_inexact(head_ids, node, "the returned attention weights are averaged over heads")
+            weights = Layout((), False)
+        else:
+            weights = Layout((Factor((len(weights_shape) - 3,), head_ids),), False)
+    return (out, weights)
+
+
 def lrn(a: Analyzer, node: fx.Node) -> Any:
     lay = a.value(node.args[0])
     f = lay.on(1)
@@ -837,6 +892,8 @@ MODULE_RULES: dict[type, Callable[[Analyzer, fx.Node], Any]] = {
     nn.Embedding: embedding_module,
     nn.PReLU: prelu_module,
     nn.LocalResponseNorm: lrn,
+    nn.MultiheadAttention: multihead_attention,
+    pnn.MultiheadAttention: multihead_attention,
     nn.Flatten: flatten_module, nn.Unflatten: flatten_module,
     nn.Softmax: softmax, nn.LogSoftmax: softmax, nn.Softmin: softmax,
     nn.ChannelShuffle: channel_shuffle_module,
