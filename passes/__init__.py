@@ -7,6 +7,7 @@ rule it implements in the module docstring. The pipeline is explicit::
         SliceTensors(),      # new parameters/buffers: kept indices of every pruned dim
         RebuildModules(),    # copies of called modules holding them, attributes updated
         FixShapeArgs(),      # view sizes, split sizes, slice bounds, groups, normalized_shape
+        FreezeStaleSizes(),  # x.shape[1] used as a number keeps its original value
         EliminateDeadCode(), # nodes left without users (in-place ops kept)
         Assemble(),          # GraphModule with the original submodule names; lint; recompile
         RecordLayout(),      # which channels of the original model the result keeps
@@ -17,15 +18,16 @@ from prunefx.passes.assemble import Assemble
 from prunefx.passes.base import Pass, Pipeline, RewriteState
 from prunefx.passes.dead_code import EliminateDeadCode
 from prunefx.passes.fix_shape_args import FixShapeArgs
+from prunefx.passes.size_values import FreezeStaleSizes
 from prunefx.passes.rebuild_modules import RebuildModules
 from prunefx.passes.record_layout import RecordLayout
 from prunefx.passes.slice_tensors import SliceTensors
 
 __all__ = [
-    "Pass", "Pipeline", "RewriteState", "SliceTensors", "RebuildModules", "FixShapeArgs",
+    "Pass", "Pipeline", "RewriteState", "SliceTensors", "RebuildModules", "FixShapeArgs", "FreezeStaleSizes",
     "EliminateDeadCode", "Assemble", "RecordLayout", "DEFAULT_PIPELINE",
 ]
 
 DEFAULT_PIPELINE = Pipeline(
-    (SliceTensors(), RebuildModules(), FixShapeArgs(), EliminateDeadCode(), Assemble(), RecordLayout())
+    (SliceTensors(), RebuildModules(), FixShapeArgs(), FreezeStaleSizes(), EliminateDeadCode(), Assemble(), RecordLayout())
 )

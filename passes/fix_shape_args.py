@@ -26,35 +26,44 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from prunefx.passes.base import Pass, RewriteState
+from prunefx.passes.size_values import SizeValues
 
 __all__ = ["FixShapeArgs"]
 
 
-def _sizes(old: Sequence[Any], old_shape: Sequence[int], new_shape: Sequence[int], offset: int = 0) -> list[Any]:
-    out = list(old)
-    for i, s in enumerate(old):
-        d = i + offset
-        if isinstance(s, int) and not isinstance(s, bool) and s != -1 and old_shape[d] != new_shape[d]:
-            out[i] = int(new_shape[d])
+def _sizes(state: RewriteState, node_sizes: Sequence[Any], new_sizes: Sequence[Any], new_shape: Sequence[int], offset: int = 0) -> list[Any]:
+    """Each size argument must equal the pruned size of its dim: a literal that does not is
+    replaced, and so is a size computed at run time (``x.size(1) // 2``) whose value under
+    the pruned shapes would not (``-1`` is left to infer)."""
+    evaluate = SizeValues(state.plan.new_shapes)
+    out = list(new_sizes)
+    for i, s in enumerate(node_sizes):
+        want = int(new_shape[i + offset])
+        if isinstance(s, bool) or s == -1:
+            continue
+        if isinstance(s, int) and s != want or isinstance(s, fx.Node) and evaluate(s) != want:
+            out[i] = want
     return out
 
 
 def _size_list(state: RewriteState, node: fx.Node, new: fx.Node) -> None:
-    old_shape, new_shape = state.plan.analysis.shapes[node], state.plan.new_shapes[node]
-    if old_shape == new_shape or len(node.args) < 2:
+    if len(node.args) < 2:
         return
+    new_shape = state.plan.new_shapes[node]
     packed = len(new.args) == 2 and isinstance(new.args[1], (list, tuple))
-    sizes = new.args[1] if packed else new.args[1:]  # the copy's args: nodes of the new graph
-    fixed = _sizes(sizes, old_shape, new_shape)
-    new.args = (new.args[0], type(sizes)(fixed)) if packed else (new.args[0], *fixed)
+    sizes = node.args[1] if packed else node.args[1:]
+    copies = new.args[1] if packed else new.args[1:]  # the copy's args: nodes of the new graph
+    fixed = _sizes(state, sizes, copies, new_shape)
+    if fixed != list(copies):
+        new.args = (new.args[0], type(copies)(fixed)) if packed else (new.args[0], *fixed)
 
 
 def _unflatten(state: RewriteState, node: fx.Node, new: fx.Node) -> None:
-    dim, sizes = new.args[1], new.args[2]
-    old_shape, new_shape = state.plan.analysis.shapes[node], state.plan.new_shapes[node]
+    dim, sizes = node.args[1], node.args[2]
     if isinstance(dim, int) and isinstance(sizes, (list, tuple)):
         dim = dim % len(state.plan.analysis.shapes[node.args[0]])
-        new.args = (new.args[0], dim, type(sizes)(_sizes(sizes, old_shape, new_shape, offset=dim)))
+        fixed = _sizes(state, sizes, new.args[2], state.plan.new_shapes[node], offset=dim)
+        new.args = (new.args[0], dim, type(sizes)(fixed))
 
 
 def _split(state: RewriteState, node: fx.Node, new: fx.Node) -> None:

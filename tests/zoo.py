@@ -25,9 +25,35 @@ def cnn_names() -> list[str]:
     return sorted(n for n in torchvision.models.list_models(module=torchvision.models) if not n.startswith(NOT_CNN))
 
 
+def transformer_names() -> list[str]:
+    return sorted(n for n in torchvision.models.list_models(module=torchvision.models) if n.startswith(NOT_CNN))
+
+
+def segmentation_names() -> list[str]:
+    return sorted(torchvision.models.list_models(module=torchvision.models.segmentation))
+
+
+def video_names() -> list[str]:
+    return sorted(torchvision.models.list_models(module=torchvision.models.video))
+
+
+# Smallest inputs that every model family accepts (image side, or (T, H, W) for video).
+# ViTs are built for a small image_size (their position embedding follows it).
+VIT_IMAGE = {"vit_h_14": 28}
+VIDEO_SHAPE = {"mvit_v1_b": (16, 224, 224), "mvit_v2_s": (16, 224, 224), "s3d": (8, 32, 32)}
+
+
 def example_input(name: str, batch: int = 2) -> torch.Tensor:
-    s = INPUT_SIZE.get(name, DEFAULT_SIZE)
-    return torch.randn(batch, 3, s, s, generator=torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(1)
+    if name in video_names():
+        return torch.randn(batch, 3, *VIDEO_SHAPE.get(name, (8, 32, 32)), generator=gen)
+    if name.startswith("vit_"):
+        s = VIT_IMAGE.get(name, 32)
+    elif name.startswith("maxvit"):
+        s = 224  # partition size 7 at every stage
+    else:
+        s = INPUT_SIZE.get(name, DEFAULT_SIZE)
+    return torch.randn(batch, 3, s, s, generator=gen)
 
 
 def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -55,7 +81,11 @@ def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
 
 def build(name: str) -> nn.Module:
     torch.manual_seed(0)
-    kwargs = {"init_weights": False} if name in ("googlenet", "inception_v3") else {}
+    kwargs: dict = {"init_weights": False} if name in ("googlenet", "inception_v3") else {}
+    if name.startswith("vit_"):
+        kwargs["image_size"] = VIT_IMAGE.get(name, 32)
+    if name in segmentation_names():
+        kwargs["weights_backbone"] = None
     model = torchvision.models.get_model(name, weights=None, **kwargs)
     return randomize_norms(model).eval()
 

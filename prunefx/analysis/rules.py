@@ -1018,11 +1018,9 @@ def apply(a: Analyzer, node: fx.Node) -> Any:
         rule = FUNCTION_RULES.get(node.target)
     else:
         rule = METHOD_RULES.get(node.target)  # type: ignore[arg-type]
-    if rule is None:
-        if not _tensor_args(a, node) and not isinstance(a.shape(node), torch.Size):
-            return None  # arithmetic on Python values
-        return unknown(a, node)
-    return rule(a, node)
+    if not _tensor_args(a, node) and not isinstance(a.shape(node), torch.Size):
+        return None  # arithmetic on Python values (sizes): see passes/size_values.py
+    return (rule or unknown)(a, node)
 
 
 def _record_module_output(a: Analyzer, node: fx.Node, m: nn.Module, value: Any) -> None:
