@@ -18,9 +18,9 @@ from prunefx.passes.assemble import Assemble
 from prunefx.passes.base import Pass, Pipeline, RewriteState
 from prunefx.passes.dead_code import EliminateDeadCode
 from prunefx.passes.fix_shape_args import FixShapeArgs
-from prunefx.passes.size_values import FreezeStaleSizes
 from prunefx.passes.rebuild_modules import RebuildModules
 from prunefx.passes.record_layout import RecordLayout
+from prunefx.passes.size_values import FreezeStaleSizes
 from prunefx.passes.slice_tensors import SliceTensors
 
 __all__ = [

@@ -1,12 +1,16 @@
-"""EliminateDeadCode: remove nodes whose value nobody uses.
+"""EliminateDeadCode: remove the nodes the rewrite left without users.
 
-fx's own ``eliminate_dead_code`` treats in-place tensor methods (``x.add_(y)``) as pure; here
-they, and every call_module (a module may have side effects such as BatchNorm statistics), are
-kept.
+Only pure size arithmetic is ever removed (``x.size()``, ``x.shape``, ``getitem`` on sizes,
+integer operators): that is what the other passes orphan when they replace a size by a
+literal. Any other node without users stays: in a traced user model it may be an in-place
+mutation (MViT-v2 adds relative positions in place inside an fx-wrapped helper whose result
+nobody uses; removing that call silently changed its output), and fx's own
+``eliminate_dead_code`` treats in-place methods as pure.
 """
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch.fx as fx
@@ -15,17 +19,19 @@ from prunefx.passes.base import Pass, RewriteState
 
 __all__ = ["EliminateDeadCode"]
 
+_PURE_FUNCTIONS = {
+    getattr, operator.getitem, operator.add, operator.sub, operator.mul, operator.floordiv,
+    operator.truediv, operator.mod, operator.pow, operator.neg,
+}
+_PURE_METHODS = {"size", "dim"}
+
 
 def _removable(node: fx.Node) -> bool:
-    if node.users or node.op in ("placeholder", "output", "call_module"):
+    if node.users:
         return False
-    if node.op == "call_method" and str(node.target).endswith("_"):
-        return False
-    if node.op == "call_function":
-        name = getattr(node.target, "__name__", "")
-        if name.endswith("_") or node.kwargs.get("inplace") or "assert" in name:
-            return False
-    return True
+    if node.op == "call_method":
+        return node.target in _PURE_METHODS
+    return node.op == "call_function" and node.target in _PURE_FUNCTIONS
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from prunefx import nn as pnn
 from prunefx.passes.base import Pass, RewriteState
 from prunefx.passes.size_values import SizeValues
 
@@ -158,6 +159,17 @@ def _layer_norm(state: RewriteState, node: fx.Node, new: fx.Node) -> None:
     _set_arg(new, 1, "normalized_shape", tuple(int(s) for s in x_new[len(x_new) - len(shape):]))
 
 
+def _window_attention(state: RewriteState, node: fx.Node, new: fx.Node) -> None:
+    """Call prunefx's shifted_window_attention (attention width from qkv_weight) with the
+    new number of heads."""
+    qkv = node.args[1] if len(node.args) > 1 else node.kwargs["qkv_weight"]
+    heads = node.args[5] if len(node.args) > 5 else node.kwargs["num_heads"]
+    old_rows, new_rows = state.plan.analysis.shapes[qkv][0], state.plan.new_shapes[qkv][0]
+    head_dim = old_rows // 3 // heads
+    new.target = pnn.shifted_window_attention
+    _set_arg(new, 5, "num_heads", int(new_rows) // 3 // head_dim)
+
+
 Handler = Callable[[RewriteState, fx.Node, fx.Node], None]
 _FUNCTIONS: dict[Any, Handler] = {
     torch.reshape: _size_list, torch.split: _split, torch.chunk: _split, torch.unflatten: _unflatten,
@@ -165,7 +177,14 @@ _FUNCTIONS: dict[Any, Handler] = {
     F.conv1d: _conv_groups, F.conv2d: _conv_groups, F.conv3d: _conv_groups,
     F.conv_transpose1d: _conv_groups, F.conv_transpose2d: _conv_groups, F.conv_transpose3d: _conv_groups,
     F.group_norm: _group_norm, F.layer_norm: _layer_norm,
+    pnn.shifted_window_attention: _window_attention,
 }
+try:
+    from torchvision.models.swin_transformer import shifted_window_attention as _tv_window_attention
+
+    _FUNCTIONS[_tv_window_attention] = _window_attention
+except ImportError:  # pragma: no cover - torchvision is optional
+    pass
 _METHODS: dict[str, Handler] = {
     "view": _size_list, "reshape": _size_list, "expand": _size_list, "unflatten": _unflatten,
     "split": _split, "chunk": _split, "narrow": _narrow,

@@ -6,6 +6,12 @@ computes the same function as ``torch.nn.MultiheadAttention`` (packed q/k/v proj
 scaled dot-product attention per head, output projection) with any number of heads, keeping
 the parameter names (``in_proj_weight``, ``in_proj_bias``, ``out_proj.weight``,
 ``out_proj.bias``) so state_dict keys do not change.
+
+``shifted_window_attention``: Swin's windowed attention with the same arguments as
+torchvision's function, except that the attention width is taken from ``qkv_weight``
+(``3 * num_heads * head_dim`` rows) instead of being assumed equal to the stream width, so
+heads and the stream can be pruned independently. Unpruned, it computes what torchvision's
+computes (``tests/test_transformers.py`` checks both against each other).
 """
 
 from __future__ import annotations
@@ -13,10 +19,11 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MultiheadAttention", "LEAF_MODULES"]
+__all__ = ["MultiheadAttention", "shifted_window_attention", "LEAF_MODULES"]
 
 
 class MultiheadAttention(nn.Module):
@@ -89,5 +96,66 @@ def _add_mask(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return scores.masked_fill(mask, float("-inf"))
     return scores + mask
 
+
+def _window_mask(pad_h: int, pad_w: int, window: list[int], shift: list[int], like: torch.Tensor) -> torch.Tensor:
+    """-100 between tokens of one window that came from different regions of the shifted map."""
+    region = like.new_zeros((pad_h, pad_w))
+    count = 0
+    for h0, h1 in ((0, -window[0]), (-window[0], -shift[0]), (-shift[0], None)):
+        for w0, w1 in ((0, -window[1]), (-window[1], -shift[1]), (-shift[1], None)):
+            region[h0:h1, w0:w1] = count
+            count += 1
+    region = region.view(pad_h // window[0], window[0], pad_w // window[1], window[1]).permute(0, 2, 1, 3)
+    region = region.reshape(-1, window[0] * window[1])
+    diff = region.unsqueeze(1) - region.unsqueeze(2)
+    return diff.masked_fill(diff != 0, -100.0).masked_fill(diff == 0, 0.0)
+
+
+def shifted_window_attention(
+    input: torch.Tensor, qkv_weight: torch.Tensor, proj_weight: torch.Tensor, relative_position_bias: torch.Tensor,
+    window_size: list[int], num_heads: int, shift_size: list[int], attention_dropout: float = 0.0, dropout: float = 0.0,
+    qkv_bias: torch.Tensor | None = None, proj_bias: torch.Tensor | None = None, logit_scale: torch.Tensor | None = None,
+    training: bool = True,
+) -> torch.Tensor:
+    batch, height, width, _ = input.shape
+    inner = qkv_weight.shape[0] // 3  # num_heads * head_dim: independent of the stream width
+    head_dim = inner // num_heads
+    pad_r = (window_size[1] - width % window_size[1]) % window_size[1]
+    pad_b = (window_size[0] - height % window_size[0]) % window_size[0]
+    x = F.pad(input, (0, 0, 0, pad_r, 0, pad_b))
+    _, pad_h, pad_w, channels = x.shape
+    shift = [0 if window_size[0] >= pad_h else shift_size[0], 0 if window_size[1] >= pad_w else shift_size[1]]
+    if sum(shift) > 0:
+        x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+    rows, cols = pad_h // window_size[0], pad_w // window_size[1]
+    tokens = window_size[0] * window_size[1]
+    x = x.view(batch, rows, window_size[0], cols, window_size[1], channels).permute(0, 1, 3, 2, 4, 5)
+    x = x.reshape(batch * rows * cols, tokens, channels)
+    if logit_scale is not None and qkv_bias is not None:  # v2: no bias on the keys
+        qkv_bias = torch.cat([qkv_bias[:inner], torch.zeros_like(qkv_bias[inner : 2 * inner]), qkv_bias[2 * inner :]])
+    qkv = F.linear(x, qkv_weight, qkv_bias).reshape(x.size(0), tokens, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    if logit_scale is not None:  # v2: cosine attention with a learnt temperature per head
+        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        attn = attn * torch.clamp(logit_scale, max=math.log(100.0)).exp()
+    else:
+        attn = (q * head_dim**-0.5) @ k.transpose(-2, -1)
+    attn = attn + relative_position_bias
+    if sum(shift) > 0:
+        mask = _window_mask(pad_h, pad_w, window_size, shift, x)
+        attn = attn.view(batch, rows * cols, num_heads, tokens, tokens) + mask.unsqueeze(1).unsqueeze(0)
+        attn = attn.view(-1, num_heads, tokens, tokens)
+    attn = F.dropout(F.softmax(attn, dim=-1), p=attention_dropout, training=training)
+    x = (attn @ v).transpose(1, 2).reshape(x.size(0), tokens, inner)
+    x = F.dropout(F.linear(x, proj_weight, proj_bias), p=dropout, training=training)
+    out_channels = x.shape[-1]
+    x = x.view(batch, rows, cols, window_size[0], window_size[1], out_channels).permute(0, 1, 3, 2, 4, 5)
+    x = x.reshape(batch, pad_h, pad_w, out_channels)
+    if sum(shift) > 0:
+        x = torch.roll(x, shifts=(shift[0], shift[1]), dims=(1, 2))
+    return x[:, :height, :width, :].contiguous()
+
+
+torch.fx.wrap("shifted_window_attention")  # an opaque call in traced graphs, like torchvision's
 
 LEAF_MODULES: tuple[type, ...] = (MultiheadAttention,)

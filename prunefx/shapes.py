@@ -64,6 +64,11 @@ class _TrackingShapeProp(ShapeProp):
         self.current = n
         return super().run_node(n)
 
+    def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
+        # generated code passes fresh lists; the interpreter passes fx's immutable ones,
+        # which functions that edit their arguments (Swin3D's window sizes) reject
+        return super().call_function(target, _mutable(args), _mutable(kwargs))
+
 
 class _MetaShapeProp(_TrackingShapeProp):
     def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
@@ -72,6 +77,16 @@ class _MetaShapeProp(_TrackingShapeProp):
         if isinstance(mod, _SHAPE_PRESERVING) and isinstance(x, torch.Tensor) and x.is_meta:
             return torch.empty_like(x)
         return super().call_module(target, args, kwargs)
+
+
+def _mutable(x: Any) -> Any:
+    if isinstance(x, list):
+        return [_mutable(v) for v in x]
+    if isinstance(x, tuple) and not hasattr(x, "_fields"):
+        return tuple(_mutable(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _mutable(v) for k, v in x.items()}
+    return x
 
 
 def _to_meta(x: Any) -> Any:

@@ -1168,3 +1168,41 @@ def test_mixed_has_approximate_groups():
     proj = graph.group_of("proj")
     assert proj.prunable and not proj.exact and "LayerNorm" in proj.reason
     assert graph.group_of("ln") is proj
+
+
+def _shift_add(y):
+    """Mutates its argument and returns nothing anybody uses (like MViT-v2's rel-pos add)."""
+    y[:, :, 1:] += y[:, :, :-1]
+    return y
+
+
+torch.fx.wrap("_shift_add")
+
+
+class InPlaceLeafUpdate(nn.Module):
+    """A wrapped leaf function that mutates in place and whose result is unused: its node
+    has no users but must survive the rewrite."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv1d(4, 8, 1)
+        self.hidden = nn.Conv1d(8, 16, 1)
+        self.out = nn.Conv1d(16, 3, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        _shift_add(y)
+        return self.out(torch.relu(self.hidden(y)))
+
+
+def test_in_place_leaf_update_survives_the_rewrite():
+    torch.manual_seed(0)
+    model = InPlaceLeafUpdate().eval()
+    x = torch.randn(2, 4, 6)
+    graph = prunefx.trace(model, x)
+    hidden = graph.group_of("hidden")
+    assert hidden.prunable and hidden.exact
+    mask = {"hidden": torch.arange(16) % 2 == 0}
+    small, diff = check_exact(model, x, mask, graph)
+    assert diff <= 1e-5
+    assert any(getattr(n.target, "__name__", "") == "_shift_add" for n in small.graph.nodes)

@@ -847,6 +847,83 @@ def multihead_attention(a: Analyzer, node: fx.Node) -> Any:
     return (out, weights)
 
 
+def window_attention(a: Analyzer, node: fx.Node) -> Any:
+    """Swin's ``shifted_window_attention(input, qkv_weight, proj_weight, bias, window,
+    num_heads, ...)``: heads are slots (q/k/v rows, output-projection columns, the
+    relative-position bias and logit scale of a head); the stream is read by ``qkv_weight``
+    and written by ``proj_weight``. The rewrite calls ``prunefx.nn.shifted_window_attention``,
+    which takes the attention width from ``qkv_weight`` (see passes/fix_shape_args.py)."""
+    x, qkv_w, proj_w, bias = (_arg(node, i, n) for i, n in enumerate(("input", "qkv_weight", "proj_weight", "relative_position_bias")))
+    heads = _arg(node, 5, "num_heads")
+    qkv_b, proj_b, scale = _arg(node, 9, "qkv_bias"), _arg(node, 10, "proj_bias"), _arg(node, 11, "logit_scale")
+    if not all(isinstance(v, fx.Node) for v in (x, qkv_w, proj_w, bias)) or not isinstance(heads, int):
+        return unknown(a, node)
+    shape = a.shape(x)
+    last = len(shape) - 1
+    lay = _only_on(a, node, a.value(x), {last}, "windowed attention mixes positions")
+    stream_in = a.axis_ids(lay, last)
+    qkv, proj = a.value(qkv_w), a.value(proj_w)
+    rows, cols = a.axis_ids(qkv, 0), a.axis_ids(qkv, 1)
+    p_in, p_out = a.axis_ids(proj, 1), a.axis_ids(proj, 0)
+    if rows is None or p_in is None:
+        return unknown(a, node)
+    for w in (qkv_w, proj_w):
+        if w.op == "get_attr":
+            a.set_role(w.target, 1, Role.READ)
+    if stream_in is not None and cols is not None:
+        a.unify(stream_in, cols)
+        _not_zero_reader(a, node, lay, stream_in)
+    else:
+        a.pin(stream_in, node, "attention input of fixed width")
+        a.pin(cols, node, "attention input of fixed width")
+    d = len(rows) // 3 // heads
+    grid = rows.reshape(3, heads, d).transpose(1, 0, 2).reshape(heads, 3 * d)
+    a.unify(grid[:, :1], grid)
+    head = grid[:, 0]
+    a.unify(p_in.reshape(heads, d), head[:, None])
+    for extra, dim in ((qkv_b, 0), (bias, 1), (scale, 0)):
+        if isinstance(extra, fx.Node):
+            ids = a.axis_ids(a.value(extra), dim)
+            if extra is qkv_b and ids is not None:
+                a.unify(ids, rows)
+            elif ids is not None:
+                a.unify(ids, head)
+            a.pin_value(Layout(tuple(f for f in a.value(extra).factors if dim not in f.dims)), node, "attention bias layout")
+    zero = proj.zero
+    if isinstance(proj_b, fx.Node):
+        b = a.axis_ids(a.value(proj_b), 0)
+        if b is not None and p_out is not None:
+            a.unify(b, p_out)
+        zero = zero and a.value(proj_b).zero
+    if p_out is None:
+        return Layout((), zero)
+    return Layout((Factor((last,), p_out),), zero)
+
+
+def relative_position_bias(a: Analyzer, node: fx.Node) -> Any:
+    """torchvision's ``_get_relative_position_bias(table (L, heads), index, window)`` ->
+    (1, heads, N, N): the heads of the table become dim 1."""
+    table, index = node.args[0], node.args[1]
+    lay = a.value(table)
+    heads = a.axis_ids(lay, len(a.shape(table)) - 1)
+    a.pin_value(Layout(tuple(f for f in lay.factors if len(a.shape(table)) - 1 not in f.dims)), node, "relative position table rows")
+    a.pin_value(a.value(index), node, "relative position index")
+    if heads is None:
+        return Layout((), lay.zero)
+    return Layout((Factor((1,), heads),), lay.zero)
+
+
+def patch_merging_pad(a: Analyzer, node: fx.Node) -> Any:
+    """torchvision's ``_patch_merging_pad``: four strided spatial slices concatenated on the
+    channel dim, so the channel ids repeat four times."""
+    x = node.args[0]
+    shape = a.shape(x)
+    last = len(shape) - 1
+    lay = _only_on(a, node, a.value(x), {last}, "patch merging mixes positions")
+    ids = a.axis_ids(lay, last)
+    return Layout((Factor((last,), np.tile(ids, 4)),) if ids is not None else (), lay.zero)
+
+
 def lrn(a: Analyzer, node: fx.Node) -> Any:
     lay = a.value(node.args[0])
     f = lay.on(1)
@@ -961,10 +1038,16 @@ FUNCTION_RULES: dict[Any, Callable[[Analyzer, fx.Node], Any]] = {
     builtins.getattr: metadata,
 }
 
-try:  # torchvision wraps these for fx; they scale whole samples, so channels pass through
+FUNCTION_RULES[pnn.shifted_window_attention] = window_attention
+
+try:  # torchvision wraps these for fx, so they are single nodes in traced graphs
+    from torchvision.models import swin_transformer as _swin
     from torchvision.ops import stochastic_depth as _stochastic_depth
 
-    FUNCTION_RULES[_stochastic_depth] = _unary(True)
+    FUNCTION_RULES[_stochastic_depth] = _unary(True)  # scales whole samples
+    FUNCTION_RULES[_swin.shifted_window_attention] = window_attention
+    FUNCTION_RULES[_swin._get_relative_position_bias] = relative_position_bias
+    FUNCTION_RULES[_swin._patch_merging_pad] = patch_merging_pad
 except ImportError:  # pragma: no cover - torchvision is optional
     pass
 

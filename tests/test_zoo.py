@@ -1,5 +1,6 @@
-"""Every torchvision classification CNN: exact groups match the masked model, FLOPs drop,
-the input model is untouched, and masking every prunable group still trains."""
+"""Every torchvision model of the classification, segmentation and video modules: exact
+groups match the masked model, FLOPs drop by at least 20%, the input model is untouched,
+and masking every prunable group (approximate ones too) still trains."""
 
 from __future__ import annotations
 
@@ -7,12 +8,24 @@ import pytest
 import torch
 
 import prunefx
-from zoo import build, check_exact, cnn_names, example_input, tensor_out
+from zoo import (
+    build,
+    check_exact,
+    cnn_names,
+    example_input,
+    segmentation_names,
+    tensor_out,
+    transformer_names,
+    video_names,
+)
 
-# Models with more than ~80M parameters share one xdist worker so two never sit in memory
-# at once.
+# Models with more than ~80M parameters (or heavy minimum inputs) share one xdist worker, so
+# two never sit in memory at once.
 HUGE = {"regnet_y_128gf", "regnet_y_32gf", "regnet_x_32gf", "regnet_y_16gf", "vgg11", "vgg11_bn", "vgg13",
-        "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn", "wide_resnet101_2", "efficientnet_v2_l"}
+        "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn", "wide_resnet101_2", "efficientnet_v2_l",
+        "vit_h_14", "vit_l_16", "vit_l_32", "swin_b", "swin_v2_b", "convnext_large", "swin3d_b",
+        "mvit_v1_b", "mvit_v2_s", "maxvit_t"}
+ALL = cnn_names() + transformer_names() + segmentation_names() + video_names()
 
 # Known failures while the core issue is in progress: name -> reason. Must be empty when it closes.
 KNOWN_FAILURES: dict[str, str] = {}
@@ -28,9 +41,13 @@ def _params(names):
     return out
 
 
-@pytest.mark.filterwarnings("ignore:prunefx. Inception3 in training mode")  # 75 px: eval only
-@pytest.mark.parametrize("name", _params(cnn_names()))
-def test_cnn_zoo(name: str) -> None:
+def test_zoo_is_complete() -> None:
+    assert len(ALL) == len(set(ALL)) >= 80 + 6 + 9  # torchvision 0.29: 80 + 6 + 9
+
+
+@pytest.mark.filterwarnings("ignore:prunefx. .* in training mode does not run")  # eval-sized inputs
+@pytest.mark.parametrize("name", _params(ALL))
+def test_zoo(name: str) -> None:
     model = build(name)
     x = example_input(name)
     graph = prunefx.trace(model, x)
