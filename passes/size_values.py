@@ -83,6 +83,7 @@ class FreezeStaleSizes(Pass):
     def run(self, state: RewriteState) -> None:
         old = SizeValues(state.plan.analysis.shapes.of)
         new = SizeValues(state.plan.new_shapes)
+        source_of = {copy: traced for traced, copy in state.node_map.items()}
         for node in list(state.source_nodes()):
             before = old(node)
             if before is None or new(node) == before or not isinstance(before, (int, float)):
@@ -91,8 +92,8 @@ class FreezeStaleSizes(Pass):
             if stale is None or stale.graph is None:
                 continue
             for user in list(stale.users):
-                if _is_shape_use(user):
-                    continue
+                if _is_shape_use(user) or old(source_of.get(user)) is not None:
+                    continue  # a shape argument, or more size arithmetic (judged on its own)
                 user.args = map_arg(user.args, lambda n, s=stale, v=before: v if n is s else n)
                 user.kwargs = map_arg(user.kwargs, lambda n, s=stale, v=before: v if n is s else n)
                 state.log.append(f"{user.name}: froze {stale.name} to its original value {before}")

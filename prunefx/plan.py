@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +20,9 @@ import torch
 import torch.fx as fx
 
 from prunefx.analysis.layout import Layout
+from prunefx.analysis.rules import accepts_empty
 from prunefx.analysis.propagate import ChannelAnalysis
+from prunefx.errors import MaskError
 from prunefx.mask import Keep
 
 __all__ = ["PrunePlan", "make_plan"]
@@ -63,4 +66,31 @@ def make_plan(analysis: ChannelAnalysis, keep: Keep) -> PrunePlan:
             index.setdefault(m.tensor, {})[m.dim] = torch.from_numpy(np.nonzero(kept)[0])
     plan = PrunePlan(analysis, keep, index, {})
     new_shapes = {node: plan.shape_of(analysis.shapes[node], analysis.layouts.get(node)) for node in analysis.traced.nodes()}
+    modules = {n: m for gm in analysis.traced.graphs for n, m in gm.named_modules()}
+    for node in analysis.traced.nodes():
+        if _emptied(analysis.shapes[node], new_shapes[node]):
+            _check_consumers_accept_empty(analysis, node, modules)
     return PrunePlan(analysis, keep, index, new_shapes)
+
+
+def _emptied(old: Any, new: Any) -> bool:
+    if isinstance(old, torch.Size):
+        return any(a > 0 and b == 0 for a, b in zip(old, new, strict=True))
+    if isinstance(old, (list, tuple)):
+        return any(_emptied(o, n) for o, n in zip(old, new, strict=False))
+    return False
+
+
+def _check_consumers_accept_empty(analysis: ChannelAnalysis, node: fx.Node, modules: dict) -> None:
+    """A mask can keep channels of a group and still empty one split piece of it. That is
+    fine where the piece is unused or only concatenated/added/activated, and refused where
+    a 0-channel tensor would break (pooling, norms) or silently change a layer (a conv
+    reading 0 channels returns 0 channels, not its bias)."""
+    for user in node.users:
+        if user.op == "call_function" and user.target is operator.getitem:
+            continue  # a piece of a tuple: judged at its own node
+        if not accepts_empty(user, modules):
+            raise MaskError(
+                f"the mask removes every channel of {analysis.traced.where(node)}, which "
+                f"{analysis.traced.where(user)} cannot take; keep at least one of them"
+            )

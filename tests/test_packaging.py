@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,11 +18,19 @@ def test_editable_install_maps_passes() -> None:
 
 
 def test_regular_install_maps_passes(tmp_path: Path) -> None:
+    # build from a copy of the sources: a stale build/ in the checkout must not leak in
+    src = tmp_path / "src"
+    src.mkdir()
+    for item in ("pyproject.toml", "README.md", "prunefx", "passes"):
+        copy = shutil.copytree if (ROOT / item).is_dir() else shutil.copy2
+        copy(ROOT / item, src / item, **({"ignore": shutil.ignore_patterns("__pycache__")} if (ROOT / item).is_dir() else {}))
     target = tmp_path / "site"
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", str(target), str(ROOT)],
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", str(target), str(src)],
         check=True, capture_output=True, text=True,
     )
+    for package in ("analysis", "masks", "passes"):
+        assert (target / "prunefx" / package / "__init__.py").is_file(), package
     assert (target / "prunefx" / "passes" / "fix_shape_args.py").is_file()
     code = "import prunefx, prunefx.passes as p; print(p.__file__); print(prunefx.passes.DEFAULT_PIPELINE.passes[0].name)"
     env = {**os.environ, "PYTHONPATH": str(target)}

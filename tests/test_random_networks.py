@@ -13,8 +13,14 @@ real graph node. For every program:
   backward in training mode.
 
 On a failure Hypothesis prints the program as Python source (``Program.source()``), ready to
-paste into a hand-written repro. ``PRUNEFX_HYPOTHESIS_EXAMPLES`` sets the number of examples
-(default 300); the run is derandomized and database-free, so CI sees the same cases each time.
+paste into a hand-written repro; ``check_program(program, seed, ratio)`` replays one outside
+Hypothesis. ``PRUNEFX_HYPOTHESIS_EXAMPLES`` sets the number of examples (default 300); the run
+is derandomized and database-free, so CI sees the same cases each time.
+
+A mask may empty a split piece (a group can span several pieces). That is fine where the
+piece is unused or only activated/added/concatenated; where it would reach pooling,
+reconfigure refuses the mask (``test_split_piece_pruned_to_zero_channels_is_refused``), so the
+generator keeps pooling away from values that could vanish.
 """
 
 from __future__ import annotations
@@ -26,9 +32,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, note, settings
+from hypothesis import HealthCheck, currently_in_test_context, given, note, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -191,11 +198,16 @@ HALVING_POOLS = ("max2_f", "avg2_f", "MaxPool2d(2)", "AvgPool2d(2)")
 @st.composite
 def programs(draw: st.DrawFn) -> Program:
     shapes: list[tuple[int, int]] = [(INPUT_SHAPE[1], INPUT_SHAPE[2])]  # (channels, height=width) per value
+    # Values whose channels may all be pruned away: split pieces and what parameter-free ops
+    # make of them. Pooling never reads one (see test_split_piece_pruned_to_zero_channels_is_refused).
+    may_vanish: list[bool] = [False]
     steps: list[Step] = []
 
     def emit(step: Step, out: list[tuple[int, int]]) -> int:
         steps.append(step)
         shapes.extend(out)
+        derived = step.op == "split" or (step.op in ("act", "add", "cat", "pool") and any(may_vanish[n] for n in step.inputs))
+        may_vanish.extend([derived] * len(out))
         return len(shapes) - 1
 
     def pick(candidates: list[int]) -> int:
@@ -252,6 +264,8 @@ def programs(draw: st.DrawFn) -> Program:
             sizes = _split_sizes(c, variant, arg)
             emit(Step("split", (i,), variant, split_arg=arg, n_out=len(sizes)), [(n, h) for n in sizes])
         elif op == "pool":
+            i = pick([n for n in range(len(shapes)) if not may_vanish[n]])  # never empty: the input stays
+            c, h = shapes[i]
             halve = h >= 4 and draw(st.booleans())  # spatial size stays >= 2
             variant = draw(st.sampled_from(HALVING_POOLS if halve else SAME_SIZE_POOLS))
             emit(Step("pool", (i,), variant, f"pool{len(steps)}" if variant in MODULES else ""), [(c, h // 2 if halve else h)])
@@ -302,6 +316,8 @@ def test_random_network_prunes_exactly(program: Program, seed: int, ratio: float
 
 
 def check_program(program: Program, seed: int, ratio: float) -> None:
+    """The property for one program; callable outside Hypothesis to replay a repro."""
+    report = note if currently_in_test_context() else print
     model = build(program, seed)
     x = example_input(seed)
     with torch.no_grad():  # the generator's own sanity
@@ -310,14 +326,14 @@ def check_program(program: Program, seed: int, ratio: float) -> None:
     graph = prunefx.trace(model, x)
 
     exact = prunefx.masks.random(graph, 0.5, exact_only=True, seed=seed)
-    note(f"exact mask: { {k: v.int().tolist() for k, v in exact.items()} }")
+    report(f"exact mask: { {k: v.int().tolist() for k, v in exact.items()} }")
     small, err = check_exact(model, x, exact, graph=graph)
     assert err <= TOL, f"reconfigured model differs from apply_mask by {err:.3g} (relative)"
     small.graph.lint()
     assert prunefx.count_params(small) <= prunefx.count_params(model)
 
     loose = prunefx.masks.random(graph, ratio, seed=seed + 1)
-    note(f"loose mask: { {k: v.int().tolist() for k, v in loose.items()} }")
+    report(f"loose mask: { {k: v.int().tolist() for k, v in loose.items()} }")
     trained = prunefx.reconfigure(model, loose, example_inputs=x, graph=graph).train()
     out = trained(x)
     assert out.shape == (INPUT_SHAPE[0], NUM_OUTPUTS)
@@ -344,3 +360,36 @@ def test_program_source() -> None:
     )
     model, x = build(program, 0), example_input(0)
     assert torch.equal(model(x), run_source(program, model, x))
+
+
+class SplitPoolCat(nn.Module):
+    """Both split pieces reach ``fc`` only through parameter-free ops, so all three channels
+    of ``conv`` form one group, and a mask may drop every channel of piece ``a``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.pool = nn.MaxPool2d(3, 1, 1)
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = torch.split(self.conv(x), [1, 2], 1)
+        return self.fc(torch.cat([self.pool(a), b], 1).mean((2, 3)))
+
+
+def test_split_piece_pruned_to_zero_channels_is_refused() -> None:
+    """A mask may keep some channels of a group and still empty one split piece of it: a
+    0-channel tensor breaks pooling, so reconfigure refuses it with the node's name (the
+    generator above avoids such masks)."""
+    torch.manual_seed(0)
+    model, x = SplitPoolCat().eval(), example_input(0)
+    graph = prunefx.trace(model, x)
+    assert graph.group_of("conv").size == 3 and graph.group_of("conv").exact
+    mask = {"conv": torch.tensor([False, True, True])}  # piece `a` loses its only channel
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(prunefx.MaskError, match="removes every channel of node .* cannot take"):
+        prunefx.reconfigure(model, mask, graph=graph)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    ok = {"conv": torch.tensor([True, False, True])}
+    _, err = check_exact(model, x, ok, graph=graph)
+    assert err <= TOL

@@ -28,7 +28,7 @@ from prunefx import nn as pnn
 from prunefx.analysis.layout import Factor, Layout
 from prunefx.analysis.propagate import Analyzer, Role, empty_like_shape
 
-__all__ = ["apply", "MODULE_RULES", "FUNCTION_RULES", "METHOD_RULES"]
+__all__ = ["apply", "accepts_empty", "MODULE_RULES", "FUNCTION_RULES", "METHOD_RULES"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -1074,6 +1074,35 @@ _METHOD_ALIASES: dict[str, Any] = {
     "matmul": matmul, "bmm": matmul,
 }
 METHOD_RULES: dict[str, Callable[[Analyzer, fx.Node], Any]] = _METHOD_ALIASES
+
+
+# Consumers that handle a tensor whose channel dim the mask empties (a split piece whose
+# group keeps channels elsewhere). torch's pooling, interpolation and norms raise on 0
+# channels, and a convolution reading 0 channels silently returns 0 channels instead of its
+# bias, so every consumer not listed here makes reconfigure refuse such a mask.
+_EMPTY_SAFE_MODULES = (
+    *_ZERO_PRESERVING_MODULES, *_NONZERO_MODULES, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d, nn.Flatten, nn.Linear,
+)
+_EMPTY_SAFE_FUNCTIONS = {
+    *_ZERO_PRESERVING_FUNCTIONS, *_NONZERO_FUNCTIONS, *_ADD_FUNCTIONS, *_MUL_FUNCTIONS, *_DIV_FUNCTIONS,
+    torch.cat, torch.concat, torch.concatenate, torch.stack, torch.split, torch.chunk, operator.getitem,
+    torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.sum, torch.mean, F.linear, F.pad,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+}
+_EMPTY_SAFE_METHODS = {
+    "add", "add_", "sub", "mul", "mul_", "div", "relu", "relu_", "sigmoid", "tanh", "view", "reshape", "flatten",
+    "permute", "transpose", "contiguous", "clone", "mean", "sum", "split", "chunk", "size", "dim", "to",
+}
+
+
+def accepts_empty(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``node`` works when one of its tensor inputs has 0 channels."""
+    if node.op == "call_module":
+        return isinstance(modules.get(node.target), _EMPTY_SAFE_MODULES)  # type: ignore[arg-type]
+    if node.op == "call_function":
+        return node.target in _EMPTY_SAFE_FUNCTIONS
+    return node.op == "call_method" and node.target in _EMPTY_SAFE_METHODS
 
 
 def _module_rule(m: nn.Module) -> Callable[[Analyzer, fx.Node], Any]:

@@ -1,0 +1,219 @@
+"""What a mask costs: FLOPs and parameters of the reconfigured model, estimated without
+building it, and measured by building it.
+
+The estimate measures each node's FLOPs once, on meta tensors, with FlopCounterMode and the
+same interpreter as ``prunefx.count_flops``. A node that uses a parameter W (a conv or linear
+module's weight; for a module with several, the largest; for ``F.conv2d(x, self.w)``, the
+``get_attr`` it reads) costs ``F_n = positions_n * numel(W)`` (``2 N H_out W_out |W|`` for a
+conv, ``2 tokens |W|`` for a linear), and channel pruning leaves ``positions_n`` alone, so
+
+    F'_n = F_n * numel'(W) / numel(W),    numel'(W) = prod_d kept_d(W)
+
+where ``kept_d(W)`` counts the indices along dim d whose channel the mask keeps (dims that
+no group touches keep their size). Parameters: ``P' = sum_W numel'(W)``. Both are exact for
+CNNs made of convolutions and linear layers. A node without parameters (an attention
+matmul) is counted as unchanged, and a module other than a conv or linear layer (e.g.
+``nn.MultiheadAttention``: projections plus attention) is scaled by its largest parameter:
+those are the estimate's approximations (``CostModel.exact`` says whether there are any),
+which ``to_budget`` corrects by measuring real reconfigurations (``measure_cost``).
+
+Example::
+
+    >>> costs = CostModel.of(graph)                       # one meta-tensor pass
+    >>> costs.estimate(prunefx.masks.magnitude(graph, 0.5))  # milliseconds
+    Cost(flops=..., params=..., flops_ratio=..., params_ratio=...)
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.stateless import _reparametrize_module
+from torch.utils.flop_counter import FlopCounterMode
+
+from prunefx.flops import count_flops, count_params
+from prunefx.graph import PruneGraph
+from prunefx.mask import resolve_mask
+from prunefx.shapes import _MetaShapeProp, _to_meta
+
+__all__ = ["Cost", "CostModel", "estimate_cost", "measure_cost"]
+
+
+@dataclass(frozen=True)
+class Cost:
+    """FLOPs and parameters of a (pruned) model, and their fractions of the original's."""
+
+    flops: int
+    params: int
+    flops_ratio: float
+    params_ratio: float
+
+
+class _FlopsPerNode(_MetaShapeProp):
+    """Meta-tensor interpreter that records the FLOPs each node adds."""
+
+    def __init__(self, gm: fx.GraphModule, counter: FlopCounterMode) -> None:
+        super().__init__(gm)
+        self.counter = counter
+        self.flops: dict[fx.Node, int] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        before = self.counter.get_total_flops()
+        out = super().run_node(n)
+        added = self.counter.get_total_flops() - before
+        if added:
+            self.flops[n] = added
+        return out
+
+
+def _node_flops(gm: fx.GraphModule, inputs: tuple[Any, ...]) -> dict[fx.Node, int]:
+    meta = {n: torch.empty_like(t, device="meta") for n, t in (*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False))}
+    with _reparametrize_module(gm, meta), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        run = _FlopsPerNode(gm, counter)
+        run.propagate(*_to_meta(inputs))
+    return run.flops
+
+
+# FLOPs of these scale exactly with the size of their weight; anything else is estimated
+_WEIGHT_MODULES = (nn.modules.conv._ConvNd, nn.Linear)
+_WEIGHT_FUNCTIONS = {
+    F.linear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
+    torch.matmul, torch.mm, torch.addmm, operator.matmul,
+}
+
+
+def _scales_exactly(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(str(node.target)), _WEIGHT_MODULES)
+    return node.op == "call_function" and node.target in _WEIGHT_FUNCTIONS
+
+
+def _weight_of(gm: fx.GraphModule, node: fx.Node, params: dict[str, torch.Tensor], derived: dict[fx.Node, set[str]]) -> str | None:
+    """The parameter whose size a node's FLOPs scale with: the largest one it uses."""
+    if node.op == "call_module":
+        names = [f"{node.target}.{n}" for n, _ in gm.get_submodule(str(node.target)).named_parameters()]
+    else:
+        names = sorted({n for a in node.all_input_nodes for n in derived.get(a, ())})
+    names = [n for n in names if n in params]
+    return max(names, key=lambda n: params[n].numel()) if names else None
+
+
+def _parameter_derived(gm: fx.GraphModule, params: dict[str, torch.Tensor]) -> dict[fx.Node, set[str]]:
+    """Nodes computed from parameters alone (``get_attr`` and ops on them): the parameters."""
+    derived: dict[fx.Node, set[str]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            if str(node.target) in params:
+                derived[node] = {str(node.target)}
+        elif node.op in ("call_function", "call_method") and node.all_input_nodes and all(a in derived for a in node.all_input_nodes):
+            derived[node] = set().union(*(derived[a] for a in node.all_input_nodes))
+    return derived
+
+
+@dataclass(frozen=True, eq=False)
+class CostModel:
+    """The per-parameter FLOPs and per-dim channel ids a cost estimate needs (see module doc)."""
+
+    graph: PruneGraph
+    flops: int  # of the original model
+    params: int
+    fixed_flops: int  # of nodes that use no parameter
+    approximate_flops: int  # of nodes whose FLOPs are not exactly proportional to their weight
+    names: tuple[str, ...]  # canonical parameter names
+    numel: np.ndarray
+    weight_flops: np.ndarray  # FLOPs of the nodes that scale with each parameter
+    row_tensor: np.ndarray  # per (parameter, dim) touched by a group: index into names
+    row_size: np.ndarray
+    row_roots: tuple[np.ndarray, ...]  # union-find roots of each index along that dim
+
+    @classmethod
+    def of(cls, graph: PruneGraph) -> CostModel:
+        gm = graph.module
+        aliases = graph.analysis.aliases
+        canon = lambda n: aliases.get(n, n)  # noqa: E731
+        params: dict[str, torch.Tensor] = {}
+        for n, p in gm.named_parameters(remove_duplicate=False):
+            params.setdefault(canon(n), p)
+        names = tuple(params)
+        index = {n: i for i, n in enumerate(names)}
+        numel = np.array([params[n].numel() for n in names], dtype=np.float64)
+
+        weight_flops = np.zeros(len(names), dtype=np.float64)
+        fixed = approximate = 0
+        all_params = dict(gm.named_parameters(remove_duplicate=False))
+        derived = _parameter_derived(gm, all_params)
+        node_flops = _node_flops(gm, graph.example_inputs)
+        for node, f in node_flops.items():
+            w = _weight_of(gm, node, all_params, derived)
+            if w is None:
+                fixed += f
+            else:
+                weight_flops[index[canon(w)]] += f
+            if w is None or not _scales_exactly(gm, node):
+                approximate += f
+
+        rows_t, rows_s, rows_r = [], [], []
+        uf = graph.analysis.uf
+        for m in graph.analysis.members:
+            i = index.get(m.tensor)
+            if i is None:  # a buffer: neither FLOPs nor parameters
+                continue
+            rows_t.append(i)
+            rows_s.append(len(m.ids))
+            rows_r.append(uf.find(m.ids))
+        return cls(
+            graph=graph, flops=int(sum(node_flops.values())), params=int(numel.sum()), fixed_flops=int(fixed),
+            approximate_flops=int(approximate),
+            names=names, numel=numel, weight_flops=weight_flops, row_tensor=np.array(rows_t, dtype=np.int64),
+            row_size=np.array(rows_s, dtype=np.float64), row_roots=tuple(rows_r),
+        )
+
+    @property
+    def exact(self) -> bool:
+        """True when every FLOP comes from a conv/linear whose cost is proportional to its
+        weight, so the FLOPs estimate is exact."""
+        return self.approximate_flops == 0
+
+    def estimate(self, mask: Mapping[str, Any], *, policy: str = "union") -> Cost:
+        """Estimated cost of ``reconfigure(model, mask)`` (any mask ``reconfigure`` accepts)."""
+        return self.estimate_flags(resolve_mask(self.graph, mask, policy).flags)
+
+    def flags_of(self, keep: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Keep flag per union-find root from per-group keep arrays (unvalidated fast path)."""
+        flags = np.ones(self.graph.analysis.uf.size, dtype=bool)
+        for name, k in keep.items():
+            flags[self.graph.group(name).slots] = k
+        return flags
+
+    def estimate_flags(self, flags: np.ndarray) -> Cost:
+        kept = np.array([flags[r].sum() for r in self.row_roots], dtype=np.float64)
+        ratio = np.ones(len(self.names), dtype=np.float64)
+        np.multiply.at(ratio, self.row_tensor, kept / np.maximum(self.row_size, 1))
+        flops = self.fixed_flops + float((self.weight_flops * ratio).sum())
+        params = float((self.numel * ratio).sum())
+        return Cost(int(round(flops)), int(round(params)), flops / max(self.flops, 1), params / max(self.params, 1))
+
+
+def estimate_cost(graph: PruneGraph, mask: Mapping[str, Any], *, policy: str = "union") -> Cost:
+    """Estimated FLOPs/parameters after ``reconfigure(model, mask)``, without building it."""
+    return CostModel.of(graph).estimate(mask, policy=policy)
+
+
+def measure_cost(graph: PruneGraph, mask: Mapping[str, Any], *, policy: str = "union", reference: Cost | None = None) -> Cost:
+    """Actual FLOPs/parameters of ``reconfigure(model, mask)``: reconfigures (on the traced
+    model's graph) and counts with ``prunefx.count_flops`` on ``graph.example_inputs``."""
+    from prunefx.reconfigure import reconfigure  # the rewrite stage sits after mask sources
+
+    small = reconfigure(graph.module, mask, graph=graph, policy=policy)
+    flops, params = count_flops(small, graph.example_inputs), count_params(small)
+    if reference is None:
+        reference = Cost(count_flops(graph.module, graph.example_inputs), count_params(graph.module), 1.0, 1.0)
+    return Cost(flops, params, flops / max(reference.flops, 1), params / max(reference.params, 1))
