@@ -20,8 +20,8 @@ import torch
 import torch.fx as fx
 
 from prunefx.analysis.layout import Layout
-from prunefx.analysis.rules import accepts_empty
 from prunefx.analysis.propagate import ChannelAnalysis
+from prunefx.analysis.rules import accepts_empty
 from prunefx.errors import MaskError
 from prunefx.mask import Keep
 
