@@ -24,12 +24,13 @@ __all__ = ["count_flops", "count_params"]
 def count_flops(model: nn.Module, example_inputs: Any) -> int:
     """Forward FLOPs of ``model(*example_inputs)`` as counted by FlopCounterMode."""
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    meta = {n: torch.empty_like(t, device="meta") for n, t in (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False))}
     try:  # norms and activations add no FLOPs in FlopCounterMode: skip their meta kernels
         gm = model if isinstance(model, fx.GraphModule) else fx.symbolic_trace(model)
         run = _MetaShapeProp(gm).propagate
     except Exception:  # not traceable: run the module itself on meta tensors
         gm, run = model, model
+    # the module that runs (a traced graph holds only the modules its mode uses)
+    meta = {n: torch.empty_like(t, device="meta") for n, t in (*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False))}
     with _reparametrize_module(gm, meta), torch.no_grad(), FlopCounterMode(display=False) as counter:
         run(*_to_meta(inputs))
     return int(counter.get_total_flops())
