@@ -51,7 +51,9 @@ def mask_from_layout(graph: PruneGraph, layout: dict[str, Any]) -> dict[str, tor
 
 def load_state_dict(model: nn.Module, state: dict[str, Any], *, strict: bool = True) -> nn.Module:
     """Rebuild the reconfigured model saved by ``state_dict`` from a fresh ``model`` of the
-    original architecture, and load its weights. ``model`` itself is not modified."""
+    original architecture, and load its weights; ``model`` itself is not modified. A state
+    without a channel layout (a model never reconfigured) is loaded into ``model``, which is
+    returned."""
     if not isinstance(state, dict) or "state_dict" not in state:
         raise PruneFxError("expected the dict returned by prunefx.state_dict(model)")
     layout, weights = state.get("prunefx"), state["state_dict"]

@@ -23,7 +23,7 @@ __all__ = ["count_flops", "count_params"]
 
 def count_flops(model: nn.Module, example_inputs: Any) -> int:
     """Forward FLOPs of ``model(*example_inputs)`` as counted by FlopCounterMode."""
-    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     try:  # norms and activations add no FLOPs in FlopCounterMode: skip their meta kernels
         gm = model if isinstance(model, fx.GraphModule) else fx.symbolic_trace(model)
         run = _MetaShapeProp(gm).propagate

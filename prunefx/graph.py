@@ -95,7 +95,8 @@ class PruneGraph:
         return self.analysis.uf.find(ids)
 
     def names(self) -> list[str]:
-        return [*self._table.by_name, *self.analysis.module_outputs]
+        """Every valid mask key: group names, then module names."""
+        return list(dict.fromkeys([*self._table.by_name, *self.analysis.module_outputs]))
 
     def is_pinned(self, roots: np.ndarray) -> np.ndarray:
         return self._table.pin_reason[roots] >= 0

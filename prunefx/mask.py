@@ -96,7 +96,7 @@ def _key_channels(graph: PruneGraph, key: str, value: Any) -> tuple[np.ndarray, 
     conv's group has one slot per conv group, the conv one per output channel)."""
     group = graph._table.by_name.get(key)
     module = graph.analysis.module_outputs.get(key)
-    n = len(value) if hasattr(value, "__len__") else -1
+    n = len(value) if hasattr(value, "__len__") and getattr(value, "ndim", 1) > 0 else -1
     if group is not None and (module is None or n == group.size or n != len(module)):
         return group.slots, "group"
     if module is not None:
