@@ -122,6 +122,8 @@ def _refuse_prune_hooks(model: nn.Module) -> None:
     needs real parameters."""
     from torch.nn.utils.prune import BasePruningMethod
 
+    if not isinstance(model, nn.Module):
+        return  # symbolic_trace says what is wrong
     for name, m in model.named_modules():
         if any(isinstance(h, BasePruningMethod) for h in m._forward_pre_hooks.values()):
             raise TraceError(
