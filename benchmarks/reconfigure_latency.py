@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import gc
+import json
 import os
 import platform
 import statistics
@@ -38,7 +40,6 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -65,16 +66,16 @@ RATIO = 0.5
 INPUT_SHAPE = (1, 3, 224, 224)
 
 
-@dataclass
+@dataclasses.dataclass
 class Row:
     model: str
     nodes: int
-    trace: list[float] = field(default_factory=list)
-    reconfigure: list[float] = field(default_factory=list)
-    tp_build: list[float] = field(default_factory=list)
-    tp_prune: list[float] = field(default_factory=list)
-    cpu: list[float] = field(default_factory=list)  # process CPU seconds, prunefx total
-    tp_cpu: list[float] = field(default_factory=list)
+    trace: list[float] = dataclasses.field(default_factory=list)
+    reconfigure: list[float] = dataclasses.field(default_factory=list)
+    tp_build: list[float] = dataclasses.field(default_factory=list)
+    tp_prune: list[float] = dataclasses.field(default_factory=list)
+    cpu: list[float] = dataclasses.field(default_factory=list)  # process CPU seconds, prunefx total
+    tp_cpu: list[float] = dataclasses.field(default_factory=list)
     kept_params: float = float("nan")  # prunefx result / original
     tp_kept_params: float = float("nan")
     check_error: float | None = None
@@ -257,17 +258,19 @@ def _columns(with_tp: bool) -> list[tuple[str, str]]:
     return [renamed.get(s, (s, long)) for s, long in COLUMNS if s not in TP_ONLY]
 
 
-def _source_state() -> str:
-    """The commit measured, and whether the prunefx sources differ from it."""
+def source_state() -> str:
+    """Which prunefx is measured: its directory, commit, and whether it has uncommitted edits.
+    Read once at start-up: the code imported then is the code timed."""
     import subprocess
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(prunefx.__file__)))
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "prunefx", "passes"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        git = ["git", "-C", root]
+        head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run([*git, "status", "--porcelain", "--", "prunefx", "passes"], capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return "source state unknown (not a git checkout)"
-    return f"commit {head}" + (" with uncommitted changes to prunefx/ or passes/" if dirty else "")
+        return f"prunefx from {root} (not a git checkout)"
+    return f"prunefx at commit {head}" + (" plus uncommitted edits" if dirty else "")
 
 
 def machine() -> str:
@@ -294,7 +297,7 @@ def _tp_version() -> str:
         return getattr(tp, "__version__", "?")
 
 
-def to_markdown(rows: list[Row], with_tp: bool, repeats: int, loads: list[float]) -> str:
+def to_markdown(rows: list[Row], with_tp: bool, repeats: int, loads: list[float], source: str) -> str:
     headers = [long for _, long in _columns(with_tp)]
     lines = [
         "| " + " | ".join(headers) + " |",
@@ -303,7 +306,7 @@ def to_markdown(rows: list[Row], with_tp: bool, repeats: int, loads: list[float]
     lines += ["| " + " | ".join(_cells(r, with_tp)) + " |" for r in rows]
     lines += [
         "",
-        f"Medians of {repeats} runs, input {INPUT_SHAPE}, {RATIO:.0%} random mask, {_source_state()}.",
+        f"Medians of {repeats} runs, input {INPUT_SHAPE}, {RATIO:.0%} random mask, {source}.",
         f"{machine()}.",
         f"1-minute load average during the run: {min(loads):.2f} to {max(loads):.2f}.",
     ]
@@ -316,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="resnet18 and resnet50 only, 3 repeats")
     ap.add_argument("--models", nargs="+", choices=MODELS, help="a subset of the models")
     ap.add_argument("--markdown", metavar="PATH", help="also write the table as markdown")
+    ap.add_argument("--json", metavar="PATH", help="also write every sample as JSON")
     ap.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
                     help="compare reconfigure with apply_mask first; exit 1 on a mismatch (default on)")
     ap.add_argument("--tol", type=float, default=1e-4, help="relative tolerance of --check")
@@ -326,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     repeats = args.repeats or (3 if args.quick else 5)
     with_tp = tp is not None and not args.no_tp
     console = Console(stderr=True)
-    console.print(f"{machine()}; {_source_state()}")
+    source = source_state()
+    console.print(f"{machine()}; {source}")
     if tp is None and not args.no_tp:
         console.print("torch_pruning is not installed: Torch-Pruning columns left out")
 
@@ -354,7 +359,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"1-minute load average during the run: {min(loads):.2f} to {max(loads):.2f}")
     if args.markdown:
         with open(args.markdown, "w") as f:
-            f.write(to_markdown(rows, with_tp, repeats, loads))
+            f.write(to_markdown(rows, with_tp, repeats, loads, source))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine(), "source": source, "repeats": repeats, "load_average": loads,
+                       "rows": [dataclasses.asdict(r) for r in rows]}, f, indent=1)
     return 0
 
 
