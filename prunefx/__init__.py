@@ -9,13 +9,14 @@ from prunefx import distributed, masks
 from prunefx.analysis import ChannelGroup
 from prunefx.checkpoint import load_state_dict, state_dict
 from prunefx.errors import DistributedError, ExportError, MaskError, PruneFxError, TraceError
+from prunefx.export import ExportResult, export_onnx, onnx_session
 from prunefx.flops import count_flops, count_params
 from prunefx.graph import PruneGraph, trace
 from prunefx.reconfigure import apply_mask, reconfigure
 
 __all__ = [
     "trace", "PruneGraph", "ChannelGroup", "reconfigure", "apply_mask", "masks", "distributed",
-    "state_dict", "load_state_dict", "count_flops", "count_params",
+    "state_dict", "load_state_dict", "count_flops", "count_params", "export_onnx", "onnx_session", "ExportResult",
     "PruneFxError", "TraceError", "MaskError", "ExportError", "DistributedError",
 ]
 __version__ = "0.1.0"

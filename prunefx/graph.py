@@ -117,22 +117,6 @@ def _closest(name: str, names: Iterable[str]) -> str:
     return f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
 
 
-def _refuse_prune_hooks(model: nn.Module) -> None:
-    """torch.nn.utils.prune replaces `weight` by a hook-computed attribute; the analysis
-    needs real parameters."""
-    from torch.nn.utils.prune import BasePruningMethod
-
-    if not isinstance(model, nn.Module):
-        return  # symbolic_trace says what is wrong
-    for name, m in model.named_modules():
-        if any(isinstance(h, BasePruningMethod) for h in m._forward_pre_hooks.values()):
-            raise TraceError(
-                f"module '{name}' carries torch.nn.utils.prune re-parametrisation (weight_orig/weight_mask): "
-                "convert it with prunefx.masks.from_torch_prune(graph_or_model, ...) and strip it with "
-                "prunefx.masks.strip_torch_prune(model) (or torch.nn.utils.prune.remove) before tracing"
-            )
-
-
 def _as_tuple(example_inputs: Any) -> tuple[Any, ...] | None:
     if example_inputs is None:
         return None
@@ -160,7 +144,6 @@ def trace(
     is not possible. ``leaf_modules`` (types or qualified names) are kept opaque: their
     channels are pinned.
     """
-    _refuse_prune_hooks(model)
     traced = symbolic_trace(model, leaf_modules=(*leaf_modules, *LEAF_MODULES), concrete_args=concrete_args)
     inputs = _as_tuple(example_inputs)
     if inputs is None:

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from prunefx.analysis.propagate import Role
+from prunefx.errors import MaskError
 from prunefx.graph import PruneGraph, trace
 from prunefx.mask import resolve_mask
 from prunefx.passes import DEFAULT_PIPELINE, Pipeline, RewriteState
@@ -37,9 +38,26 @@ __all__ = ["reconfigure", "apply_mask"]
 
 
 def _graph_for(model: nn.Module, graph: PruneGraph | None, example_inputs: Any, leaf_modules: Iterable[Any], concrete_args: Any) -> PruneGraph:
+    _refuse_prune_hooks(model)
     if graph is not None:
         return graph
     return trace(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
+
+
+def _refuse_prune_hooks(model: nn.Module) -> None:
+    """torch.nn.utils.prune replaces `weight` by a hook-computed attribute: it can be traced
+    (the masks interop reads it) but not sliced or zeroed."""
+    from torch.nn.utils.prune import BasePruningMethod
+
+    if not isinstance(model, nn.Module):
+        return  # symbolic_trace says what is wrong
+    for name, m in model.named_modules():
+        if any(isinstance(h, BasePruningMethod) for h in m._forward_pre_hooks.values()):
+            raise MaskError(
+                f"module '{name}' carries torch.nn.utils.prune re-parametrisation (weight_orig/weight_mask): "
+                "convert it with prunefx.masks.from_torch_prune(graph_or_model, ...) and strip it with "
+                "prunefx.masks.strip_torch_prune(model) (or torch.nn.utils.prune.remove) before reconfiguring"
+            )
 
 
 def reconfigure(

@@ -1,0 +1,166 @@
+"""The ``prunefx`` command. Each subcommand is one ``_add_<name>`` function that declares its
+arguments and one ``run_<name>`` function that does the work; ``SUBCOMMANDS`` lists them.
+
+    prunefx prune torchvision:resnet50 --criterion l1 --ratio 0.5 -o pruned.pt --onnx pruned.onnx
+    prunefx export torchvision:resnet50 --mask mask.pt -o model.onnx
+    prunefx export torchvision:resnet50 --checkpoint pruned.pt -o model.onnx --fp16
+
+MODEL is torchvision:NAME, timm:NAME or path/to/file.py:factory (see prunefx/cli_models.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+import prunefx
+from prunefx.cli_models import CliError, example_input, load_checkpoint, load_mask, load_model
+from prunefx.errors import PruneFxError
+from prunefx.export import DEFAULT_OPSET, export_onnx
+
+__all__ = ["main", "build_parser"]
+
+CRITERIA = ("l1", "l2", "random")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except (PruneFxError, CliError) as exc:
+        print(f"prunefx {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prunefx", description="Structured pruning as a graph compiler for PyTorch.")
+    parser.add_argument("--version", action="version", version=f"prunefx {prunefx.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+# ----------------------------------------------------------------------------- prune
+
+
+def _add_prune(sub: Any) -> None:
+    p = sub.add_parser("prune", help="prune a model with a criterion, save it, optionally export it to ONNX",
+                       description="Trace MODEL, mask a RATIO of the channels of every prunable group by CRITERION, "
+                                   "reconfigure it into a smaller dense model and save it (prunefx.state_dict format).")
+    _model_arguments(p)
+    p.add_argument("--criterion", choices=CRITERIA, default="l1", help="l1/l2: drop the channels of smallest weight norm; random: a random subset (default: l1)")
+    p.add_argument("--ratio", type=float, default=0.5, help="fraction of the channels of each group to drop (default: 0.5)")
+    p.add_argument("--exact-only", action="store_true", help="prune only exact groups (the pruned model equals the masked one)")
+    p.add_argument("--seed", type=int, default=0, help="seed of --criterion random")
+    p.add_argument("-o", "--output", required=True, help="checkpoint to write: torch.save(prunefx.state_dict(pruned))")
+    p.add_argument("--save-mask", metavar="PATH", help="also save the mask (for `prunefx export --mask`)")
+    p.add_argument("--onnx", metavar="PATH", help="also export the pruned model to this ONNX file")
+    _export_arguments(p)
+    p.set_defaults(run=run_prune)
+
+
+def run_prune(args: argparse.Namespace) -> int:
+    model = load_model(args.model, weights=args.weights)
+    x = example_input(args.input)
+    graph = prunefx.trace(model, x)
+    mask = _criterion_mask(graph, args.criterion, args.ratio, exact_only=args.exact_only, seed=args.seed)
+    small = prunefx.reconfigure(model, mask, graph=graph)
+    torch.save(prunefx.state_dict(small), args.output)
+    if args.save_mask:
+        torch.save(mask, args.save_mask)
+    _print_sizes(model, small, x, f"{args.criterion} {args.ratio:g} on {len(mask)} of {len(graph.groups)} groups")
+    print(f"saved {args.output}" + (f" and mask {args.save_mask}" if args.save_mask else ""))
+    if args.onnx:
+        _export(small, args.onnx, x, args)
+    return 0
+
+
+def _criterion_mask(graph: prunefx.PruneGraph, criterion: str, ratio: float, *, exact_only: bool, seed: int) -> dict[str, torch.Tensor]:
+    if criterion == "random":
+        return dict(prunefx.masks.random(graph, ratio, seed=seed, exact_only=exact_only))
+    p = 1 if criterion == "l1" else 2  # the filter norm of Li et al., over every weight of the group
+    return dict(prunefx.masks.magnitude(graph, ratio, p=p, exact_only=exact_only))
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def _add_export(sub: Any) -> None:
+    p = sub.add_parser("export", help="export a (pruned) model to ONNX, verified in ONNX Runtime",
+                       description="Export MODEL, reconfigured by --mask or rebuilt from a --checkpoint of `prunefx prune`, "
+                                   "to ONNX; check it with onnx.checker and compare ONNX Runtime with PyTorch.")
+    _model_arguments(p)
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--mask", metavar="PATH", help="a mask saved with torch.save({name: bool_tensor}); the model is reconfigured with it")
+    source.add_argument("--checkpoint", metavar="PATH", help="a checkpoint written by `prunefx prune -o` (prunefx.state_dict)")
+    p.add_argument("-o", "--output", required=True, help="the ONNX file to write")
+    _export_arguments(p)
+    p.set_defaults(run=run_export)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    model = load_model(args.model, weights=args.weights)
+    x = example_input(args.input)
+    if args.mask:
+        small = prunefx.reconfigure(model, load_mask(args.mask), example_inputs=x)
+        _print_sizes(model, small, x, f"mask {args.mask}")
+        model = small
+    elif args.checkpoint:
+        small = prunefx.load_state_dict(model, load_checkpoint(args.checkpoint))
+        _print_sizes(model, small, x, f"checkpoint {args.checkpoint}")
+        model = small
+    _export(model, args.output, x, args)
+    return 0
+
+
+# ----------------------------------------------------------------------------- shared
+
+
+def _model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL", help="torchvision:NAME, timm:NAME or path/to/file.py:factory")
+    p.add_argument("--input", default="1,3,224,224", metavar="SHAPE", help="example input shape, e.g. 1,3,224,224 or 1,128:int64 (default: 1,3,224,224)")
+    p.add_argument("--weights", default=None, help="pretrained weights to load (torchvision weight name such as DEFAULT; any value for timm); default: random")
+
+
+def _export_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("ONNX export")
+    g.add_argument("--exporter", choices=("auto", "dynamo", "torchscript"), default="auto", help="auto: dynamo, then TorchScript if it fails (default)")
+    g.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default: {DEFAULT_OPSET})")
+    g.add_argument("--static-batch", action="store_true", help="fix the batch size to that of --input")
+    g.add_argument("--fp16", action="store_true", help="float16 weights and arithmetic (float32 inputs/outputs), for GPUs")
+    g.add_argument("--no-simplify", action="store_true", help="skip the onnxscript graph optimizer")
+    g.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime vs PyTorch check")
+    g.add_argument("--device", default="auto", help="ONNX Runtime device of the check: auto, cpu, cuda[:N] (default: auto)")
+
+
+def _export(model: nn.Module, path: str, x: torch.Tensor, args: argparse.Namespace) -> None:
+    result = export_onnx(
+        model, path, x, dynamic_batch=not args.static_batch, verify=not args.no_verify, exporter=args.exporter,
+        opset=args.opset, simplify=not args.no_simplify, fp16=args.fp16, device=args.device,
+    )
+    print(f"wrote {result}")
+    print(f"exporter: {result.exporter} ({result.exporter_reason})")
+    for w in result.warnings:
+        print(f"warning: {w}")
+
+
+def _print_sizes(model: nn.Module, small: nn.Module, x: torch.Tensor, how: str) -> None:
+    flops = [prunefx.count_flops(m, x) for m in (model, small)]
+    params = [prunefx.count_params(m) for m in (model, small)]
+    print(f"pruned by {how}: params {params[0]:,} -> {params[1]:,} ({params[1] / params[0]:.1%}), "
+          f"FLOPs {flops[0]:,} -> {flops[1]:,} ({flops[1] / max(flops[0], 1):.1%})")
+
+
+# `inspect` (and later subcommands) add their own _add_<name> here
+SUBCOMMANDS: list[Callable[[Any], None]] = [_add_prune, _add_export]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
