@@ -16,8 +16,19 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) examples/demo.py
 
-test: $(STAMP)
+test: $(STAMP) system-deps
 	$(PY) -m pytest -n 2 --dist loadgroup -q tests
+
+# Debian packages the tests need: chromium (the inspector's HTML page is checked in a headless
+# browser) and graphviz (`dot` draws the inspector's graph). Installed only when missing.
+.PHONY: system-deps
+system-deps:
+	@if [ ! -x /usr/bin/chromium ] || ! command -v dot >/dev/null 2>&1; then \
+		SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+		echo "installing chromium and graphviz (apt-get)"; \
+		$$SUDO apt-get update && \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium graphviz; \
+	fi
 
 lint: $(STAMP)
 	$(PY) -m ruff check prunefx passes tests examples benchmarks

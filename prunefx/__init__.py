@@ -12,10 +12,11 @@ from prunefx.errors import DistributedError, ExportError, MaskError, PruneFxErro
 from prunefx.export import ExportResult, export_onnx, onnx_session
 from prunefx.flops import count_flops, count_params
 from prunefx.graph import PruneGraph, trace
+from prunefx.inspector import Inspector, inspect
 from prunefx.reconfigure import apply_mask, reconfigure
 
 __all__ = [
-    "trace", "PruneGraph", "ChannelGroup", "reconfigure", "apply_mask", "masks", "distributed",
+    "trace", "PruneGraph", "ChannelGroup", "inspect", "Inspector", "reconfigure", "apply_mask", "masks", "distributed",
     "state_dict", "load_state_dict", "count_flops", "count_params", "export_onnx", "onnx_session", "ExportResult",
     "PruneFxError", "TraceError", "MaskError", "ExportError", "DistributedError",
 ]

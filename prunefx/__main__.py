@@ -158,8 +158,40 @@ def _print_sizes(model: nn.Module, small: nn.Module, x: torch.Tensor, how: str) 
           f"FLOPs {flops[0]:,} -> {flops[1]:,} ({flops[1] / max(flops[0], 1):.1%})")
 
 
-# `inspect` (and later subcommands) add their own _add_<name> here
-SUBCOMMANDS: list[Callable[[Any], None]] = [_add_prune, _add_export]
+# ----------------------------------------------------------------------------- inspect
+
+
+def _add_inspect(sub: Any) -> None:
+    p = sub.add_parser("inspect", help="show the channel groups, costs and pinning reasons of a model",
+                       description="Trace MODEL and print its totals, why groups are pinned or approximate, its channel "
+                                   "groups and its layers (shapes, channels, params, FLOPs, activation memory); "
+                                   "optionally write the HTML page with the graph picture.")
+    _model_arguments(p)
+    p.add_argument("--html", metavar="PATH", help="also write the self-contained HTML page (graph picture needs graphviz's `dot`)")
+    p.add_argument("--explain", metavar="NAME", action="append", default=[], help="explain why module/group NAME is coupled or pinned (repeatable)")
+    p.add_argument("--layers", type=int, default=30, metavar="N", help="layer rows to print (0: none, -1: all; default: 30)")
+    p.add_argument("--groups", type=int, default=25, metavar="N", help="group rows to print (0: none, -1: all; default: 25)")
+    p.set_defaults(run=run_inspect)
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    model = load_model(args.model, weights=args.weights)
+    report = prunefx.inspect(model, example_input(args.input))
+    console = Console(width=None if sys.stdout.isatty() else 120)
+    limit = {0: 0, -1: None}
+    console.print(report.renderable(groups=limit.get(args.groups, args.groups), layers=limit.get(args.layers, args.layers)))
+    for name in args.explain:
+        console.print()
+        console.print(report.explain(name))
+    if args.html:
+        report.to_html(args.html)
+        print(f"wrote {args.html}")
+    return 0
+
+
+SUBCOMMANDS: list[Callable[[Any], None]] = [_add_prune, _add_export, _add_inspect]
 
 
 if __name__ == "__main__":
