@@ -41,4 +41,5 @@ class RecordLayout(Pass):
             {"shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")}
             for x in state.inputs if isinstance(x, torch.Tensor)
         ]
-        setattr(state.result, LAYOUT_ATTR, {"version": 1, "inputs": inputs, "tensors": tensors})
+        extra = {k: v for k, v in origin.items() if k not in ("version", "inputs", "tensors")}  # e.g. "branches" (PruneTrain)
+        setattr(state.result, LAYOUT_ATTR, {**extra, "version": 1, "inputs": inputs, "tensors": tensors})

@@ -5,7 +5,7 @@
     prunefx.apply_mask(model, mask)              # the reference: masked channels zeroed
 """
 
-from prunefx import distributed, masks
+from prunefx import distributed, masks, train
 from prunefx.analysis import ChannelGroup
 from prunefx.checkpoint import load_state_dict, state_dict
 from prunefx.errors import DistributedError, ExportError, MaskError, PruneFxError, TraceError
@@ -14,9 +14,10 @@ from prunefx.flops import count_flops, count_params
 from prunefx.graph import PruneGraph, trace
 from prunefx.inspector import Inspector, inspect
 from prunefx.reconfigure import apply_mask, reconfigure
+from prunefx.train.reinit import reinit
 
 __all__ = [
-    "trace", "PruneGraph", "ChannelGroup", "inspect", "Inspector", "reconfigure", "apply_mask", "masks", "distributed",
+    "train", "trace", "PruneGraph", "ChannelGroup", "inspect", "Inspector", "reconfigure", "apply_mask", "reinit", "masks", "distributed",
     "state_dict", "load_state_dict", "count_flops", "count_params", "export_onnx", "onnx_session", "ExportResult",
     "PruneFxError", "TraceError", "MaskError", "ExportError", "DistributedError",
 ]

@@ -64,6 +64,11 @@ def load_state_dict(model: nn.Module, state: dict[str, Any], *, strict: bool = T
 
     inputs = tuple(torch.empty(x["shape"], dtype=getattr(torch, x["dtype"]), device="meta") for x in layout["inputs"])
     graph = trace(model, inputs)
+    if layout.get("branches"):  # PruneTrain removed residual branches: remove them again first
+        from prunefx.train.branches import replay_branches
+
+        model = replay_branches(model, layout["branches"], graph)
+        graph = trace(model, inputs)
     for name, entry in layout["tensors"].items():
         have = _shape(model, name)
         if have is not None and list(have) != list(entry["shape"]):

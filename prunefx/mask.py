@@ -56,7 +56,9 @@ def _as_bool_vector(key: str, value: Any, size: int, what: str) -> np.ndarray:
     return arr
 
 
-def resolve_mask(graph: PruneGraph, mask: Mapping[str, Any], policy: str = "union") -> Keep:
+def resolve_mask(graph: PruneGraph, mask: Mapping[str, Any], policy: str = "union", *, allow_empty: bool = False) -> Keep:
+    """One keep flag per slot. ``allow_empty`` lets a mask remove every channel of a group:
+    only PruneTrain's branch removal asks for it, and it removes the starved layers itself."""
     if policy not in ("union", "strict"):
         raise MaskError(f"policy must be 'union' or 'strict', got {policy!r}")
     if not isinstance(mask, Mapping):
@@ -86,7 +88,7 @@ def resolve_mask(graph: PruneGraph, mask: Mapping[str, Any], policy: str = "unio
             )
     flags = np.ones(n, dtype=bool)
     flags[keyed] = vote_any[keyed]
-    _validate(graph, flags, keyed)
+    _validate(graph, flags, keyed, allow_empty)
     return Keep(flags)
 
 
@@ -104,7 +106,7 @@ def _key_channels(graph: PruneGraph, key: str, value: Any) -> tuple[np.ndarray, 
     raise MaskError(f"unknown mask key '{key}': no channel group or module of that name{_closest(key, graph.names())}")
 
 
-def _validate(graph: PruneGraph, flags: np.ndarray, keyed: np.ndarray) -> None:
+def _validate(graph: PruneGraph, flags: np.ndarray, keyed: np.ndarray, allow_empty: bool) -> None:
     dropped = np.nonzero(keyed & ~flags)[0]
     pinned = dropped[graph.is_pinned(dropped)] if dropped.size else dropped
     if pinned.size:
@@ -112,6 +114,6 @@ def _validate(graph: PruneGraph, flags: np.ndarray, keyed: np.ndarray) -> None:
         group = graph._table.group_of_root.get(r)
         name = f"group '{group.name}'" if group is not None else "a channel"
         raise MaskError(f"cannot remove channels of {name}: it is pinned ({graph.pin_reason(r)})")
-    for g in graph.groups:
+    for g in () if allow_empty else graph.groups:
         if keyed[g.slots].any() and not flags[g.slots].any():
             raise MaskError(f"the mask removes every channel of group '{g.name}' (size {g.size}); keep at least one")

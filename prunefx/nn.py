@@ -12,6 +12,12 @@ torchvision's function, except that the attention width is taken from ``qkv_weig
 (``3 * num_heads * head_dim`` rows) instead of being assumed equal to the stream width, so
 heads and the stream can be pruned independently. Unpruned, it computes what torchvision's
 computes (``tests/test_transformers.py`` checks both against each other).
+
+``BranchConstant``: what a residual branch computes once every channel feeding it is gone
+(PruneTrain's branch removal, ``prunefx/train/branches.py``): a constant, which can differ
+between training (BatchNorm normalises a constant to its shift) and evaluation (running
+statistics). A leaf of the trace with its own channel rule (its values are sliced with the
+stream they join).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MultiheadAttention", "shifted_window_attention", "LEAF_MODULES"]
+__all__ = ["MultiheadAttention", "BranchConstant", "shifted_window_attention", "LEAF_MODULES"]
 
 
 class MultiheadAttention(nn.Module):
@@ -158,4 +164,31 @@ def shifted_window_attention(
 
 torch.fx.wrap("shifted_window_attention")  # an opaque call in traced graphs, like torchvision's
 
-LEAF_MODULES: tuple[type, ...] = (MultiheadAttention,)
+class BranchConstant(nn.Module):
+    """Returns ``train_value`` in training mode and ``eval_value`` in evaluation mode (the
+    same buffer when they agree); both broadcast against the tensor they replace."""
+
+    def __init__(self, train_value: torch.Tensor, eval_value: torch.Tensor, *, modal: bool | None = None) -> None:
+        super().__init__()
+        self.register_buffer("eval_value", eval_value.detach().clone())
+        if modal is False or (modal is None and torch.equal(train_value, eval_value)):
+            self.train_value = None
+        else:
+            self.register_buffer("train_value", train_value.detach().clone())
+
+    def reset_parameters(self) -> None:
+        """Training from scratch (``prunefx.reinit``): a branch that does not exist adds nothing."""
+        for value in (self.eval_value, self.train_value):
+            if value is not None:
+                value.zero_()
+
+    def forward(self) -> torch.Tensor:
+        if self.training and self.train_value is not None:
+            return self.train_value
+        return self.eval_value
+
+    def extra_repr(self) -> str:
+        return f"shape={tuple(self.eval_value.shape)}, modal={self.train_value is not None}"
+
+
+LEAF_MODULES: tuple[type, ...] = (MultiheadAttention, BranchConstant)

@@ -793,6 +793,17 @@ def prelu_module(a: Analyzer, node: fx.Node) -> Any:
     return lay
 
 
+def branch_constant(a: Analyzer, node: fx.Node) -> Any:
+    """A removed residual branch's constant (``prunefx.nn.BranchConstant``): its values
+    write channel dim 1, like a bias added to the stream it joins."""
+    m = a.module(node)
+    names = [f"{node.target}.eval_value"] + ([f"{node.target}.train_value"] if m.train_value is not None else [])
+    ids = a.tensor_ids(names[0], 1, m.eval_value.shape[1])
+    for name in names:
+        a.member(name, 1, ids, Role.WRITE, node)
+    return Layout((Factor((1,), ids),), True)
+
+
 def multihead_attention(a: Analyzer, node: fx.Node) -> Any:
     """Heads are the unit: the q, k and v rows of head i (packed in ``in_proj_weight``) and
     the output-projection columns reading it form one slot. The model width (the stream
@@ -971,6 +982,7 @@ MODULE_RULES: dict[type, Callable[[Analyzer, fx.Node], Any]] = {
     nn.LocalResponseNorm: lrn,
     nn.MultiheadAttention: multihead_attention,
     pnn.MultiheadAttention: multihead_attention,
+    pnn.BranchConstant: branch_constant,
     nn.Flatten: flatten_module, nn.Unflatten: flatten_module,
     nn.Softmax: softmax, nn.LogSoftmax: softmax, nn.Softmin: softmax,
     nn.ChannelShuffle: channel_shuffle_module,

@@ -12,6 +12,7 @@ Only prunable groups are ever masked.
     budget.py     to_budget(graph, criterion, flops=0.5 | params=0.5)
     schedules.py  cubic gradual pruning, AC/DC soft-mask training, EarlyCroP's trigger
     interop.py    torch.nn.utils.prune <-> prunefx masks
+    zeros.py      from_zeros: the channels group-lasso training zeroed (PruneTrain)
 
 The formulas and papers are in each file's docstring and in docs/masks.md.
 
@@ -31,10 +32,11 @@ from prunefx.masks.interop import from_torch_prune, strip_torch_prune, to_torch_
 from prunefx.masks.saliency import gradient_flow, snip, taylor
 from prunefx.masks.schedules import ACDC, Cubic, SoftMasking, WeightDistancePlateau, cubic_sparsity
 from prunefx.masks.select import Mask, Selection, select
+from prunefx.masks.zeros import from_zeros
 
 __all__ = [
     "Mask", "magnitude", "bn_scale", "taylor", "snip", "gradient_flow", "random", "uniform",
     "slimming_penalty", "select", "Selection", "channel_sums", "to_budget", "Cost", "CostModel",
     "estimate_cost", "measure_cost", "cubic_sparsity", "Cubic", "ACDC", "SoftMasking",
-    "WeightDistancePlateau", "from_torch_prune", "strip_torch_prune", "to_torch_prune",
+    "WeightDistancePlateau", "from_torch_prune", "strip_torch_prune", "to_torch_prune", "from_zeros",
 ]

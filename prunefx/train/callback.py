@@ -1,0 +1,136 @@
+"""``PruneTrain``: the training-loop side of PruneTrain, one object.
+
+    pt = prunefx.train.PruneTrain(model, optimizer, example_inputs=x, every=10)
+    for epoch in range(epochs):
+        for x, y in loader:
+            loss = F.cross_entropy(pt.model(x), y)
+            optimizer.zero_grad()
+            pt.regularize(loss).backward()    # loss + lambda * group lasso (lambda set at step 1)
+            optimizer.step()
+            pt.after_step()                   # mode="proximal": shrink the groups, exact zeros
+        pt.epoch_end(epoch)                   # every `every` epochs: shrink model + optimizer
+
+``pt.model`` is the model to train: after a reconfiguration it is a new, smaller module
+(the optimizer is the same object, re-pointed), so read it again each epoch. The lasso is
+rebound to the new model with the same lambda. ``pt.history`` holds one ``Reconfiguration``
+per step that ran (epoch, the ``ShrinkReport``), and ``pt.on_change`` callbacks run after
+each change (e.g. to rebuild a DistributedDataParallel wrapper or grow the batch with
+``DynamicBatch``).
+
+Reconfiguration stops after ``stop_after`` epochs (PruneTrain keeps the last part of
+training at a fixed architecture) and can start after ``start_after`` epochs.
+
+``mode="penalty"`` is the paper's method: the lasso's (sub)gradient joins the loss's.
+``mode="proximal"`` takes the loss's gradient step and then the lasso's proximal step
+(``GroupLasso.prox_``), which puts channels at exact zeros; use it when training is short
+compared to PruneTrain's 180 epochs (see docs/prunetrain.md for both on the same task).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunefx.errors import DistributedError
+from prunefx.train.lasso import GroupLasso
+from prunefx.train.shrink import ShrinkReport, shrink
+
+__all__ = ["PruneTrain", "Reconfiguration"]
+
+
+@dataclass(frozen=True)
+class Reconfiguration:
+    epoch: int
+    report: ShrinkReport
+
+
+@dataclass
+class PruneTrain:
+    """Group-lasso training with periodic reconfiguration (see the module docstring).
+
+    ``example_inputs`` should be a real batch (the constant folds are measured on it; it is
+    also what shapes are traced with). ``ratio`` is the lasso's share of the first loss,
+    ``threshold`` the magnitude under which a channel counts as zero.
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    example_inputs: Any
+    every: int = 10
+    ratio: float = 0.2
+    threshold: float = 1e-4
+    mode: str = "penalty"
+    start_after: int = 0
+    stop_after: int | None = None
+    lasso: GroupLasso | None = None
+    verbose: bool = False
+    history: list[Reconfiguration] = field(default_factory=list)
+    on_change: list[Callable[[nn.Module, Reconfiguration], None]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, nn.parallel.DistributedDataParallel):
+            raise DistributedError(
+                "PruneTrain reconfigures a plain module: pass ddp.module, and in on_change wrap the new model "
+                "again (or use prunefx.distributed.reconfigure_ddp with prunefx.masks.from_zeros for masks "
+                "without constant folding)"
+            )
+        if self.mode not in ("penalty", "proximal"):
+            raise ValueError(f"mode is 'penalty' (lasso gradient in the loss, the paper) or 'proximal' (prox step after optimizer.step()), got {self.mode!r}")
+        if self.every < 1:
+            raise ValueError(f"every is a number of epochs >= 1, got {self.every}")
+        if self.lasso is None:
+            self.lasso = GroupLasso(self.model, self.example_inputs, ratio=self.ratio)
+
+    def regularize(self, loss: torch.Tensor) -> torch.Tensor:
+        """``loss + lambda * R(W)`` (mode "penalty"); ``loss`` itself in mode "proximal",
+        where the first call only sets lambda."""
+        assert self.lasso is not None
+        if self.mode == "penalty":
+            return loss + self.lasso(loss)
+        if self.lasso.lam is None:
+            with torch.no_grad():
+                self.lasso(loss)
+        return loss
+
+    def after_step(self) -> None:
+        """Mode "proximal": the lasso's proximal step, ``lr / (1 - momentum) * lambda`` (SGD
+        with momentum moves by ``lr / (1 - momentum)`` times a steady gradient, so this is
+        the pull the penalty's gradient would have in mode "penalty"). Call it after every
+        ``optimizer.step()``; it does nothing in mode "penalty"."""
+        if self.mode == "proximal" and self.lasso is not None and self.lasso.lam is not None:
+            group = self.optimizer.param_groups[0]
+            momentum = float(group.get("momentum", 0.0) or 0.0) if isinstance(self.optimizer, torch.optim.SGD) else 0.0
+            self.lasso.prox_(group["lr"] / (1.0 - momentum) * self.lasso.lam)
+
+    def due(self, epoch: int) -> bool:
+        """Whether ``epoch_end(epoch)`` reconfigures (epochs count from 0)."""
+        done = epoch + 1
+        if done <= self.start_after or (self.stop_after is not None and done > self.stop_after):
+            return False
+        return done % self.every == 0
+
+    def epoch_end(self, epoch: int, example_inputs: Any = None) -> nn.Module:
+        """Reconfigure when due; returns the model to train from now on."""
+        if not self.due(epoch):
+            return self.model
+        return self.reconfigure(epoch, example_inputs)
+
+    def reconfigure(self, epoch: int = -1, example_inputs: Any = None) -> nn.Module:
+        """Reconfigure now (dead channels out), whatever the schedule says."""
+        x = self.example_inputs if example_inputs is None else example_inputs
+        small, report = shrink(self.model, example_inputs=x, optimizer=self.optimizer, threshold=self.threshold)
+        event = Reconfiguration(epoch, report)
+        self.history.append(event)
+        if self.verbose:
+            print(f"epoch {epoch}: {report}")
+        if report.changed:
+            self.model = small
+            assert self.lasso is not None
+            self.lasso = self.lasso.rebind(small, x)
+            for callback in self.on_change:
+                callback(small, event)
+        return self.model

@@ -1,0 +1,220 @@
+"""Group lasso over channel groups: the regulariser of PruneTrain (Lym et al., SC'19).
+
+Every channel c of every prunable group G is one lasso group: the slices of *all* the
+weights that write or read it, wherever they are in the network (a conv's filter c, its
+BatchNorm's gamma_c and beta_c, its bias_c, the next conv's input column c, and, for a
+residual stream, those of every block writing to or reading from the stream):
+
+    R(W) = sum_G sum_{c in G} sqrt( sum_{m in G} sum_{i in I_m[c]} ||W_m[i]||^2 + 1e-8 )
+
+so a residual-stream channel is penalised as one group and can only go to zero as a whole,
+which is exactly when ``prunefx.masks.from_zeros`` can remove it. (The published PruneTrain
+code penalises each conv's input and output channels as separate groups and leaves
+BatchNorm out; then a conv's filter can reach zero while the stream channel it writes stays
+alive through the other blocks, and the BatchNorm shift keeps a constant alive. Penalising
+the real groups, BatchNorm included, removes both problems.) The 1e-8 keeps the gradient
+finite at zero.
+
+The coefficient is set once, at the first call, so that the penalty is a fraction ``ratio``
+(the paper's r, 0.2 by default) of the total loss, then frozen:
+
+    lambda * R0 / (L0 + lambda * R0) = r   =>   lambda = r * L0 / ((1 - r) * R0)
+
+Example::
+
+    >>> lasso = prunefx.train.GroupLasso(model, example_inputs=x)
+    >>> loss = F.cross_entropy(model(x), y)
+    >>> (loss + lasso(loss)).backward()       # lasso(loss) = lambda * R(W)
+    >>> lasso = lasso.rebind(small)           # after a reconfiguration: same lambda, new groups
+
+``prox_(lr * lambda)`` is the proximal alternative to the penalty's gradient: after each
+optimizer step, every lasso group shrinks by ``lr * lambda`` in norm and stops at exactly
+zero. The subgradient pulls with the same strength but overshoots zero, so channels
+oscillate at a distance of about ``lr * lambda`` and only fall under ``from_zeros``'s
+threshold when that distance is small (PruneTrain's 180 epochs at a small lambda); with the
+proximal step a channel the task does not need is exactly zero after about
+``||w|| / (lr * lambda)`` steps.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from prunefx.analysis import ChannelGroup
+from prunefx.graph import PruneGraph, trace
+from prunefx.masks.channels import along
+
+__all__ = ["GroupLasso"]
+
+EPS = 1e-8
+
+
+@dataclass(frozen=True, eq=False)
+class _Term:
+    """One member: ``||W[i]||^2`` along ``dim`` lands in lasso groups ``slot[i]`` (a repeated
+    channel owns several indices; an index holding no channel of the groups is dropped)."""
+
+    param: nn.Parameter
+    dim: int
+    index: torch.Tensor | None  # indices along dim that hold a channel (None: all of them)
+    slot: torch.Tensor  # lasso-group number of each kept index
+
+
+class GroupLasso:
+    """``lasso(loss)`` returns ``lambda * R(W)`` (see the module docstring); ``penalty()``
+    returns ``R(W)`` alone. ``ratio`` is r; pass ``lam`` to fix lambda yourself.
+    ``exact_only`` (default) leaves approximate groups (LayerNorm over channels) out, as
+    ``from_zeros`` does. Parameters are looked up on ``model``, so the penalty's gradient
+    flows to the model being trained.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_inputs: Any = None,
+        *,
+        graph: PruneGraph | None = None,
+        ratio: float = 0.2,
+        lam: float | None = None,
+        exact_only: bool = True,
+        groups: Iterable[str] | None = None,
+    ) -> None:
+        if not 0.0 < ratio < 1.0:
+            raise ValueError(f"ratio is the penalty's share of the total loss at the first step, in (0, 1); got {ratio}")
+        self.ratio = ratio
+        self.lam = lam
+        self.exact_only = exact_only
+        self.only = None if groups is None else tuple(groups)
+        self.example_inputs = example_inputs
+        graph = trace(model, example_inputs) if graph is None else graph
+        chosen = [g for g in graph.groups if g.prunable and (g.exact or not exact_only)]
+        if self.only is not None:
+            chosen = [g for g in chosen if g.name in self.only]
+        self.groups: tuple[ChannelGroup, ...] = tuple(chosen)
+        self.num_channels = sum(g.size for g in chosen)
+        self._terms = _terms(model, chosen)
+
+    def rebind(self, model: nn.Module, example_inputs: Any = None, *, graph: PruneGraph | None = None) -> GroupLasso:
+        """The same regulariser (same lambda, ratio and options) on a reconfigured model."""
+        x = self.example_inputs if example_inputs is None else example_inputs
+        return GroupLasso(model, x, graph=graph, ratio=self.ratio, lam=self.lam, exact_only=self.exact_only, groups=self.only)
+
+    def penalty(self) -> torch.Tensor:
+        """R(W), differentiable. 0 when no group is penalised."""
+        if not self._terms:
+            return torch.zeros(())
+        p0 = self._terms[0].param
+        sq = torch.zeros(self.num_channels, dtype=torch.float32, device=p0.device)
+        for t in self._terms:
+            per_index = _sum_of_squares(t.param, t.dim)
+            if t.index is not None:
+                per_index = per_index.index_select(0, t.index)
+            sq = sq.index_add(0, t.slot, per_index.to(sq.device))
+        return (sq + EPS).sqrt().sum()
+
+    @torch.no_grad()
+    def prox_(self, step: float) -> int:
+        """Proximal step of the group lasso, in place: every lasso group shrinks towards zero
+        by ``step`` in L2 norm and stops *at* zero,
+
+            w_g <- w_g * max(0, 1 - step / ||w_g||),     step = lr * lambda (per optimizer step)
+
+        so channels reach exact zeros instead of oscillating around them as the subgradient
+        of ``R`` makes them do (its pull has the same size, ``lr * lambda``, at any distance
+        from zero). Call it right after ``optimizer.step()`` instead of adding the penalty
+        to the loss (``PruneTrain(mode="proximal")`` does). Returns the number of lasso
+        groups that are exactly zero afterwards.
+        """
+        if self.lam is None:
+            raise RuntimeError("lambda is not set yet: call lasso(loss) once (it sets lambda from the first loss) or pass lam=")
+        if not self._terms:
+            return 0
+        dev = self._terms[0].param.device
+        sq = torch.zeros(self.num_channels, dtype=torch.float32, device=dev)
+        for t in self._terms:
+            per_index = _sum_of_squares(t.param, t.dim)
+            if t.index is not None:
+                per_index = per_index.index_select(0, t.index)
+            sq.index_add_(0, t.slot, per_index.to(dev))
+        norm = sq.sqrt()
+        scale = torch.where(norm > step, 1.0 - step / norm.clamp_min(1e-30), torch.zeros_like(norm))
+        for t in self._terms:
+            per_index = scale.index_select(0, t.slot).to(t.param.device, t.param.dtype)
+            if t.index is not None:  # indices holding no channel of these groups are not scaled
+                full = torch.ones(t.param.shape[t.dim], dtype=t.param.dtype, device=t.param.device)
+                per_index = full.index_copy(0, t.index, per_index)
+            shape = [1] * t.param.dim()
+            if shape:
+                shape[t.dim] = -1
+            t.param.mul_(per_index.view(shape) if shape else per_index.reshape(()))
+        return int((scale == 0).sum())
+
+    def channel_norms(self) -> dict[str, torch.Tensor]:
+        """sqrt of each lasso group's sum of squares, per channel group (no gradient)."""
+        with torch.no_grad():
+            out: dict[str, torch.Tensor] = {}
+            sq = torch.zeros(self.num_channels, dtype=torch.float64)
+            for t in self._terms:
+                per_index = along(t.param.detach().double().square(), t.dim).cpu()
+                if t.index is not None:
+                    per_index = per_index.index_select(0, t.index.cpu())
+                sq.index_add_(0, t.slot.cpu(), per_index)
+            start = 0
+            for g in self.groups:
+                out[g.name] = sq[start:start + g.size].sqrt()
+                start += g.size
+            return out
+
+    def __call__(self, loss: torch.Tensor) -> torch.Tensor:
+        """``lambda * R(W)``; at the first call lambda is set from ``loss`` (L0) and R0."""
+        r = self.penalty()
+        if self.lam is None:
+            l0, r0 = float(loss.detach()), float(r.detach())
+            if not np.isfinite(l0) or l0 <= 0:
+                raise ValueError(f"the first loss must be finite and positive to set lambda = r*L0/((1-r)*R0), got {l0}")
+            self.lam = 0.0 if r0 == 0.0 else self.ratio * l0 / ((1.0 - self.ratio) * r0)
+        return self.lam * r
+
+    def __repr__(self) -> str:
+        lam = "unset (first call)" if self.lam is None else f"{self.lam:.3g}"
+        return f"GroupLasso({len(self.groups)} groups, {self.num_channels} channels, lambda={lam}, ratio={self.ratio})"
+
+
+def _sum_of_squares(p: torch.Tensor, dim: int) -> torch.Tensor:
+    """``sum of p**2`` over every dim but ``dim``, in one pass (no squared copy of ``p``)."""
+    if p.dim() <= 1:
+        return p.float().square().reshape(-1)
+    others = [d for d in range(p.dim()) if d != dim]
+    return torch.linalg.vector_norm(p, dim=others, dtype=torch.float32).square()
+
+
+def _terms(model: nn.Module, groups: list[ChannelGroup]) -> list[_Term]:
+    params = dict(model.named_parameters(remove_duplicate=False))
+    terms: list[_Term] = []
+    start = 0
+    for g in groups:
+        for m in g.members:
+            p = params.get(m.name)
+            if p is None or m.role not in ("write", "read"):  # a buffer (running statistics)
+                continue
+            lens = [len(ix) for ix in m.index_map]
+            chan = np.repeat(np.arange(g.size), lens)
+            idx = np.fromiter(itertools.chain.from_iterable(m.index_map), dtype=np.int64, count=int(sum(lens)))
+            order = np.argsort(idx, kind="stable")
+            idx, chan = idx[order], chan[order]
+            full = idx.size == p.shape[m.dim] and bool((idx == np.arange(idx.size)).all())
+            terms.append(_Term(
+                param=p,
+                dim=m.dim,
+                index=None if full else torch.as_tensor(idx, device=p.device),
+                slot=torch.as_tensor(chan + start, device=p.device),
+            ))
+        start += g.size
+    return terms
