@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.smoke:  # a tiny net and a strong lasso, so that channels die within 4 epochs
         args.epochs, args.every, args.depth, args.width, args.size, args.stop_fraction = 4, 1, 8, 8, 16, 1.0
-        args.lasso_ratio = 0.9
+        args.lasso_ratio = 0.88
     if args.threads:
         torch.set_num_threads(args.threads)
     from rich.console import Console

@@ -39,7 +39,7 @@ from __future__ import annotations
 import inspect
 import warnings
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -64,6 +64,7 @@ def reconfigure_ddp(
     optimizer: torch.optim.Optimizer | None = None,
     policy: str = "union",
     src: int = 0,
+    rewrite: Callable[..., nn.Module] | None = None,
     **ddp_kwargs: Any,
 ) -> DistributedDataParallel:
     """Reconfigure the module inside ``ddp_model`` with the mask of rank ``src`` on every
@@ -73,7 +74,8 @@ def reconfigure_ddp(
     read on rank ``src`` (a global rank). ``optimizer`` is re-pointed and sliced in place on
     every rank; on any error it is left as it was on every rank. ``ddp_model`` itself is not
     modified; drop it after the call. ``ddp_kwargs`` override settings taken from
-    ``ddp_model`` (e.g. ``bucket_cap_mb=50``).
+    ``ddp_model`` (e.g. ``bucket_cap_mb=50``). ``rewrite`` replaces ``prunefx.reconfigure``,
+    same signature (PruneTrain passes its ``shrink``, which also folds constants).
     """
     _require_initialised()
     if not isinstance(ddp_model, DistributedDataParallel):
@@ -87,7 +89,7 @@ def reconfigure_ddp(
     saved = _snapshot(optimizer)
     error: BaseException | None = None
     try:
-        small = reconfigure(ddp_model.module, mask, example_inputs=example_inputs, optimizer=optimizer, policy=policy)
+        small = (rewrite or reconfigure)(ddp_model.module, mask, example_inputs=example_inputs, optimizer=optimizer, policy=policy)
     except Exception as e:  # every rank has to hear about it before anyone raises
         error = e
     _agree_on_outcome(error, optimizer, saved, group)

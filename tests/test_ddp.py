@@ -86,6 +86,37 @@ def test_reconfigure_ddp_keeps_wrapper_settings_and_optimizer(single_rank_group)
     _step(new, opt, x)  # training goes on with the same optimizer
 
 
+def test_prunetrain_on_ddp_shrinks_and_rewraps(single_rank_group) -> None:
+    x = torch.randn(4, 3, 8, 8)
+    torch.manual_seed(0)
+    net = nn.Sequential(  # a 1x1 reader, so that folding is exact
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 6, 1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3),
+    )
+    with torch.no_grad():  # channels 1 and 5 of the first conv are dead; BN's shift keeps a constant alive
+        net[0].weight[[1, 5]] = 0
+        net[0].bias[[1, 5]] = 0
+        net[1].weight[[1, 5]] = 0
+        net[1].bias.uniform_(0.5, 1.0)
+    ddp = DistributedDataParallel(net, bucket_cap_mb=1)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+    ref = net.eval()(x)
+    net.train()
+    pt = prunefx.train.PruneTrain(ddp, opt, example_inputs=x, every=1)
+
+    new = pt.epoch_end(0)
+
+    assert isinstance(new, DistributedDataParallel) and new is not ddp and pt.model is new
+    assert new.module.get_submodule("0").out_channels == 6 and new.bucket_bytes_cap == 1024 * 1024
+    assert pt.history[-1].report.changed and pt.lasso.num_channels < 8 + 6
+    with torch.no_grad():
+        assert torch.allclose(new.module.eval()(x), ref, atol=1e-5)  # the dead channels' constants were folded
+    new.train()
+    opt.zero_grad()
+    pt.regularize(new(x).square().mean()).backward()
+    opt.step()
+
+
 def test_reconfigure_ddp_bad_mask_changes_nothing(single_rank_group) -> None:
     x = torch.randn(2, 3, 8, 8)
     ddp = DistributedDataParallel(_net())

@@ -197,9 +197,10 @@ def _constant_region(graph: fx.Graph, starved: set[fx.Node]) -> list[fx.Node]:
     """Nodes that depend on no input: starved readers and everything computed only from them
     (and parameters)."""
     constant: dict[fx.Node, None] = {}
+    owner = graph.owning_module
     for n in graph.nodes:
-        if n in starved:
-            constant[n] = None
+        if n in starved or (n.op == "call_module" and owner is not None and isinstance(owner.get_submodule(str(n.target)), BranchConstant)):
+            constant[n] = None  # (a branch removed before is a constant too)
         elif n.op in ("call_module", "call_function", "call_method") and n.all_input_nodes:
             ins = n.all_input_nodes
             if all(i in constant or i.op == "get_attr" for i in ins) and any(i in constant for i in ins):

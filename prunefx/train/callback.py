@@ -14,8 +14,10 @@
 (the optimizer is the same object, re-pointed), so read it again each epoch. The lasso is
 rebound to the new model with the same lambda. ``pt.history`` holds one ``Reconfiguration``
 per step that ran (epoch, the ``ShrinkReport``), and ``pt.on_change`` callbacks run after
-each change (e.g. to rebuild a DistributedDataParallel wrapper or grow the batch with
-``DynamicBatch``).
+each change (e.g. to grow the batch with ``DynamicBatch``). A DistributedDataParallel model
+works too: every rank applies rank 0's mask and ``pt.model`` is a new wrapper with the old
+one's settings (``prunefx.distributed.reconfigure_ddp``); pass the same ``example_inputs``
+batch on every rank, since the folded constants are measured on it.
 
 Reconfiguration stops after ``stop_after`` epochs (PruneTrain keeps the last part of
 training at a fixed architecture) and can start after ``start_after`` epochs.
@@ -34,8 +36,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
-from prunefx.errors import DistributedError
+from prunefx.masks.zeros import from_zeros
 from prunefx.train.lasso import GroupLasso
 from prunefx.train.shrink import ShrinkReport, shrink
 
@@ -72,18 +75,17 @@ class PruneTrain:
     on_change: list[Callable[[nn.Module, Reconfiguration], None]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if isinstance(self.model, nn.parallel.DistributedDataParallel):
-            raise DistributedError(
-                "PruneTrain reconfigures a plain module: pass ddp.module, and in on_change wrap the new model "
-                "again (or use prunefx.distributed.reconfigure_ddp with prunefx.masks.from_zeros for masks "
-                "without constant folding)"
-            )
         if self.mode not in ("penalty", "proximal"):
             raise ValueError(f"mode is 'penalty' (lasso gradient in the loss, the paper) or 'proximal' (prox step after optimizer.step()), got {self.mode!r}")
         if self.every < 1:
             raise ValueError(f"every is a number of epochs >= 1, got {self.every}")
         if self.lasso is None:
-            self.lasso = GroupLasso(self.model, self.example_inputs, ratio=self.ratio)
+            self.lasso = GroupLasso(self.module, self.example_inputs, ratio=self.ratio)
+
+    @property
+    def module(self) -> nn.Module:
+        """The model without its DistributedDataParallel wrapper."""
+        return self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
 
     def regularize(self, loss: torch.Tensor) -> torch.Tensor:
         """``loss + lambda * R(W)`` (mode "penalty"); ``loss`` itself in mode "proximal",
@@ -122,7 +124,10 @@ class PruneTrain:
     def reconfigure(self, epoch: int = -1, example_inputs: Any = None) -> nn.Module:
         """Reconfigure now (dead channels out), whatever the schedule says."""
         x = self.example_inputs if example_inputs is None else example_inputs
-        small, report = shrink(self.model, example_inputs=x, optimizer=self.optimizer, threshold=self.threshold)
+        if isinstance(self.model, DistributedDataParallel):
+            small, report = self._reconfigure_ddp(x)
+        else:
+            small, report = shrink(self.model, example_inputs=x, optimizer=self.optimizer, threshold=self.threshold)
         event = Reconfiguration(epoch, report)
         self.history.append(event)
         if self.verbose:
@@ -130,7 +135,25 @@ class PruneTrain:
         if report.changed:
             self.model = small
             assert self.lasso is not None
-            self.lasso = self.lasso.rebind(small, x)
+            self.lasso = self.lasso.rebind(self.module, x)
             for callback in self.on_change:
                 callback(small, event)
         return self.model
+
+    def _reconfigure_ddp(self, x: Any) -> tuple[nn.Module, ShrinkReport]:
+        """Every rank shrinks with rank 0's mask (the same weights give the same mask, but
+        the ranks must not have to agree by luck), then the module is wrapped again."""
+        from prunefx.distributed import _broadcast_decision, reconfigure_ddp
+
+        assert isinstance(self.model, DistributedDataParallel)
+        mask, _ = _broadcast_decision(from_zeros(self.module, self.threshold, example_inputs=x), "union", 0, self.model.process_group)
+        if not mask:
+            return self.model, ShrinkReport(changed=False)
+        reports: list[ShrinkReport] = []
+
+        def rewrite(module: nn.Module, mask: Any, **kw: Any) -> nn.Module:
+            small, report = shrink(module, mask, threshold=self.threshold, **kw)
+            reports.append(report)
+            return small
+
+        return reconfigure_ddp(self.model, mask, example_inputs=x, optimizer=self.optimizer, rewrite=rewrite), reports[0]
