@@ -173,6 +173,8 @@ class Run:
     epochs: list[Epoch] = field(default_factory=list)
     final_channels: dict[str, int] = field(default_factory=dict)
     wall_s: float = 0.0
+    # every architecture the run trained, timed side by side at the end (see time_side_by_side)
+    architectures: list[dict] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- training
@@ -203,6 +205,7 @@ def train(
     task = progress.add_task(f"{name:<10}", total=args.epochs * steps_per_epoch)
     start = time.perf_counter()
     flops = train_flops(model, *probe)
+    snapshots = [(0, copy.deepcopy(model), flops)]
     g = torch.Generator().manual_seed(args.seed)
     for epoch in range(args.epochs):
         model.train()
@@ -239,6 +242,7 @@ def train(
             }
             if report.changed:
                 flops = train_flops(model, *probe)
+                snapshots.append((epoch + 1, copy.deepcopy(model), flops))
                 if dyn is not None:
                     decision = dyn.update(model, probe[0], opt)
                     batch_size = decision.batch_size
@@ -246,7 +250,30 @@ def train(
         progress.update(task, description=f"{name:<10} acc {test_acc:.3f}")
     run.final_channels = channels_per_layer(model)
     run.wall_s = time.perf_counter() - start
+    if len(snapshots) > 1:
+        times = time_side_by_side([m for _, m, _ in snapshots], probe, rounds=args.timing_rounds)
+        run.architectures = [{"from_epoch": e, "train_flops_per_step": f, "params": prunefx.count_params(m), "step_time_ms": t}
+                             for (e, m, f), t in zip(snapshots, times, strict=True)]
     return run, model
+
+
+def time_side_by_side(models: list[nn.Module], batch: tuple[torch.Tensor, torch.Tensor], rounds: int) -> list[float]:
+    """Median training-step time (forward, backward, SGD step) of each model, measured in
+    interleaved rounds so that the machine's load hits every model alike (copies: the
+    models themselves are not trained)."""
+    copies = [copy.deepcopy(m).train() for m in models]
+    opts = [torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) for m in copies]
+    times: list[list[float]] = [[] for _ in copies]
+    for r in range(rounds + 1):
+        for i, (m, opt) in enumerate(zip(copies, opts, strict=True)):
+            t0 = time.perf_counter()
+            loss = F.cross_entropy(m(batch[0]), batch[1])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if r:  # round 0 warms up
+                times[i].append(time.perf_counter() - t0)
+    return [1e3 * statistics.median(t) for t in times]
 
 
 # ----------------------------------------------------------------------------- report
@@ -258,7 +285,7 @@ def plot(runs: list[Run], dense_channels: dict[str, int], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    fig, axes = plt.subplots(2, 3, figsize=(17, 8))
     colors = {"dense": "tab:gray", "prunetrain": "tab:blue", "scratch": "tab:orange"}
     for r in runs:
         ep = [e.epoch + 1 for e in r.epochs]
@@ -268,8 +295,19 @@ def plot(runs: list[Run], dense_channels: dict[str, int], path: Path) -> None:
         axes[1, 0].plot(ep, [e.step_time_ms for e in r.epochs], label=r.name, color=c)
     axes[0, 0].set(title="training FLOPs per step (fwd+bwd)", xlabel="epoch", ylabel="GFLOP")
     axes[0, 1].set(title="test accuracy", xlabel="epoch", ylabel="%")
-    axes[1, 0].set(title="step time (median per epoch)", xlabel="epoch", ylabel="ms")
+    axes[1, 0].set(title="step time (median per epoch, as trained)", xlabel="epoch", ylabel="ms")
     pt = next((r for r in runs if r.name == "prunetrain"), None)
+    if pt is not None and pt.architectures:
+        a = pt.architectures
+        axes[0, 2].plot([x["from_epoch"] for x in a], [x["step_time_ms"] / a[0]["step_time_ms"] for x in a], "o-",
+                        color="tab:blue", label="step time / dense (side by side)")
+        axes[0, 2].plot([x["from_epoch"] for x in a], [x["train_flops_per_step"] / a[0]["train_flops_per_step"] for x in a],
+                        "s--", color="tab:green", label="training FLOPs / dense")
+        axes[0, 2].set(title="each PruneTrain architecture, timed side by side", xlabel="from epoch", ylabel="ratio to dense")
+        ratios = [(x["train_flops_per_step"] / a[0]["train_flops_per_step"], x["step_time_ms"] / a[0]["step_time_ms"]) for x in a]
+        axes[1, 2].plot(*zip(*ratios, strict=True), "o", color="tab:blue", label="PruneTrain architectures")
+        axes[1, 2].plot([0, 1], [0, 1], ":", color="gray", label="time ratio = FLOPs ratio")
+        axes[1, 2].set(title="step time vs training FLOPs", xlabel="FLOPs / dense", ylabel="step time / dense")
     names = list(dense_channels)
     pos = np.arange(len(names))
     axes[1, 1].bar(pos, [dense_channels[n] for n in names], color="tab:gray", label="dense")
@@ -299,6 +337,8 @@ def summary(runs: list[Run]) -> dict:
         "final_train_flops_ratio": p.epochs[-1].train_flops_per_step / d.epochs[-1].train_flops_per_step,
         "total_train_flops_ratio": total_flops(p) / total_flops(d),
         "final_step_time_ratio": p.epochs[-1].step_time_ms / d.epochs[-1].step_time_ms,
+        "final_step_time_ratio_side_by_side": (p.architectures[-1]["step_time_ms"] / p.architectures[0]["step_time_ms"]
+                                               if p.architectures else 1.0),
         "final_params_ratio": p.epochs[-1].params / d.epochs[-1].params,
         "max_val_loss_jump": max((abs(e.reconfig["test_loss_after"] - e.reconfig["test_loss_before"])
                                   for e in p.epochs if e.reconfig and e.reconfig["changed"]), default=0.0),
@@ -327,13 +367,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threshold", type=float, default=1e-4)
     ap.add_argument("--dynamic-batch", action="store_true", help="grow the batch (and LR) as the model shrinks")
     ap.add_argument("--no-scratch", action="store_true", help="skip the train-from-scratch baseline")
+    ap.add_argument("--timing-rounds", type=int, default=20, help="rounds of the side-by-side step timing at the end")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steady step times on a shared machine)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("prunetrain_out"))
     args = ap.parse_args(argv)
     if args.smoke:  # a tiny net and a strong lasso, so that channels die within 4 epochs
         args.epochs, args.every, args.depth, args.width, args.size, args.stop_fraction = 4, 1, 8, 8, 16, 1.0
-        args.lasso_ratio = 0.88
+        args.lasso_ratio, args.timing_rounds = 0.88, 3
     if args.threads:
         torch.set_num_threads(args.threads)
     from rich.console import Console

@@ -35,5 +35,8 @@ def test_prunetrain_smoke(tmp_path: Path) -> None:
     flops = [e["train_flops_per_step"] for e in runs["prunetrain"]["epochs"]]
     assert flops[-1] < flops[0] and all(b <= a for a, b in zip(flops, flops[1:], strict=False))
     assert report["summary"]["final_train_flops_ratio"] < 1.0
+    archs = runs["prunetrain"]["architectures"]  # every architecture, timed side by side
+    assert len(archs) == 1 + len(changes) and archs[0]["from_epoch"] == 0
+    assert archs[-1]["train_flops_per_step"] < archs[0]["train_flops_per_step"] and all(a["step_time_ms"] > 0 for a in archs)
     # the from-scratch baseline trains the final PruneTrain architecture
     assert runs["scratch"]["final_channels"] == runs["prunetrain"]["final_channels"]

@@ -136,6 +136,47 @@ def test_penalty_and_gradient_match_hand_computation(make, groups_of) -> None:
             assert p.grad is None or not p.grad.any(), f"{name} is in no prunable group but got a lasso gradient"
 
 
+def test_prox_is_group_soft_thresholding() -> None:
+    net = _plain()
+    lasso = GroupLasso(net, torch.randn(2, 3, 8, 8), lam=1.0)
+    groups = _plain_groups(net)
+    with torch.no_grad():  # two channels small enough to be thresholded to exactly zero
+        for p, dim in groups[0]:
+            p.select(dim, 1).mul_(1e-3)
+    norms = [torch.stack([sum(p.detach().double().select(dim, c).square().sum() for p, dim in members).sqrt()
+                          for c in range(members[0][0].shape[members[0][1]])]) for members in groups]
+    step = 0.05
+    expected = {id(p): p.detach().double().clone() for members in groups for p, _ in members}
+    for members, n in zip(groups, norms, strict=True):
+        scale = (1 - step / n).clamp_min(0)
+        for p, dim in members:
+            shape = [1] * p.dim()
+            shape[dim] = -1
+            expected[id(p)].mul_(scale.view(shape))
+    zero = lasso.prox_(step)
+    assert zero == int(sum((n <= step).sum() for n in norms)) >= 1
+    for members in groups:
+        for p, _ in members:
+            torch.testing.assert_close(p.detach().double(), expected[id(p)], rtol=1e-5, atol=1e-7)
+    mask = prunefx.masks.from_zeros(net, 0.0 + 1e-12, example_inputs=torch.randn(2, 3, 8, 8))
+    assert not mask["0"][1]  # exactly zero: from_zeros finds it at any threshold
+
+
+def test_proximal_mode_steps_with_the_momentum_scaled_lr() -> None:
+    net = _plain()
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 3, (4,))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    pt = PruneTrain(net, opt, example_inputs=x, mode="proximal")
+    loss = F.cross_entropy(net(x), y)
+    assert pt.regularize(loss) is loss and pt.lasso.lam is not None  # the first call sets lambda only
+    calls = []
+    pt.lasso.prox_ = lambda step: calls.append(step) or 0
+    pt.after_step()
+    assert calls == [pytest.approx(0.1 / (1 - 0.9) * pt.lasso.lam)]
+    with pytest.raises(ValueError, match="mode"):
+        PruneTrain(net, opt, example_inputs=x, mode="prox")
+
+
 def test_pinned_groups_are_not_penalised() -> None:
     net = _plain()
     x = torch.randn(2, 3, 8, 8)
@@ -795,3 +836,28 @@ def test_checkpoint_of_a_model_with_a_removed_branch() -> None:
     rebuilt = prunefx.load_state_dict(_TinyResNet(), prunefx.state_dict(small)).eval()
     with torch.no_grad():
         assert max_rel_diff(rebuilt(x), small.eval()(x)) < 1e-6
+
+
+def test_checkpoint_after_the_stream_shrank_then_a_branch_went() -> None:
+    """The branch constant is recorded in the original width: its channels are the stream's
+    survivors of the first shrink, so rebuilding from a fresh model must slice it alike."""
+    torch.manual_seed(0)
+    net = randomize_norms(_TinyResNet()).eval()
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():  # stream channels 2 and 5 die in every writer (stem, both blocks' conv3/bn3)
+        for conv, bn in ((net.conv, net.bn), (net.block0.conv3, net.block0.bn3), (net.block1.conv3, net.block1.bn3)):
+            conv.weight[[2, 5]] = 0
+            bn.weight[[2, 5]] = 0
+    first, rep1 = shrink(net, example_inputs=x)
+    assert rep1.channels["conv"] == (8, 6)
+    with torch.no_grad():  # then block1's inner channels all die: its branch goes
+        first.get_submodule("block1.conv1").weight.zero_()
+        first.get_submodule("block1.bn1").weight.zero_()
+        first.get_submodule("block1.bn3").bias.add_(0.3)
+    second, rep2 = shrink(first, example_inputs=x)
+    assert rep2.branches.removed_modules and rep2.branches.constants[0][1] == (1, 6, 1, 1)
+
+    state = prunefx.state_dict(second)
+    rebuilt = prunefx.load_state_dict(_TinyResNet(), state).eval()
+    with torch.no_grad():
+        assert max_rel_diff(rebuilt(x), second.eval()(x)) < 1e-6
