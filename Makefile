@@ -33,8 +33,15 @@ system-deps:
 lint: $(STAMP)
 	$(PY) -m ruff check prunefx passes tests examples benchmarks
 
+# The benchmark suite (benchmarks/run_all.py): writes docs/performance.md and docs/img/perf_*.png
+# (~15 min). bench-quick is the CI mode (< 3 min) and writes to $(BENCH_OUT) instead of docs/.
+BENCH_OUT ?= /tmp/prunefx-bench
 bench: $(STAMP)
-	$(PY) benchmarks/reconfigure_latency.py
+	$(PY) -m benchmarks
+
+.PHONY: bench-quick
+bench-quick: $(STAMP)
+	$(PY) -m benchmarks --quick --out $(BENCH_OUT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
