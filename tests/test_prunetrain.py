@@ -536,6 +536,18 @@ def test_fold_creates_a_bias_that_the_optimizer_trains() -> None:
     assert not torch.equal(small.conv2.bias.detach(), before), "the new bias did not train"
 
 
+def test_a_new_bias_is_sliced_with_its_layers_pruned_outputs() -> None:
+    """conv2 gets a new bias from conv1's dead channels and loses outputs of its own: the bias
+    must be sliced with them (the graph is traced again after folding to see it)."""
+    net = _fold_net(nn.Conv2d(6, 5, 1, bias=False), bn_after=False)
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():  # conv2's output channel 2 is dead too (read by nothing alive)
+        net.conv2.weight[2] = 0
+    small, report, diff = _shrink_and_compare(net, x)
+    assert report.channels["conv2"] == (5, 4) and small.get_submodule("conv2").bias.shape == (4,)
+    assert diff < 1e-4
+
+
 def test_fold_into_the_running_mean_of_the_next_batchnorm() -> None:
     net = _fold_net(nn.Conv2d(6, 5, 1, bias=False), bn_after=True)
     mean_before = net.bn2.running_mean.clone()

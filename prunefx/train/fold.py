@@ -107,9 +107,9 @@ def fold_constants(model: nn.Module, graph: PruneGraph, keep: Keep, example_inpu
     for weight, (dim, removed) in readers_of_dropped(graph, keep).items():
         owner, _, attr = weight.rpartition(".")
         m = modules.get(owner)
-        if not isinstance(m, _FOLDABLE) or attr != "weight" or dim != 1:
+        if not isinstance(m, _FOLDABLE) or attr != "weight" or dim != 1 or getattr(m, "groups", 1) != 1:
             unfoldable.append((owner or weight, f"reads removed channels through '{weight}' (dim {dim}), which is not the "
-                                                "input dim of a Conv1d/2d/3d or Linear weight"))
+                                                "input dim of an ungrouped Conv1d/2d/3d or Linear weight"))
             continue
         readers[owner] = removed
     inputs = _capture_inputs(model, list(readers), example_inputs)

@@ -108,11 +108,14 @@ def shrink(
         _drop_from_optimizer(optimizer, model, gm)
         target, new_graph = gm, trace(gm, x)
         new_mask = _mask_by_tensor(graph, new_graph, keep)
+    elif fold.new_parameters:  # a new bias must be sliced with its layer's outputs: trace again to see it
+        target, new_graph = model, trace(model, x)
+        new_mask = _mask_by_tensor(graph, new_graph, keep)
     else:
         target, new_graph = model, graph
         new_mask = {g.name: torch.from_numpy(keep.of(g.slots)) for g in graph.groups if not keep.of(g.slots).all()}
     small = reconfigure(target, new_mask, example_inputs=x, optimizer=optimizer, policy=policy, graph=new_graph)
-    after = {name: int(keep.of(g.slots).sum()) for name, g in ((g.name, g) for g in graph.groups if g.prunable)}
+    after = {g.name: int(keep.of(g.slots).sum()) for g in graph.groups if g.prunable}
     return small, ShrinkReport(
         changed=True,
         channels={n: (before[n], after[n]) for n in before},
