@@ -250,7 +250,7 @@ def train(
         progress.update(task, description=f"{name:<10} acc {test_acc:.3f}")
     run.final_channels = channels_per_layer(model)
     run.wall_s = time.perf_counter() - start
-    if len(snapshots) > 1:
+    if len(snapshots) > 1 and args.timing_rounds > 0:
         times = time_side_by_side([m for _, m, _ in snapshots], probe, rounds=args.timing_rounds)
         run.architectures = [{"from_epoch": e, "train_flops_per_step": f, "params": prunefx.count_params(m), "step_time_ms": t}
                              for (e, m, f), t in zip(snapshots, times, strict=True)]
@@ -367,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threshold", type=float, default=1e-4)
     ap.add_argument("--dynamic-batch", action="store_true", help="grow the batch (and LR) as the model shrinks")
     ap.add_argument("--no-scratch", action="store_true", help="skip the train-from-scratch baseline")
-    ap.add_argument("--timing-rounds", type=int, default=20, help="rounds of the side-by-side step timing at the end")
+    ap.add_argument("--timing-rounds", type=int, default=20, help="rounds of the side-by-side step timing at the end (0: skip it)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steady step times on a shared machine)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("prunetrain_out"))
