@@ -164,6 +164,7 @@ def shifted_window_attention(
 
 torch.fx.wrap("shifted_window_attention")  # an opaque call in traced graphs, like torchvision's
 
+
 class BranchConstant(nn.Module):
     """Returns ``train_value`` in training mode and ``eval_value`` in evaluation mode (the
     same buffer when they agree); both broadcast against the tensor they replace."""

@@ -873,3 +873,21 @@ def test_checkpoint_after_the_stream_shrank_then_a_branch_went() -> None:
     rebuilt = prunefx.load_state_dict(_TinyResNet(), state).eval()
     with torch.no_grad():
         assert max_rel_diff(rebuilt(x), second.eval()(x)) < 1e-6
+
+
+def test_a_branch_constant_does_not_keep_a_dead_stream_channel_alive() -> None:
+    """A BranchConstant adds to the stream like a bias: when every weight writing a stream
+    channel is zero, the channel is dead and the constant is folded into its readers."""
+    net = _starved_tiny_resnet().eval()
+    x = torch.randn(4, 3, 8, 8)
+    small, _ = shrink(net, example_inputs=x)
+    with torch.no_grad():  # stream channel 3: zero in every remaining multiplicative writer
+        for conv, bn in (("conv", "bn"), ("block1.conv3", "block1.bn3")):
+            small.get_submodule(conv).weight[3] = 0
+            small.get_submodule(bn).weight[3] = 0
+        expected = small(x)
+    assert not prunefx.masks.from_zeros(small, example_inputs=x)["conv"][3]
+    smaller, report = shrink(small, example_inputs=x)
+    assert report.channels["conv"] == (8, 7)
+    with torch.no_grad():
+        assert max_rel_diff(smaller.eval()(x), expected) < 1e-4  # block1's readers are 1x1 convs and the fc

@@ -45,9 +45,11 @@ __all__ = ["from_zeros", "is_additive"]
 
 
 def is_additive(member: GroupMember) -> bool:
-    """A bias or shift (``*.bias``, ``*.in_proj_bias``, BatchNorm's beta): it adds to a
-    channel instead of scaling it, so zeroing the weights leaves a constant behind."""
-    return member.name.rpartition(".")[2].endswith("bias")
+    """A bias or shift (``*.bias``, ``*.in_proj_bias``, BatchNorm's beta, a removed branch's
+    ``BranchConstant`` values): it adds to a channel instead of scaling it, so zeroing the
+    weights leaves a constant behind."""
+    attr = member.name.rpartition(".")[2]
+    return attr.endswith("bias") or attr in ("eval_value", "train_value")
 
 
 def from_zeros(
