@@ -22,7 +22,8 @@ training and evaluation, declines with the reason, and the caller keeps a channe
 Example::
 
     >>> gm, report = remove_starved(model, graph, keep, example_inputs)
-    >>> report.removed_modules        # ('layer1.0.conv2', 'layer1.0.bn2', 'layer1.0.conv3', 'layer1.0.bn3')
+    >>> report.removed_modules        # the branch, and the layers that only fed it:
+    ('layer1.0.conv1', 'layer1.0.bn1', 'layer1.0.conv2', 'layer1.0.bn2', 'layer1.0.conv3', 'layer1.0.bn3')
 """
 
 from __future__ import annotations
