@@ -20,6 +20,7 @@ them.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,7 +96,7 @@ class Assemble(Pass):
                 if node.op == "get_attr":
                     obj = state.tensors.get(aliases.get(node.target, node.target))
                     if obj is None:  # a non-tensor attribute (a submodule, a constant)
-                        obj = _fetch(owner[node.target], node.target)
+                        obj = operator.attrgetter(node.target)(owner[node.target])
                     _install(root, node.target, obj, owner[node.target])
         main = state.graph
         if len(state.graphs) > 1:
@@ -117,10 +118,3 @@ class Assemble(Pass):
         names = {n for gm in state.sources for n, _ in gm.named_modules()}
         for n, _ in state.result.named_modules():
             assert n in names, f"unexpected submodule {n}"
-
-
-def _fetch(root: nn.Module, path: str) -> object:
-    obj: object = root
-    for item in path.split("."):
-        obj = getattr(obj, item)
-    return obj

@@ -32,7 +32,7 @@ import torch
 from prunefx.analysis import ChannelGroup, GroupMember
 from prunefx.graph import PruneGraph
 
-__all__ = ["ALL_ROLES", "WEIGHT_ROLES", "along", "channel_sums", "scatter_to_channels", "tensors_of"]
+__all__ = ["ALL_ROLES", "WEIGHT_ROLES", "along", "channel_sums", "flat_index_map", "scatter_to_channels", "tensors_of"]
 
 WEIGHT_ROLES = ("write", "read")  # running statistics ("stat") are not weights
 ALL_ROLES = ("write", "read", "stat")
@@ -61,7 +61,7 @@ def tensors_of(graph: PruneGraph, *, buffers: bool = False) -> dict[str, torch.T
 def scatter_to_channels(member: GroupMember, per_index: torch.Tensor, size: int) -> torch.Tensor:
     """Sum ``per_index`` (a vector along the member's dim) into the group's ``size`` channels
     through the member's index map."""
-    chan, idx = _flat_index_map(member)
+    chan, idx = flat_index_map(member)
     out = torch.zeros(size, dtype=per_index.dtype, device=per_index.device)
     if idx.size:
         out.index_add_(0, torch.as_tensor(chan, device=per_index.device), per_index[torch.as_tensor(idx, device=per_index.device)])
@@ -103,7 +103,9 @@ def channel_sums(
     return out
 
 
-def _flat_index_map(member: GroupMember) -> tuple[np.ndarray, np.ndarray]:
+def flat_index_map(member: GroupMember) -> tuple[np.ndarray, np.ndarray]:
+    """(channel, index) pairs of a member's index map, flattened: index ``idx[k]`` along
+    the member's dim holds the group's channel ``chan[k]``."""
     lens = np.fromiter(map(len, member.index_map), dtype=np.int64, count=len(member.index_map))
     chan = np.repeat(np.arange(len(lens), dtype=np.int64), lens)
     idx = np.fromiter(itertools.chain.from_iterable(member.index_map), dtype=np.int64, count=int(lens.sum()))

@@ -132,7 +132,7 @@ def replace_with_constants(
         old.replace_all_uses_with(c)
     for n in new_graph.nodes:
         if n.op in ("call_module", "get_attr") and n.target not in root:
-            root[n.target] = _fetch(src, str(n.target))
+            root[n.target] = operator.attrgetter(str(n.target))(src)
     gm = fx.GraphModule(root, new_graph, class_name=class_name)
     gm.graph.eliminate_dead_code()  # the region, and the layers that only fed it
     gm.delete_all_unused_submodules()
@@ -271,8 +271,3 @@ def _exists(gm: nn.Module, name: str) -> bool:
         return True
     except AttributeError:
         return False
-
-
-def _fetch(gm: nn.Module, target: str) -> Any:
-    owner, _, attr = target.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, attr)

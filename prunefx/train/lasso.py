@@ -38,7 +38,6 @@ proximal step a channel the task does not need is exactly zero after about
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -49,7 +48,7 @@ from torch import nn
 
 from prunefx.analysis import ChannelGroup
 from prunefx.graph import PruneGraph, trace
-from prunefx.masks.channels import along
+from prunefx.masks.channels import flat_index_map
 
 __all__ = ["GroupLasso"]
 
@@ -106,18 +105,22 @@ class GroupLasso:
         x = self.example_inputs if example_inputs is None else example_inputs
         return GroupLasso(model, x, graph=graph, ratio=self.ratio, lam=self.lam, exact_only=self.exact_only, groups=self.only)
 
+    def _squares(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Sum of squares of each lasso group (one entry per channel of ``self.groups``, in
+        order), differentiable when grad mode is on."""
+        sq = torch.zeros(self.num_channels, dtype=dtype, device=self._terms[0].param.device)
+        for t in self._terms:
+            per_index = _sum_of_squares(t.param, t.dim, dtype)
+            if t.index is not None:
+                per_index = per_index.index_select(0, t.index)
+            sq = sq.index_add(0, t.slot, per_index.to(sq.device))
+        return sq
+
     def penalty(self) -> torch.Tensor:
         """R(W), differentiable. 0 when no group is penalised."""
         if not self._terms:
             return torch.zeros(())
-        p0 = self._terms[0].param
-        sq = torch.zeros(self.num_channels, dtype=torch.float32, device=p0.device)
-        for t in self._terms:
-            per_index = _sum_of_squares(t.param, t.dim)
-            if t.index is not None:
-                per_index = per_index.index_select(0, t.index)
-            sq = sq.index_add(0, t.slot, per_index.to(sq.device))
-        return (sq + EPS).sqrt().sum()
+        return (self._squares() + EPS).sqrt().sum()
 
     @torch.no_grad()
     def prox_(self, step: float) -> int:
@@ -136,14 +139,7 @@ class GroupLasso:
             raise RuntimeError("lambda is not set yet: call lasso(loss) once (it sets lambda from the first loss) or pass lam=")
         if not self._terms:
             return 0
-        dev = self._terms[0].param.device
-        sq = torch.zeros(self.num_channels, dtype=torch.float32, device=dev)
-        for t in self._terms:
-            per_index = _sum_of_squares(t.param, t.dim)
-            if t.index is not None:
-                per_index = per_index.index_select(0, t.index)
-            sq.index_add_(0, t.slot, per_index.to(dev))
-        norm = sq.sqrt()
+        norm = self._squares().sqrt()
         scale = torch.where(norm > step, 1.0 - step / norm.clamp_min(1e-30), torch.zeros_like(norm))
         for t in self._terms:
             per_index = scale.index_select(0, t.slot).to(t.param.device, t.param.dtype)
@@ -158,19 +154,11 @@ class GroupLasso:
 
     def channel_norms(self) -> dict[str, torch.Tensor]:
         """sqrt of each lasso group's sum of squares, per channel group (no gradient)."""
+        if not self._terms:
+            return {}
         with torch.no_grad():
-            out: dict[str, torch.Tensor] = {}
-            sq = torch.zeros(self.num_channels, dtype=torch.float64)
-            for t in self._terms:
-                per_index = along(t.param.detach().double().square(), t.dim).cpu()
-                if t.index is not None:
-                    per_index = per_index.index_select(0, t.index.cpu())
-                sq.index_add_(0, t.slot.cpu(), per_index)
-            start = 0
-            for g in self.groups:
-                out[g.name] = sq[start:start + g.size].sqrt()
-                start += g.size
-            return out
+            norms = self._squares(torch.float64).cpu().sqrt()
+        return dict(zip((g.name for g in self.groups), norms.split([g.size for g in self.groups]), strict=True))
 
     def __call__(self, loss: torch.Tensor) -> torch.Tensor:
         """``lambda * R(W)``; at the first call lambda is set from ``loss`` (L0) and R0."""
@@ -187,12 +175,12 @@ class GroupLasso:
         return f"GroupLasso({len(self.groups)} groups, {self.num_channels} channels, lambda={lam}, ratio={self.ratio})"
 
 
-def _sum_of_squares(p: torch.Tensor, dim: int) -> torch.Tensor:
+def _sum_of_squares(p: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
     """``sum of p**2`` over every dim but ``dim``, in one pass (no squared copy of ``p``)."""
     if p.dim() <= 1:
-        return p.float().square().reshape(-1)
+        return p.to(dtype).square().reshape(-1)
     others = [d for d in range(p.dim()) if d != dim]
-    return torch.linalg.vector_norm(p, dim=others, dtype=torch.float32).square()
+    return torch.linalg.vector_norm(p, dim=others, dtype=dtype).square()
 
 
 def _terms(model: nn.Module, groups: list[ChannelGroup]) -> list[_Term]:
@@ -204,9 +192,7 @@ def _terms(model: nn.Module, groups: list[ChannelGroup]) -> list[_Term]:
             p = params.get(m.name)
             if p is None or m.role not in ("write", "read"):  # a buffer (running statistics)
                 continue
-            lens = [len(ix) for ix in m.index_map]
-            chan = np.repeat(np.arange(g.size), lens)
-            idx = np.fromiter(itertools.chain.from_iterable(m.index_map), dtype=np.int64, count=int(sum(lens)))
+            chan, idx = flat_index_map(m)
             order = np.argsort(idx, kind="stable")
             idx, chan = idx[order], chan[order]
             full = idx.size == p.shape[m.dim] and bool((idx == np.arange(idx.size)).all())
