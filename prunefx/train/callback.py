@@ -38,6 +38,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from prunefx.graph import trace
 from prunefx.masks.zeros import from_zeros
 from prunefx.train.lasso import GroupLasso
 from prunefx.train.shrink import ShrinkReport, shrink
@@ -146,13 +147,14 @@ class PruneTrain:
         from prunefx.distributed import _broadcast_decision, reconfigure_ddp
 
         assert isinstance(self.model, DistributedDataParallel)
-        mask, _ = _broadcast_decision(from_zeros(self.module, self.threshold, example_inputs=x), "union", 0, self.model.process_group)
+        graph = trace(self.module, x)  # one trace serves the mask and the shrink
+        mask, _ = _broadcast_decision(from_zeros(graph, self.threshold), "union", 0, self.model.process_group)
         if not mask:
             return self.model, ShrinkReport(changed=False)
         reports: list[ShrinkReport] = []
 
         def rewrite(module: nn.Module, mask: Any, **kw: Any) -> nn.Module:
-            small, report = shrink(module, mask, threshold=self.threshold, **kw)
+            small, report = shrink(module, mask, threshold=self.threshold, graph=graph, **kw)
             reports.append(report)
             return small
 
