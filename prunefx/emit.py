@@ -1,0 +1,551 @@
+"""The module emitter (``reconfigure(..., emit="module")``): the pruned model as a copy of the
+input model, of the same class, instead of a GraphModule.
+
+    small = deepcopy(model) with every parameter/buffer replaced by its sliced tensor
+    every size attribute := what the sliced tensors say        (Conv2d.out_channels = W.shape[0])
+    check: small(x) == graph_result(x) on the example inputs   (eval mode, |diff| <= 1e-4 max(1, |ref|))
+
+The size attributes are derived from the new tensors' shapes, never from graph nodes, so the
+emitter works for any front-end (an fx graph with call_module nodes or an aten graph where
+every parameter is a get_attr). A module whose class cannot hold the pruned shapes
+(``nn.MultiheadAttention`` with fewer heads than its width implies) is replaced by the
+prunefx module the graph emitter uses, with the same parameter names. Attributes of
+tensorless modules (``nn.Unflatten``, a non-affine ``GroupNorm``) come from the graph
+emitter's rebuilt module when there is one.
+
+The copy holds exactly the tensors of ``state.tensors`` (the optimizer follow-up re-points
+to them); tied tensors stay tied. The input model is never modified.
+
+What the copy's Python code computes from literals (``x.view(n, 512)``, ``torch.zeros(1, 16,
+1, 1)``) cannot follow the pruned sizes: the check then fails and a ``ReconfigureError`` names
+the module whose forward diverges from the pruned graph, with its source line.
+
+Example::
+
+    >>> import torch, torchvision, prunefx
+    >>> model = torchvision.models.resnet18().eval()
+    >>> x = torch.randn(1, 3, 64, 64)
+    >>> small = prunefx.reconfigure(model, {"layer1.0.conv1": torch.arange(64) % 2 == 0},
+    ...                             example_inputs=x, emit="module")
+    >>> type(small).__name__, small.layer1[0].conv1.out_channels
+    ('ResNet', 32)
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+
+from prunefx.errors import ReconfigureError
+from prunefx.graph import PruneGraph
+from prunefx.passes.base import RewriteState
+
+# The builders of the graph emitter's replacement modules (one source of truth for how a
+# pruned nn.MultiheadAttention is rebuilt); they read only state.tensors and state.plan.
+from prunefx.passes.rebuild_modules import _REPLACE
+from prunefx.provenance import LAYOUT_ATTR
+from prunefx.tracing import SourceLoc
+
+__all__ = ["emit_module"]
+
+_REL_TOL = 1e-4
+_HINT = (
+    'use emit="graph" (a GraphModule whose size arguments are rewritten), or compute the size '
+    "from the tensor (x.shape[1]) or from an attribute the emitter updates (Conv2d.out_channels, "
+    "Linear.in_features, ...)"
+)
+
+
+def emit_module(model: nn.Module, graph: PruneGraph, state: RewriteState) -> nn.Module:
+    """A copy of ``model`` (same class) holding ``state.tensors``, its size attributes updated,
+    checked against the graph emitter's result ``state.result`` before it is returned."""
+    assert state.result is not None
+    small = _copy_holding(model, state)
+    _replace_modules(model, small, state)
+    _update_sizes(small, state)
+    _hold_tensors(small, state)
+    setattr(small, LAYOUT_ATTR, getattr(state.result, LAYOUT_ATTR))
+    _check(small, state.result, graph, len(state.sources) > 1)
+    return small
+
+
+# -- the copy -----------------------------------------------------------------------------------
+
+
+def _named_tensors(m: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    yield from m.named_parameters(remove_duplicate=False)
+    yield from m.named_buffers(remove_duplicate=False)
+
+
+def _copy_holding(model: nn.Module, state: RewriteState) -> nn.Module:
+    """deepcopy, with every traced tensor mapped to its new tensor in the memo: weights that
+    are replaced anyway are never copied. Tensors the graph never read are deep-copied."""
+    aliases = state.plan.analysis.aliases
+    memo: dict[int, Any] = {}
+    for name, t in _named_tensors(model):
+        new = state.tensors.get(aliases.get(name, name))
+        if new is not None:
+            memo[id(t)] = new
+    return copy.deepcopy(model, memo)
+
+
+def _hold_tensors(small: nn.Module, state: RewriteState) -> None:
+    """Every parameter/buffer slot holds ``state.tensors``' object (a class whose deepcopy
+    bypasses the memo, or a replaced module, would otherwise hold another one)."""
+    aliases = state.plan.analysis.aliases
+    for prefix, m in small.named_modules(remove_duplicate=False):
+        for slots in (m._parameters, m._buffers):
+            for pname, t in list(slots.items()):
+                full = f"{prefix}.{pname}" if prefix else pname
+                new = state.tensors.get(aliases.get(full, full))
+                if t is not None and new is not None and t is not new:
+                    slots[pname] = new
+
+
+def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    root.get_submodule(parent)._modules[leaf] = new
+
+
+def _replace_modules(model: nn.Module, small: nn.Module, state: RewriteState) -> None:
+    """Modules whose class cannot hold the pruned shapes, rebuilt as the graph emitter does."""
+    replaced: dict[int, nn.Module] = {}  # a module shared under several names stays shared
+    for name, m in list(small.named_modules(remove_duplicate=False)):
+        if id(m) in replaced:
+            _set_module(small, name, replaced[id(m)])
+            continue
+        build = next((fn for kind, fn in _REPLACE if isinstance(m, kind)), None)
+        if build is None or not _tensors_shrank(model.get_submodule(name), name, state):
+            continue
+        try:
+            new = build(m, state, name)
+        except (KeyError, AttributeError, RuntimeError) as exc:
+            raise ReconfigureError(
+                f'emit="module": module \'{name}\' ({type(m).__name__}) cannot be rebuilt with pruned '
+                f"shapes ({type(exc).__name__}: {exc}); {_HINT}"
+            ) from exc
+        replaced[id(m)] = new
+        _set_module(small, name, new)
+
+
+def _tensors_shrank(old: nn.Module, prefix: str, state: RewriteState) -> bool:
+    aliases = state.plan.analysis.aliases
+    for pname, t in _named_tensors(old):
+        full = f"{prefix}.{pname}" if prefix else pname
+        new = state.tensors.get(aliases.get(full, full))
+        if new is not None and new.shape != t.shape:
+            return True
+    return False
+
+
+# -- size attributes ----------------------------------------------------------------------------
+
+
+def _conv(m: nn.modules.conv._ConvNd) -> dict[str, Any]:
+    """W: (out, in/groups, *k), transposed (in, out/groups, *k). A group keeps its width, so
+    groups' = (pruned side) / (its width per group)."""
+    w = m.weight
+    if m.transposed:
+        per_group = m.in_channels // m.groups
+        groups = _whole_groups(m, "in_channels", int(w.shape[0]), per_group)
+        return {"in_channels": int(w.shape[0]), "out_channels": int(w.shape[1]) * groups, "groups": groups}
+    per_group = m.out_channels // m.groups
+    groups = _whole_groups(m, "out_channels", int(w.shape[0]), per_group)
+    return {"in_channels": int(w.shape[1]) * groups, "out_channels": int(w.shape[0]), "groups": groups}
+
+
+def _whole_groups(m: nn.Module, attr: str, size: int, per_group: int) -> int:
+    if getattr(m, "groups", getattr(m, "num_groups", None)) == 1 and attr != "num_channels":
+        return 1  # one group spans every channel, however many are kept
+    if size % per_group:
+        raise ReconfigureError(
+            f'emit="module": {type(m).__name__} keeps {size} {attr}, not a multiple of its {per_group} '
+            'channels per group, so no value of `groups` expresses it; use emit="graph"'
+        )
+    return size // per_group
+
+
+def _linear(m: nn.Linear) -> dict[str, Any]:
+    return {"out_features": int(m.weight.shape[0]), "in_features": int(m.weight.shape[1])}
+
+
+def _bilinear(m: nn.Bilinear) -> dict[str, Any]:
+    out, in1, in2 = m.weight.shape
+    return {"out_features": int(out), "in1_features": int(in1), "in2_features": int(in2)}
+
+
+def _norm(m: nn.modules.batchnorm._NormBase) -> dict[str, Any] | None:
+    t = m.weight if m.weight is not None else m.running_mean
+    return {"num_features": int(t.shape[0])} if t is not None else None
+
+
+def _group_norm(m: nn.GroupNorm) -> dict[str, Any] | None:
+    if m.weight is None:
+        return None
+    channels = int(m.weight.shape[0])
+    per_group = m.num_channels // m.num_groups  # groups are pruned whole
+    return {"num_channels": channels, "num_groups": _whole_groups(m, "num_channels", channels, per_group)}
+
+
+def _layer_norm(m: nn.LayerNorm | nn.RMSNorm) -> dict[str, Any] | None:
+    return {"normalized_shape": tuple(int(s) for s in m.weight.shape)} if m.weight is not None else None
+
+
+def _embedding(m: nn.Embedding | nn.EmbeddingBag) -> dict[str, Any]:
+    return {"num_embeddings": int(m.weight.shape[0]), "embedding_dim": int(m.weight.shape[1])}
+
+
+def _prelu(m: nn.PReLU) -> dict[str, Any]:
+    return {"num_parameters": int(m.weight.numel())}
+
+
+# type -> (size attributes, their values from the module's own tensors or None when it has none)
+_SIZES: tuple[tuple[type, tuple[str, ...], Callable[[Any], dict[str, Any] | None]], ...] = (
+    (nn.modules.conv._ConvNd, ("in_channels", "out_channels", "groups"), _conv),
+    (nn.Linear, ("in_features", "out_features"), _linear),
+    (nn.Bilinear, ("in1_features", "in2_features", "out_features"), _bilinear),
+    (nn.modules.batchnorm._NormBase, ("num_features",), _norm),
+    (nn.GroupNorm, ("num_channels", "num_groups"), _group_norm),
+    (nn.LayerNorm, ("normalized_shape",), _layer_norm),
+    (nn.RMSNorm, ("normalized_shape",), _layer_norm),
+    (nn.Embedding, ("num_embeddings", "embedding_dim"), _embedding),
+    (nn.EmbeddingBag, ("num_embeddings", "embedding_dim"), _embedding),
+    (nn.PReLU, ("num_parameters",), _prelu),
+    (nn.Unflatten, ("unflattened_size",), lambda m: None),
+)
+
+
+def _update_sizes(small: nn.Module, state: RewriteState) -> None:
+    """Every known layer's size attributes from its tensors; a tensorless layer takes them
+    from the graph emitter's rebuilt module (fx front-end) or keeps them."""
+    for name, m in small.named_modules():
+        entry = next(((attrs, fn) for kind, attrs, fn in _SIZES if isinstance(m, kind)), None)
+        if entry is None:
+            continue
+        attrs, derive = entry
+        try:
+            values = derive(m)
+        except ReconfigureError as exc:
+            raise ReconfigureError(f"module '{name}': {exc}") from None
+        if values is None:
+            rebuilt = state.modules.get(name)
+            values = {a: getattr(rebuilt, a) for a in attrs} if type(rebuilt) is type(m) else {}
+        for attr, value in values.items():
+            setattr(m, attr, value)
+
+
+# -- the check ----------------------------------------------------------------------------------
+
+
+def _check(small: nn.Module, reference: nn.Module, graph: PruneGraph, other_mode: bool) -> None:
+    """small == reference on the example inputs in eval mode (on meta tensors, shapes only);
+    when the forward differs between modes, output shapes in training mode on meta copies."""
+    args, kwargs = _inputs(graph, small)
+    with _eval(small), _eval(reference), torch.no_grad():
+        try:
+            got = small(*args, **kwargs)
+        except Exception as exc:  # any failure of user code means "cannot be expressed"
+            raise _error(small, reference, args, kwargs, exc, "evaluation") from exc
+        problem = _compare(got, reference(*args, **kwargs))
+        if problem:
+            raise _error(small, reference, args, kwargs, None, "evaluation", problem)
+    if other_mode:
+        _check_training_shapes(small, reference, args, kwargs)
+
+
+def _device_dtype(m: nn.Module) -> tuple[torch.device, torch.dtype | None]:
+    for t in (*m.parameters(), *m.buffers()):
+        return t.device, (t.dtype if t.is_floating_point() else None)
+    return torch.device("cpu"), None
+
+
+def _inputs(graph: PruneGraph, small: nn.Module) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The example inputs on the model's device; meta ones (guessed by prunefx) made real
+    unless the model itself lives on meta."""
+    device, _ = _device_dtype(small)
+    gen = torch.Generator().manual_seed(0)
+
+    def real(x: Any) -> Any:
+        if not isinstance(x, torch.Tensor):
+            return x
+        if x.device.type == "meta" and device.type != "meta":
+            if x.is_floating_point() or x.is_complex():
+                return torch.randn(x.shape, generator=gen, dtype=x.dtype).to(device)
+            return torch.zeros(x.shape, dtype=x.dtype, device=device)  # indices: 0 is always valid
+        return x.to(device)
+
+    kwargs = getattr(graph, "example_kwargs", None) or {}
+    return tuple(pytree.tree_map(real, tuple(graph.example_inputs))), pytree.tree_map(real, dict(kwargs))
+
+
+class _eval:
+    """Eval mode for a model and all its submodules; every flag restored exactly."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.flags: list[tuple[nn.Module, bool]] = []
+
+    def __enter__(self) -> None:
+        self.flags = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+
+    def __exit__(self, *exc: object) -> None:
+        for m, flag in self.flags:
+            m.training = flag
+
+
+def _tensor_leaves(out: Any) -> list[torch.Tensor]:
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def _compare(got: Any, ref: Any) -> str | None:
+    """What differs between two outputs, or None."""
+    a, b = _tensor_leaves(got), _tensor_leaves(ref)
+    if len(a) != len(b):
+        return f"the model returns {len(a)} tensors where the pruned graph returns {len(b)}"
+    for i, (x, y) in enumerate(zip(a, b, strict=True)):
+        problem = _differs(x, y)
+        if problem:
+            return f"output tensor {i}: {problem}"
+    return None
+
+
+def _differs(x: torch.Tensor, y: torch.Tensor) -> str | None:
+    if x.shape != y.shape:
+        return f"shape {tuple(x.shape)} where the pruned graph has {tuple(y.shape)}"
+    if x.device.type == "meta" or y.device.type == "meta" or x.numel() == 0:
+        return None
+    if not (x.is_floating_point() or x.is_complex()):
+        return None if torch.equal(x, y.to(x.device)) else "values differ"
+    diff = (x - y.to(x.device)).abs()
+    diff = torch.where(torch.isnan(x) & torch.isnan(y), torch.zeros_like(diff), diff)
+    scale = max(1.0, float(y.abs().nan_to_num().max()))
+    worst = float(diff.nan_to_num(nan=float("inf")).max())
+    return f"values differ by {worst:.3g} (max |ref| {scale:.3g})" if worst > _REL_TOL * scale else None
+
+
+def _check_training_shapes(small: nn.Module, reference: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Paths that only run in training (GoogLeNet's auxiliary heads): output shapes on meta
+    copies, so no running statistic of the result is touched. Skipped when the pruned graph
+    itself does not run there (e.g. an input too small for an auxiliary head)."""
+    meta_small, meta_ref = _meta_copy(small), _meta_copy(reference)
+    meta_args, meta_kwargs = pytree.tree_map(_to_meta, (args, kwargs))
+    meta_small.train()
+    meta_ref.train()
+    try:
+        ref = meta_ref(*meta_args, **meta_kwargs)
+    except Exception:  # the graph result does not run in training on meta: nothing to compare
+        return
+    try:
+        got = meta_small(*meta_args, **meta_kwargs)
+    except Exception as exc:
+        raise _error(meta_small, meta_ref, meta_args, meta_kwargs, exc, "training") from exc
+    problem = _compare(got, ref)
+    if problem:
+        raise _error(meta_small, meta_ref, meta_args, meta_kwargs, None, "training", problem)
+
+
+def _to_meta(x: Any) -> Any:
+    return torch.empty_like(x, device="meta") if isinstance(x, torch.Tensor) else x
+
+
+def _meta_copy(m: nn.Module) -> nn.Module:
+    memo: dict[int, Any] = {}
+    for _, t in _named_tensors(m):
+        meta = _to_meta(t)
+        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    return copy.deepcopy(m, memo)
+
+
+# -- diagnosis: which module's forward hard-codes a size ----------------------------------------
+
+
+def _error(
+    small: nn.Module, reference: nn.Module, args: tuple, kwargs: dict, exc: BaseException | None,
+    mode: str, problem: str | None = None,
+) -> ReconfigureError:
+    what = f"raises {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}" if exc else (
+        f"differs from the pruned graph ({problem})"
+    )
+    where = _first_divergence(small, reference, args, kwargs)
+    if where is None and exc is not None:
+        where = _raising_module(small, exc.__traceback__)
+    if where is None:
+        where = "after its last submodule call (in a forward that combines submodule outputs)"
+    cls = type(small).__name__
+    return ReconfigureError(
+        f'emit="module": the pruned {cls}, as a {cls}, {what} in {mode} mode.\n'
+        f"  where: {where}\n"
+        "  Its forward hard-codes a size that no attribute of the module controls (a literal, or a split "
+        f"into equal parts of channels pruned unequally); {_HINT}"
+    )
+
+
+def _describe(root: nn.Module, name: str) -> str:
+    kind = type(root.get_submodule(name)).__name__
+    return f"module '{name}' ({kind})" if name else f"the model's own forward ({kind})"
+
+
+@dataclass(frozen=True)
+class _Call:
+    inputs: list[torch.Tensor]
+    outputs: list[torch.Tensor] | None
+
+
+class _Diverged(Exception):
+    def __init__(self, where: str) -> None:
+        super().__init__(where)
+        self.where = where
+
+
+def _snapshot(x: Any) -> list[torch.Tensor]:
+    return [t.detach().clone() for t in _tensor_leaves(x)]  # in-place ops later would change them
+
+
+def _record_calls(reference: nn.Module, args: tuple, kwargs: dict) -> dict[tuple[str, int], _Call]:
+    """Inputs and outputs of every submodule call of the pruned graph, by (name, k-th call)."""
+    calls: dict[tuple[str, int], _Call] = {}
+    seen: dict[str, int] = {}
+    handles = []
+
+    def pre(name: str) -> Callable[..., None]:
+        def hook(_m: nn.Module, a: tuple, kw: dict) -> None:
+            k = seen[name] = seen.get(name, -1) + 1
+            calls[(name, k)] = _Call(_snapshot((a, kw)), None)
+
+        return hook
+
+    def post(name: str) -> Callable[..., None]:
+        def hook(_m: nn.Module, _a: tuple, _kw: dict, out: Any) -> None:
+            key = (name, seen[name])
+            calls[key] = _Call(calls[key].inputs, _snapshot(out))
+
+        return hook
+
+    for name, m in reference.named_modules():
+        if name:
+            handles.append(m.register_forward_pre_hook(pre(name), with_kwargs=True))
+            handles.append(m.register_forward_hook(post(name), with_kwargs=True))
+    try:
+        with torch.no_grad():  # in the mode the check runs in
+            reference(*args, **kwargs)
+    except Exception:  # whatever ran before a failure is still evidence
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return calls
+
+
+def _first_divergence(small: nn.Module, reference: nn.Module, args: tuple, kwargs: dict) -> str | None:
+    """The first submodule call (in execution order) whose input or output differs from the
+    pruned graph's: a differing input is made by the innermost caller that did not just pass
+    its own input on (a Sequential does), a differing output (from equal inputs) by the
+    module's own forward."""
+    expected = _record_calls(reference, args, kwargs)
+    stack: list[tuple[str, set[int]]] = [("", {id(t) for t in _tensor_leaves((args, kwargs))})]
+    seen: dict[str, int] = {}
+    handles = []
+
+    def pre(name: str) -> Callable[..., None]:
+        def hook(_m: nn.Module, a: tuple, kw: dict) -> None:
+            inputs = _tensor_leaves((a, kw))
+            callers = list(stack)
+            stack.append((name, {id(t) for t in inputs}))
+            k = seen[name] = seen.get(name, -1) + 1
+            call = expected.get((name, k))
+            problem = _compare_lists(inputs, call.inputs) if call is not None else None
+            if problem:
+                caller = _maker(callers, inputs)
+                line = _calling_line(small.get_submodule(caller))
+                raise _Diverged(f"{_describe(small, caller)} computes the input of '{name}' ({problem}){line}")
+
+        return hook
+
+    def post(name: str) -> Callable[..., None]:
+        def hook(_m: nn.Module, _a: tuple, _kw: dict, out: Any) -> None:
+            stack.pop()
+            call = expected.get((name, seen[name]))
+            if call is None or call.outputs is None:
+                return
+            problem = _compare_lists(_tensor_leaves(out), call.outputs)
+            if problem:
+                raise _Diverged(f"{_describe(small, name)} computes its output from the right input ({problem})")
+
+        return hook
+
+    for name, m in small.named_modules():
+        if name:
+            handles.append(m.register_forward_pre_hook(pre(name), with_kwargs=True))
+            handles.append(m.register_forward_hook(post(name), with_kwargs=True))
+    try:
+        with torch.no_grad():
+            small(*args, **kwargs)
+    except _Diverged as d:
+        return d.where
+    except Exception:  # the crash itself is reported from its traceback
+        return None
+    finally:
+        for h in handles:
+            h.remove()
+    return None
+
+
+def _maker(callers: list[tuple[str, set[int]]], inputs: list[torch.Tensor]) -> str:
+    """The innermost caller whose forward made ``inputs`` rather than received them."""
+    for name, received in reversed(callers):
+        if not all(id(t) in received for t in inputs):
+            return name
+    return ""
+
+
+def _compare_lists(got: list[torch.Tensor], ref: list[torch.Tensor]) -> str | None:
+    if len(got) != len(ref):
+        return f"{len(got)} tensors where the pruned graph has {len(ref)}"
+    for x, y in zip(got, ref, strict=True):
+        problem = _differs(x, y)
+        if problem:
+            return problem
+    return None
+
+
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+
+
+def _calling_line(caller: nn.Module) -> str:
+    """The line of ``caller``'s forward running now (the call of the submodule)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_locals.get("self") is caller:
+            return f", before {_where(frame.f_code.co_filename, frame.f_lineno)}"
+        frame = frame.f_back
+    return ""
+
+
+def _where(filename: str, lineno: int) -> str:
+    return str(SourceLoc(filename, lineno))
+
+
+def _raising_module(small: nn.Module, tb: TracebackType | None) -> str | None:
+    """The innermost frame of the traceback whose ``self`` is a module of ``small``, with the
+    innermost line of model (not torch) code."""
+    names = {id(m): n for n, m in small.named_modules()}
+    module: str | None = None
+    line = ""
+    for frame, lineno in traceback.walk_tb(tb):
+        owner = frame.f_locals.get("self")
+        if id(owner) in names:
+            module = names[id(owner)]
+        if not frame.f_code.co_filename.startswith(_TORCH_DIR):
+            line = f" at {_where(frame.f_code.co_filename, lineno)}"
+    return f"{_describe(small, module)}{line}" if module is not None else None
