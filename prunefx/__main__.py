@@ -1,16 +1,20 @@
 """The ``prunefx`` command. Each subcommand is one ``_add_<name>`` function that declares its
 arguments and one ``run_<name>`` function that does the work; ``SUBCOMMANDS`` lists them.
 
-    prunefx prune torchvision:resnet50 --criterion l1 --ratio 0.5 -o pruned.pt --onnx pruned.onnx
+    prunefx prune torchvision:resnet50 --criterion magnitude --ratio 0.5 -o pruned.pt --onnx pruned.onnx
     prunefx export torchvision:resnet50 --mask mask.pt -o model.onnx
     prunefx export torchvision:resnet50 --checkpoint pruned.pt -o model.onnx --fp16
 
 MODEL is torchvision:NAME, timm:NAME or path/to/file.py:factory (see prunefx/cli_models.py).
+
+Every argument (ratio, device, output directories, mask and checkpoint files) is checked
+before the model is loaded; an error is one line on stderr and exit status 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -19,23 +23,55 @@ import torch
 from torch import nn
 
 import prunefx
-from prunefx.cli_models import CliError, example_input, load_checkpoint, load_mask, load_model
+from prunefx.cli_models import (
+    CliError,
+    check_output,
+    example_input,
+    load_checkpoint,
+    load_mask,
+    load_model,
+    parse_shape,
+)
 from prunefx.errors import PruneFxError
-from prunefx.export import DEFAULT_OPSET, export_onnx
+from prunefx.export import DEFAULT_OPSET, check_device, export_onnx
 
 __all__ = ["main", "build_parser"]
 
-CRITERIA = ("l1", "l2", "random")
+# --criterion -> the norm p of prunefx.masks.magnitude (None: prunefx.masks.random); l1/l2 are aliases
+CRITERIA: dict[str, int | None] = {"magnitude": 1, "l1": 1, "l2": 2, "random": None}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        _check_arguments(args)  # before the model is loaded: a bad flag must not cost a whole run
         return int(args.run(args) or 0)
     except (PruneFxError, CliError) as exc:
-        print(f"prunefx {args.command}: error: {exc}", file=sys.stderr)
+        print(f"prunefx {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    """The message on one line: multi-line details (a trace's source lines) joined by '; '."""
+    return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    """Every argument that can be checked without the model: raises CliError/ExportError."""
+    parse_shape(args.input)
+    ratio = getattr(args, "ratio", None)
+    if ratio is not None and not (math.isfinite(ratio) and 0.0 <= ratio < 1.0):
+        raise CliError(f"--ratio is the fraction of each group's channels to drop, in [0, 1); got {ratio:g}")
+    for flag in ("output", "save_mask", "onnx", "html"):
+        path = getattr(args, flag, None)
+        if path:
+            check_output("-o" if flag == "output" else "--" + flag.replace("_", "-"), path)
+    if hasattr(args, "device"):
+        check_device(args.device)  # syntax always; a GPU only when the export verifies
+    for flag in ("layers", "groups"):
+        if getattr(args, flag, 0) < -1:
+            raise CliError(f"--{flag} must be a row count, 0 (none) or -1 (all); got {getattr(args, flag)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +91,10 @@ def _add_prune(sub: Any) -> None:
                        description="Trace MODEL, mask a RATIO of the channels of every prunable group by CRITERION, "
                                    "reconfigure it into a smaller dense model and save it (prunefx.state_dict format).")
     _model_arguments(p)
-    p.add_argument("--criterion", choices=CRITERIA, default="l1", help="l1/l2: drop the channels of smallest weight norm; random: a random subset (default: l1)")
+    p.add_argument("--criterion", choices=tuple(CRITERIA), default="magnitude",
+                   help="magnitude: drop the channels of smallest L1 weight norm (prunefx.masks.magnitude); "
+                        "l1 is an alias of it, l2 the same with the L2 norm (magnitude p=2); random: a random subset "
+                        "(default: magnitude)")
     p.add_argument("--ratio", type=float, default=0.5, help="fraction of the channels of each group to drop (default: 0.5)")
     p.add_argument("--exact-only", action="store_true", help="prune only exact groups (the pruned model equals the masked one)")
     p.add_argument("--seed", type=int, default=0, help="seed of --criterion random")
@@ -83,10 +122,10 @@ def run_prune(args: argparse.Namespace) -> int:
 
 
 def _criterion_mask(graph: prunefx.PruneGraph, criterion: str, ratio: float, *, exact_only: bool, seed: int) -> dict[str, torch.Tensor]:
-    if criterion == "random":
+    p = CRITERIA[criterion]
+    if p is None:
         return dict(prunefx.masks.random(graph, ratio, seed=seed, exact_only=exact_only))
-    p = 1 if criterion == "l1" else 2  # the filter norm of Li et al., over every weight of the group
-    return dict(prunefx.masks.magnitude(graph, ratio, p=p, exact_only=exact_only))
+    return dict(prunefx.masks.magnitude(graph, ratio, p=p, exact_only=exact_only))  # the filter norm of Li et al.
 
 
 # ----------------------------------------------------------------------------- export
@@ -106,14 +145,16 @@ def _add_export(sub: Any) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    mask = load_mask(args.mask) if args.mask else None  # the files first: they fail fast
+    checkpoint = load_checkpoint(args.checkpoint) if args.checkpoint else None
     model = load_model(args.model, weights=args.weights)
     x = example_input(args.input)
-    if args.mask:
-        small = prunefx.reconfigure(model, load_mask(args.mask), example_inputs=x)
+    if mask is not None:
+        small = prunefx.reconfigure(model, mask, example_inputs=x)
         _print_sizes(model, small, x, f"mask {args.mask}")
         model = small
-    elif args.checkpoint:
-        small = prunefx.load_state_dict(model, load_checkpoint(args.checkpoint))
+    elif checkpoint is not None:
+        small = prunefx.load_state_dict(model, checkpoint)
         _print_sizes(model, small, x, f"checkpoint {args.checkpoint}")
         model = small
     _export(model, args.output, x, args)
@@ -135,7 +176,8 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default: {DEFAULT_OPSET})")
     g.add_argument("--static-batch", action="store_true", help="fix the batch size to that of --input")
     g.add_argument("--fp16", action="store_true", help="float16 weights and arithmetic (float32 inputs/outputs), for GPUs")
-    g.add_argument("--no-simplify", action="store_true", help="skip the onnxscript graph optimizer")
+    g.add_argument("--no-simplify", action="store_true", help="skip ONNX Runtime's basic graph optimizations applied offline "
+                                                               "(constant folding, redundant nodes, Conv+BatchNorm fusion)")
     g.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime vs PyTorch check")
     g.add_argument("--device", default="auto", help="ONNX Runtime device of the check: auto, cpu, cuda[:N] (default: auto)")
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["CliError", "load_model", "parse_shape", "example_input", "load_mask", "load_checkpoint"]
+__all__ = ["CliError", "load_model", "parse_shape", "example_input", "load_mask", "load_checkpoint", "check_output"]
 
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "float16": torch.float16, "int64": torch.int64, "long": torch.int64, "int32": torch.int32}
 
@@ -60,10 +61,17 @@ def _torchvision(name: str, weights: str | None) -> nn.Module:
         hint = f"; did you mean {', '.join(close)}?" if close else "; see torchvision.models.list_models()"
         raise CliError(f"torchvision has no model {name!r}{hint}")
     builder = torchvision.models.get_model_builder(name)
+    if weights is not None:
+        known = list(torchvision.models.get_model_weights(name).__members__)
+        if weights.rpartition(".")[2] not in known:
+            raise CliError(f"torchvision:{name} has no weights {weights!r}; choose one of {', '.join(known)}")
     kwargs: dict[str, Any] = {"weights": weights}
     if weights is None and "weights_backbone" in inspect.signature(builder).parameters:
         kwargs["weights_backbone"] = None  # segmentation/detection: no backbone download either
-    return builder(**kwargs)
+    try:
+        return builder(**kwargs)
+    except OSError as exc:  # the download (URLError is an OSError) or the cache directory
+        raise CliError(f"cannot get the {weights} weights of torchvision:{name}: {exc}") from exc
 
 
 def _timm(name: str, weights: str | None) -> nn.Module:
@@ -102,7 +110,7 @@ def parse_shape(text: str) -> tuple[tuple[int, ...], torch.dtype]:
     """"1,3,224,224" -> ((1, 3, 224, 224), float32); "1,128:int64" gives token ids."""
     dims, _, dtype = text.partition(":")
     try:
-        shape = tuple(int(d) for d in dims.replace("x", ",").split(",") if d.strip())
+        shape = tuple(int(d) for d in dims.replace("x", ",").split(","))  # an empty dim ("1,,3") is a typo, not a skip
     except ValueError:
         raise CliError(f"--input must look like 1,3,224,224 (optionally :int64), got {text!r}") from None
     if not shape or any(d <= 0 for d in shape):
@@ -128,7 +136,11 @@ def load_mask(path: str) -> dict[str, torch.Tensor]:
         data = data["mask"]
     if not isinstance(data, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()):
         raise CliError(f"{path} does not hold a mask: expected a dict of name -> bool tensor, got {type(data).__name__}")
-    return {k: v.bool() for k, v in data.items()}
+    for key, value in data.items():  # as prunefx.reconfigure: casting scores with .bool() would keep (almost) every channel
+        if value.dtype != torch.bool:
+            raise CliError(f"{path}: mask '{key}' has dtype {value.dtype}; expected a torch.bool vector (True = keep): "
+                           "save e.g. scores > threshold, or write it with `prunefx prune --save-mask`")
+    return dict(data)
 
 
 def load_checkpoint(path: str) -> dict[str, Any]:
@@ -137,6 +149,20 @@ def load_checkpoint(path: str) -> dict[str, Any]:
     if not isinstance(data, Mapping) or "state_dict" not in data or "prunefx" not in data:
         raise CliError(f"{path} is not a prunefx checkpoint (torch.save(prunefx.state_dict(model), path))")
     return dict(data)
+
+
+def check_output(flag: str, path: str) -> None:
+    """Raise CliError unless ``path`` can be written: a file (not a directory) in an existing,
+    writable directory. Checked before any work, so a typo does not cost a whole run."""
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise CliError(f"{flag} {path} is a directory; pass a file path such as {target / 'model.onnx'}")
+    parent = target.parent
+    if not parent.is_dir():
+        what = "is not a directory" if parent.exists() else "does not exist"
+        raise CliError(f"{flag} {path}: directory {parent} {what}; create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CliError(f"{flag} {path}: directory {parent} is not writable")
 
 
 def _load(path: str) -> Any:

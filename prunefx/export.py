@@ -53,7 +53,7 @@ from torch.utils import _pytree as pytree
 
 from prunefx.errors import ExportError
 
-__all__ = ["ExportResult", "export_onnx", "onnx_session", "gpu_providers"]
+__all__ = ["ExportResult", "export_onnx", "onnx_session", "gpu_providers", "check_device"]
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +153,8 @@ def export_onnx(
     timings: dict[str, float] = {}
     order = _exporter_order(exporter)
     target = _checked_target(Path(path))  # fail before the slow part
+    if verify:
+        check_device(device)
     inputs = _as_inputs(example_inputs)
     rtol = (_FP16_RTOL if fp16 else 1e-4) if rtol is None else rtol
 
@@ -237,7 +239,7 @@ def _exporter_order(exporter: str) -> tuple[str, ...]:
         return EXPORTERS
     if exporter in EXPORTERS:
         return (exporter,)
-    raise ValueError(f"exporter must be 'auto', 'dynamo' or 'torchscript', got {exporter!r}")
+    raise ExportError(f"exporter must be 'auto', 'dynamo' or 'torchscript', got {exporter!r}")
 
 
 def _as_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
@@ -810,14 +812,9 @@ def onnx_session(path: str | os.PathLike[str], device: str = "auto", *, provider
     """
     import onnxruntime as ort
 
+    check_device(device)
     kind, _, index = device.partition(":")
-    if kind not in ("auto", "cpu", "cuda", "tensorrt") or (index and not index.isdigit()):
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda[:N]' or 'tensorrt[:N]', got {device!r}")
     usable = _usable_gpu_providers()
-    if kind in ("cuda", "tensorrt"):
-        wanted = "CUDAExecutionProvider" if kind == "cuda" else "TensorrtExecutionProvider"
-        if wanted not in usable:
-            raise ExportError(f"device={device!r} asked for {wanted}, which cannot run here ({_gpu_diagnosis()}); use device='auto' or 'cpu'")
     chain = {"auto": usable, "tensorrt": usable, "cuda": ("CUDAExecutionProvider",), "cpu": ()}[kind]
     names = [*chain, "CPUExecutionProvider"]
     extra = provider_options or {}
@@ -833,6 +830,18 @@ def onnx_session(path: str | os.PathLike[str], device: str = "auto", *, provider
     if chain and sess.get_providers()[0] == "CPUExecutionProvider" and kind != "auto":
         raise ExportError(f"ONNX Runtime fell back to the CPU for '{path}' although {device!r} was asked for ({_gpu_diagnosis()})")
     return sess
+
+
+def check_device(device: str) -> None:
+    """Raise ExportError unless ``device`` ("auto", "cpu", "cuda[:N]", "tensorrt[:N]") names an
+    ONNX Runtime device that can run on this machine; cheap, so callers check it first."""
+    kind, _, index = device.partition(":") if isinstance(device, str) else ("", "", "")
+    if kind not in ("auto", "cpu", "cuda", "tensorrt") or (index and not index.isdigit()):
+        raise ExportError(f"device must be 'auto', 'cpu', 'cuda[:N]' or 'tensorrt[:N]', got {device!r}")
+    if kind in ("cuda", "tensorrt"):
+        wanted = "CUDAExecutionProvider" if kind == "cuda" else "TensorrtExecutionProvider"
+        if wanted not in _usable_gpu_providers():
+            raise ExportError(f"device={device!r} asked for {wanted}, which cannot run here ({_gpu_diagnosis()}); use device='auto' or 'cpu'")
 
 
 def gpu_providers() -> tuple[str, ...]:

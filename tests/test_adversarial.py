@@ -1,0 +1,197 @@
+"""Adversarial cases: bad input and injected faults, one test id per case.
+
+Every case ends in one of two ways: a ``PruneFxError`` (or, on the command line, one line on
+stderr and exit status 1) that names what is wrong and where, with the input model, the
+optimizer and the files on disk exactly as before; or a correct result, checked against
+``prunefx.apply_mask`` on a copy with randomised norm statistics. Never a silent wrong
+result, a half-done change or a raw ``RuntimeError``/``KeyError``/``TypeError`` traceback.
+
+Sections: command line; checkpoints; ONNX export; ``torch.return_types``; error text;
+failing traces leave the model alone; masks.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import prunefx
+from zoo import max_rel_diff, randomize_norms
+
+X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+
+
+class Net(nn.Module):
+    """conv-bn-relu twice, a pooled classifier: three prunable groups, all exact."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 6, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = F.relu(self.bn2(self.conv2(y)))
+        return self.fc(y.mean((2, 3)))
+
+
+def make() -> Net:
+    torch.manual_seed(0)
+    return randomize_norms(Net()).eval()
+
+
+def bools(*bits: int) -> torch.Tensor:
+    return torch.tensor(bits, dtype=torch.bool)
+
+
+def unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> bool:
+    after = model.state_dict()
+    return after.keys() == before.keys() and all(
+        a.dtype == before[k].dtype and a.shape == before[k].shape and torch.equal(a, before[k]) for k, a in after.items()
+    )
+
+
+def check_against_apply_mask(model: nn.Module, small: nn.Module, mask: dict[str, Any], x: torch.Tensor) -> None:
+    ref = copy.deepcopy(model)
+    prunefx.apply_mask(ref, mask, example_inputs=x)
+    with torch.no_grad():
+        assert max_rel_diff(small(x), ref(x)) < 1e-5
+
+
+# ============================================================================= command line
+
+NET_PY = (
+    "import torch, torch.nn as nn\n"
+    "def make():\n"
+    "    torch.manual_seed(0)\n"
+    "    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3))\n"
+)
+
+
+@pytest.fixture
+def net_py(tmp_path: Path) -> str:
+    (tmp_path / "net.py").write_text(NET_PY)
+    return f"{tmp_path / 'net.py'}:make"
+
+
+def cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    from prunefx.__main__ import main
+
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _gpu_free() -> bool:
+    return not prunefx.export.gpu_providers()
+
+
+def _save(tmp: Path, name: str, obj: Any) -> str:
+    torch.save(obj, tmp / name)
+    return str(tmp / name)
+
+
+# Each: (id, argv builder (tmp dir, model spec) -> argv, words the one line must contain,
+# whether it must fail before the model is loaded).
+CLI_ERRORS: list[tuple[str, Any, tuple[str, ...], bool]] = [
+    ("ratio-1.5", lambda t, m: ["prune", m, "--ratio", "1.5", "-o", f"{t}/p.pt"], ("--ratio", "1.5"), True),
+    ("ratio-negative", lambda t, m: ["prune", m, "--ratio", "-1", "-o", f"{t}/p.pt"], ("--ratio", "-1"), True),
+    ("ratio-nan", lambda t, m: ["prune", m, "--ratio", "nan", "-o", f"{t}/p.pt"], ("--ratio", "nan"), True),
+    ("ratio-1.0", lambda t, m: ["prune", m, "--ratio", "1.0", "-o", f"{t}/p.pt"], ("--ratio", "[0, 1)"), True),
+    ("ratio-inf", lambda t, m: ["prune", m, "--ratio", "inf", "-o", f"{t}/p.pt"], ("--ratio", "inf"), True),
+    ("device-bogus", lambda t, m: ["prune", m, "--device", "bogus", "-o", f"{t}/p.pt"], ("device", "bogus"), True),
+    ("device-bad-index", lambda t, m: ["prune", m, "--device", "cuda:x", "-o", f"{t}/p.pt"], ("device", "cuda:x"), True),
+    ("export-device-bogus", lambda t, m: ["export", m, "--device", "gpu", "-o", f"{t}/m.onnx"], ("device", "gpu"), True),
+    ("output-missing-dir", lambda t, m: ["prune", m, "-o", f"{t}/missing/p.pt"], ("-o", "does not exist"), True),
+    ("output-is-dir", lambda t, m: ["prune", m, "-o", str(t)], ("-o", "is a directory"), True),
+    ("output-under-a-file", lambda t, m: ["prune", m, "-o", f"{t}/net.py/p.pt"], ("-o", "is not a directory"), True),
+    ("save-mask-missing-dir", lambda t, m: ["prune", m, "-o", f"{t}/p.pt", "--save-mask", f"{t}/no/m.pt"], ("--save-mask", "does not exist"), True),
+    ("onnx-missing-dir", lambda t, m: ["prune", m, "-o", f"{t}/p.pt", "--onnx", f"{t}/no/m.onnx"], ("--onnx", "does not exist"), True),
+    ("export-output-missing-dir", lambda t, m: ["export", m, "-o", f"{t}/no/m.onnx"], ("-o", "does not exist"), True),
+    ("inspect-html-missing-dir", lambda t, m: ["inspect", m, "--html", f"{t}/no/r.html"], ("--html", "does not exist"), True),
+    ("inspect-layers-negative", lambda t, m: ["inspect", m, "--layers", "-5"], ("--layers", "-5"), True),
+    ("input-not-a-shape", lambda t, m: ["prune", m, "--input", "1,a,8", "-o", f"{t}/p.pt"], ("--input", "1,a,8"), True),
+    ("input-empty-dim", lambda t, m: ["prune", m, "--input", "1,x,8", "-o", f"{t}/p.pt"], ("--input", "1,x,8"), True),
+    ("input-zero-dim", lambda t, m: ["prune", m, "--input", "0,3,8,8", "-o", f"{t}/p.pt"], ("--input", "positive"), True),
+    ("input-bad-dtype", lambda t, m: ["prune", m, "--input", "1,3,8,8:complex", "-o", f"{t}/p.pt"], ("dtype", "complex"), True),
+    ("mask-float", lambda t, m: ["export", m, "--mask", _save(t, "f.pt", {"0": torch.rand(8)}), "-o", f"{t}/m.onnx"], ("'0'", "torch.float32", "torch.bool"), True),
+    ("mask-float-nan", lambda t, m: ["export", m, "--mask", _save(t, "f.pt", {"0": torch.full((8,), math.nan)}), "-o", f"{t}/m.onnx"], ("'0'", "torch.float32"), True),
+    ("mask-int", lambda t, m: ["export", m, "--mask", _save(t, "i.pt", {"0": torch.ones(8, dtype=torch.int64)}), "-o", f"{t}/m.onnx"], ("'0'", "torch.int64"), True),
+    ("mask-not-a-dict", lambda t, m: ["export", m, "--mask", _save(t, "l.pt", [True, False]), "-o", f"{t}/m.onnx"], ("does not hold a mask", "list"), True),
+    ("mask-missing-file", lambda t, m: ["export", m, "--mask", f"{t}/none.pt", "-o", f"{t}/m.onnx"], ("none.pt", "does not exist"), True),
+    ("mask-not-torch", lambda t, m: ["export", m, "--mask", f"{t}/net.py", "-o", f"{t}/m.onnx"], ("cannot read", "net.py"), True),
+    ("checkpoint-not-prunefx", lambda t, m: ["export", m, "--checkpoint", _save(t, "c.pt", {"a": torch.ones(1)}), "-o", f"{t}/m.onnx"], ("not a prunefx checkpoint",), True),
+    ("model-spec-no-colon", lambda t, m: ["prune", "resnet18", "-o", f"{t}/p.pt"], ("MODEL", "resnet18"), False),
+    ("model-file-missing", lambda t, m: ["prune", f"{t}/none.py:make", "-o", f"{t}/p.pt"], ("none.py", "does not exist"), False),
+    ("model-factory-missing", lambda t, m: ["prune", m.replace(":make", ":nope"), "-o", f"{t}/p.pt"], ("'nope'",), False),
+    ("torchvision-unknown", lambda t, m: ["prune", "torchvision:resnet_nope", "-o", f"{t}/p.pt"], ("resnet_nope",), False),
+    ("torchvision-bad-weights", lambda t, m: ["prune", "torchvision:resnet18", "--weights", "BOGUS", "-o", f"{t}/p.pt"], ("BOGUS", "DEFAULT"), False),
+    ("mask-unknown-key", lambda t, m: ["export", m, "--input", "1,3,8,8", "--mask", _save(t, "k.pt", {"nope": bools(1, 0)}), "-o", f"{t}/m.onnx"], ("'nope'",), False),
+    ("mask-wrong-length", lambda t, m: ["export", m, "--input", "1,3,8,8", "--mask", _save(t, "w.pt", {"0": bools(1, 0, 1)}), "-o", f"{t}/m.onnx"], ("'0'", "8"), False),
+]
+if not _gpu_free():  # on a GPU machine "cuda" is valid
+    CLI_ERRORS = [c for c in CLI_ERRORS if "cuda" not in c[0]]
+else:
+    CLI_ERRORS.append(("device-cuda-without-gpu", lambda t, m: ["prune", m, "--device", "cuda", "-o", f"{t}/p.pt"], ("CUDAExecutionProvider",), True))
+
+
+@pytest.mark.parametrize("argv, words, early", [pytest.param(a, w, e, id=i) for i, a, w, e in CLI_ERRORS])
+def test_cli_error_is_one_line_exit_1(argv, words, early, tmp_path, net_py, capsys, monkeypatch) -> None:
+    if early:  # checked before any work: loading the model would be a bug
+        def no_model(*_: Any, **__: Any) -> None:
+            raise AssertionError("the model was loaded before the arguments were checked")
+
+        monkeypatch.setattr("prunefx.__main__.load_model", no_model)
+    args = argv(tmp_path, net_py)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    rc, out, err = cli(args, capsys)
+    assert rc == 1
+    assert len(err.splitlines()) == 1 and err.startswith("prunefx "), err
+    for word in words:
+        assert word in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+
+
+@pytest.mark.parametrize("argv", [
+    pytest.param(["prune", "{m}", "--ratio", "1.5", "-o", "{t}/p.pt"], id="ratio"),
+    pytest.param(["export", "{m}", "--mask", "{t}/none.pt", "-o", "{t}/m.onnx"], id="mask-missing"),
+])
+def test_cli_error_in_a_subprocess(argv: list[str], tmp_path: Path, net_py: str) -> None:
+    args = [a.format(m=net_py, t=tmp_path) for a in argv]
+    run = subprocess.run([sys.executable, "-m", "prunefx", *args], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1 and len(run.stderr.splitlines()) == 1 and run.stdout == "", run.stderr
+
+
+@pytest.mark.parametrize("criterion, same_as", [("magnitude", "l1"), ("l2", None), ("random", None)])
+def test_cli_criteria(criterion: str, same_as: str | None, tmp_path: Path, net_py: str, capsys) -> None:
+    rc, out, _ = cli(["prune", net_py, "--input", "1,3,8,8", "--criterion", criterion, "--ratio", "0.5",
+                      "-o", str(tmp_path / "p.pt"), "--save-mask", str(tmp_path / "m.pt")], capsys)
+    assert rc == 0 and f"pruned by {criterion} 0.5" in out
+    mask = torch.load(tmp_path / "m.pt", weights_only=True)
+    assert all(v.dtype == torch.bool and int(v.sum()) == v.numel() // 2 for v in mask.values())
+    if same_as:
+        cli(["prune", net_py, "--input", "1,3,8,8", "--criterion", same_as, "--ratio", "0.5",
+             "-o", str(tmp_path / "q.pt"), "--save-mask", str(tmp_path / "n.pt")], capsys)
+        other = torch.load(tmp_path / "n.pt", weights_only=True)
+        assert mask.keys() == other.keys() and all(torch.equal(mask[k], other[k]) for k in mask)
+
+
+def test_cli_help_names_magnitude_and_the_real_optimizer(capsys) -> None:
+    from prunefx.__main__ import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["prune", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "magnitude" in text and "alias" in text and "onnxscript" not in text and "ONNX Runtime" in text
