@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import prunefx
-from zoo import max_rel_diff, randomize_norms
+from zoo import max_rel_diff, randomize_norms, state_copy
 
 X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
 
@@ -195,3 +195,235 @@ def test_cli_help_names_magnitude_and_the_real_optimizer(capsys) -> None:
         build_parser().parse_args(["prune", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "magnitude" in text and "alias" in text and "onnxscript" not in text and "ONNX Runtime" in text
+
+
+# ============================================================================= checkpoints
+
+CKPT_MASK = {"conv1": bools(1, 0, 1, 1, 0, 1, 0, 1), "conv2": bools(0, 1, 1, 0, 1, 1)}
+
+
+@pytest.fixture(scope="module")
+def saved() -> tuple[dict[str, Any], nn.Module]:
+    """A legit checkpoint of ``make()`` reconfigured by CKPT_MASK, as torch.load gives it back."""
+    import io
+
+    model = make()
+    small = prunefx.reconfigure(model, CKPT_MASK, example_inputs=X)
+    check_against_apply_mask(model, small, CKPT_MASK, X)
+    buf = io.BytesIO()
+    torch.save(prunefx.state_dict(small), buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True), small
+
+
+def _tamper(state: dict[str, Any], path: tuple[Any, ...], value: Any) -> dict[str, Any]:
+    """A deep copy of ``state`` with ``state[path...] = value`` (``DELETE`` removes the key)."""
+    state = copy.deepcopy(state)
+    node = state
+    for key in path[:-1]:
+        node = node[key]
+    if value is DELETE:
+        del node[path[-1]]
+    else:
+        node[path[-1]] = value
+    return state
+
+
+DELETE = object()
+W, L, T = "state_dict", "prunefx", "tensors"
+C1 = "conv1.weight"
+
+# (id, tamper(state) -> state, words the PruneFxError must contain)
+CKPT_BAD: list[tuple[str, Any, tuple[str, ...]]] = [
+    ("not-a-dict", lambda s: [s], ("prunefx.state_dict", "list")),
+    ("no-state-dict-key", lambda s: _tamper(s, (W,), DELETE), ("'state_dict'",)),
+    ("a-plain-state-dict", lambda s: dict(s[W]), ("'state_dict'", "keys")),
+    ("weights-a-list", lambda s: _tamper(s, (W,), [1, 2]), ("state_dict", "list")),
+    ("weight-an-int", lambda s: _tamper(s, (W, C1), 3), (C1, "int")),
+    ("weight-on-meta", lambda s: _tamper(s, (W, C1), torch.empty(5, 3, 3, 3, device="meta")), (C1, "meta")),
+    ("weight-sparse", lambda s: _tamper(s, (W, "fc.bias"), torch.zeros(4).to_sparse()), ("fc.bias", "sparse")),
+    ("weight-wrong-shape", lambda s: _tamper(s, (W, C1), torch.zeros(5, 3, 3, 2)), (C1, "[5, 3, 3, 2]")),
+    ("weight-too-many-channels", lambda s: _tamper(s, (W, "bn1.weight"), torch.ones(8)), ("bn1.weight", "[8]")),
+    ("weight-missing", lambda s: _tamper(s, (W, "fc.bias"), DELETE), ("missing", "fc.bias")),
+    ("weight-unexpected", lambda s: _tamper(s, (W, "extra.weight"), torch.ones(1)), ("unexpected", "extra.weight")),
+    ("layout-a-string", lambda s: _tamper(s, (L,), "layout"), ("checkpoint['prunefx']", "str")),
+    ("layout-version-2", lambda s: _tamper(s, (L, "version"), 2), ("version",)),
+    ("inputs-missing", lambda s: _tamper(s, (L, "inputs"), DELETE), ("inputs",)),
+    ("inputs-empty", lambda s: _tamper(s, (L, "inputs"), []), ("inputs",)),
+    ("input-not-a-dict", lambda s: _tamper(s, (L, "inputs", 0), [2, 3, 8, 8]), ("inputs'][0]",)),
+    ("input-shape-negative", lambda s: _tamper(s, (L, "inputs", 0, "shape"), [2, -3, 8, 8]), ("inputs'][0]['shape']", "-3")),
+    ("input-shape-a-string", lambda s: _tamper(s, (L, "inputs", 0, "shape"), "2,3,8,8"), ("inputs'][0]['shape']",)),
+    ("input-shape-floats", lambda s: _tamper(s, (L, "inputs", 0, "shape"), [2.0, 3.0, 8.0, 8.0]), ("inputs'][0]['shape']",)),
+    ("input-dtype-bogus", lambda s: _tamper(s, (L, "inputs", 0, "dtype"), "float99"), ("dtype", "float99")),
+    ("input-dtype-not-dtype", lambda s: _tamper(s, (L, "inputs", 0, "dtype"), "nn"), ("dtype", "'nn'")),
+    ("input-wrong-channels", lambda s: _tamper(s, (L, "inputs", 0, "shape"), [2, 5, 8, 8]), ("conv1",)),
+    ("tensors-a-list", lambda s: _tamper(s, (L, T), []), ("tensors", "list")),
+    ("tensors-missing", lambda s: _tamper(s, (L, T), DELETE), ("tensors",)),
+    ("entry-not-a-dict", lambda s: _tamper(s, (L, T, C1), [8, 3, 3, 3]), (C1,)),
+    ("entry-no-kept", lambda s: _tamper(s, (L, T, C1, "kept"), DELETE), (C1, "kept")),
+    ("entry-shape-a-string", lambda s: _tamper(s, (L, T, C1, "shape"), "8,3,3,3"), (C1, "shape")),
+    ("entry-shape-other-model", lambda s: _tamper(s, (L, T, C1, "shape"), [9, 3, 3, 3]), (C1, "[9, 3, 3, 3]", "[8, 3, 3, 3]")),
+    ("kept-dim-out-of-range", lambda s: _tamper(s, (L, T, C1, "kept", 5), torch.tensor([0])), (C1, "dim 5")),
+    ("kept-dim-a-string", lambda s: _tamper(s, (L, T, C1, "kept", "0"), torch.tensor([0])), (C1, "dim '0'")),
+    ("kept-index-too-big", lambda s: _tamper(s, (L, T, C1, "kept", 0), torch.tensor([0, 2, 3, 5, 100])), (C1, "100", "0..7")),
+    ("kept-index-negative", lambda s: _tamper(s, (L, T, C1, "kept", 0), torch.tensor([-1, 2, 3, 5, 7])), (C1, "-1")),
+    ("kept-unsorted", lambda s: _tamper(s, (L, T, C1, "kept", 0), torch.tensor([2, 0, 3, 5, 7])), (C1, "sorted")),
+    ("kept-duplicate", lambda s: _tamper(s, (L, T, C1, "kept", 0), torch.tensor([0, 2, 2, 5, 7])), (C1, "unique")),
+    ("kept-floats", lambda s: _tamper(s, (L, T, C1, "kept", 0), torch.tensor([0.0, 2.0, 3.0, 5.0, 7.0])), (C1, "integer")),
+    ("kept-bools", lambda s: _tamper(s, (L, T, C1, "kept", 0), bools(1, 0, 1, 1, 0, 1, 0, 1)), (C1, "integer")),
+    ("kept-2d", lambda s: _tamper(s, (L, T, C1, "kept", 0), torch.tensor([[0, 2, 3, 5, 7]])), (C1, "1-D")),
+    ("kept-a-string", lambda s: _tamper(s, (L, T, C1, "kept", 0), "0,2,3"), (C1, "1-D")),
+    ("kept-other-channels-than-its-group", lambda s: _tamper(s, (L, T, "bn1.weight", "kept", 0), torch.tensor([1, 2, 3, 4, 6])), ("keeps channels",)),
+    ("branches-not-a-list", lambda s: _tamper(s, (L, "branches"), {"node": "x"}), ("branches", "dict")),
+    ("branch-missing-keys", lambda s: _tamper(s, (L, "branches"), [{"node": "bn1"}]), ("branches'][0]", "'module'")),
+    ("branch-shape-negative", lambda s: _tamper(s, (L, "branches"), [{"node": "bn1", "target": "bn1", "module": "c", "shape": [1, -8, 8, 8], "modal": False}]), ("branches'][0]['shape']",)),
+    ("branch-shape-huge", lambda s: _tamper(s, (L, "branches"), [{"node": "bn1", "target": "bn1", "module": "c", "shape": [1, 10**9, 8, 8], "modal": False}]), ("'c'", "1000000000", "bn1")),
+    ("branch-node-unknown", lambda s: _tamper(s, (L, "branches"), [{"node": "nope", "target": None, "module": "c", "shape": [1, 8, 1, 1], "modal": False}]), ("'nope'",)),
+]
+
+
+@pytest.mark.parametrize("tamper, words", [pytest.param(t, w, id=i) for i, t, w in CKPT_BAD])
+def test_damaged_checkpoint_raises_and_changes_nothing(tamper, words, saved) -> None:
+    state, _ = saved
+    fresh = make()
+    before = state_copy(fresh)
+    bad = tamper(state)
+    with pytest.raises(prunefx.PruneFxError) as info:
+        prunefx.load_state_dict(fresh, bad)
+    for word in words:
+        assert word in str(info.value), str(info.value)
+    assert unchanged(fresh, before)
+
+
+class Wider(Net):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1, self.conv2 = nn.Conv2d(3, 10, 3, padding=1), nn.BatchNorm2d(10), nn.Conv2d(10, 6, 3, padding=1)
+
+
+@pytest.mark.parametrize("other, words", [
+    pytest.param(Wider, ("conv1.weight", "[10, 3, 3, 3]"), id="wider-architecture"),
+    pytest.param(lambda: nn.Sequential(nn.Conv2d(3, 4, 1)), ("missing", "unexpected"), id="unrelated-architecture"),
+])
+def test_checkpoint_into_another_architecture(other, words, saved) -> None:
+    state, _ = saved
+    torch.manual_seed(0)
+    fresh = other()
+    before = state_copy(fresh)
+    with pytest.raises(prunefx.PruneFxError) as info:
+        prunefx.load_state_dict(fresh, state)
+    assert all(w in str(info.value) for w in words), str(info.value)
+    assert unchanged(fresh, before)
+
+
+def _plain(model: nn.Module) -> dict[str, Any]:
+    return {"state_dict": {k: v.clone() for k, v in model.state_dict().items()}, "prunefx": None}
+
+
+# A state without a layout is loaded into the model itself: a failure must not half-load it.
+PLAIN_BAD: list[tuple[str, Any, dict[str, Any], tuple[str, ...]]] = [
+    ("last-weight-wrong-shape", lambda s: _tamper(s, (W, "fc.bias"), torch.zeros(5)), {}, ("fc.bias", "[5]", "[4]")),
+    ("wrong-shape-not-strict", lambda s: _tamper(s, (W, "fc.bias"), torch.zeros(5)), {"strict": False}, ("fc.bias",)),
+    ("missing-key", lambda s: _tamper(s, (W, "fc.bias"), DELETE), {}, ("missing", "fc.bias")),
+    ("unexpected-key", lambda s: _tamper(s, (W, "head.bias"), torch.zeros(5)), {}, ("unexpected", "head.bias")),
+    ("layout-empty-weights-meta", lambda s: _tamper(s, (W, "fc.bias"), torch.zeros(4, device="meta")), {}, ("fc.bias", "meta")),
+]
+
+
+@pytest.mark.parametrize("tamper, kwargs, words", [pytest.param(t, k, w, id=i) for i, t, k, w in PLAIN_BAD])
+def test_plain_state_fails_before_loading_anything(tamper, kwargs, words) -> None:
+    source = make()
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(1.0)  # every loaded tensor would differ from the target's
+    fresh = make()
+    before = state_copy(fresh)
+    with pytest.raises(prunefx.PruneFxError) as info:
+        prunefx.load_state_dict(fresh, tamper(_plain(source)), **kwargs)
+    assert all(w in str(info.value) for w in words), str(info.value)
+    assert unchanged(fresh, before)
+
+
+@pytest.mark.parametrize("variant", ["as-saved", "kept-as-lists", "no-version", "layout-empty-dict-is-plain"])
+def test_checkpoint_variants_that_load(variant: str, saved) -> None:
+    state, small = saved
+    if variant == "kept-as-lists":
+        state = copy.deepcopy(state)
+        for entry in state[L][T].values():
+            entry["kept"] = {d: k.tolist() for d, k in entry["kept"].items()}
+    elif variant == "no-version":
+        state = _tamper(state, (L, "version"), DELETE)
+    elif variant == "layout-empty-dict-is-plain":
+        fresh = make()
+        source = make()
+        loaded = prunefx.load_state_dict(fresh, {"state_dict": source.state_dict(), "prunefx": {}})
+        assert loaded is fresh
+        return
+    rebuilt = prunefx.load_state_dict(make(), state).eval()
+    with torch.no_grad():
+        assert torch.equal(rebuilt(X), small.eval()(X))
+    check_against_apply_mask(make(), rebuilt, CKPT_MASK, X)
+
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(8, 4, 1, bias=False), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 8, 1, bias=False), nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))) + x)
+
+
+class _Res(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.block = _Block()
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.block(F.relu(self.bn(self.conv(x)))).mean((2, 3)))
+
+
+@pytest.fixture(scope="module")
+def branch_saved() -> tuple[dict[str, Any], nn.Module]:
+    """A checkpoint of a model whose residual branch PruneTrain's shrink replaced by a constant."""
+    from prunefx.train import shrink
+
+    torch.manual_seed(0)
+    net = randomize_norms(_Res()).eval()
+    with torch.no_grad():
+        net.block.conv1.weight.zero_()
+        net.block.bn1.weight.zero_()
+        net.block.bn2.bias.abs_().add_(0.2)
+    small, report = shrink(net, example_inputs=X)
+    assert report.branches.constants
+    return prunefx.state_dict(small), small
+
+
+@pytest.mark.parametrize("tamper, words", [
+    pytest.param(lambda r: {**r, "shape": [1, 10**9, 1, 1]}, ("1000000000",), id="width-huge"),
+    pytest.param(lambda r: {**r, "shape": [1, 8, 10**5, 10**5]}, ("100000",), id="spatial-huge"),
+    pytest.param(lambda r: {**r, "shape": [4, 8, 1, 1]}, ("[4, 8, 1, 1]",), id="batch-not-1"),
+    pytest.param(lambda r: {**r, "shape": [1, 8]}, ("[1, 8]",), id="rank-differs"),
+    pytest.param(lambda r: {**r, "node": "nope", "target": "nope"}, ("'nope'",), id="node-unknown"),
+    pytest.param(lambda r: {**r, "modal": "yes"}, ("'modal'",), id="modal-not-bool"),
+])
+def test_damaged_branch_record(tamper, words, branch_saved) -> None:
+    state, _ = branch_saved
+    bad = copy.deepcopy(state)
+    bad[L]["branches"][0] = tamper(bad[L]["branches"][0])
+    fresh = _Res()
+    before = state_copy(fresh)
+    with pytest.raises(prunefx.PruneFxError) as info:
+        prunefx.load_state_dict(fresh, bad)
+    assert all(w in str(info.value) for w in words), str(info.value)
+    assert unchanged(fresh, before)
+
+
+def test_branch_checkpoint_round_trip(branch_saved) -> None:
+    state, small = branch_saved
+    rebuilt = prunefx.load_state_dict(_Res(), copy.deepcopy(state)).eval()
+    with torch.no_grad():
+        assert max_rel_diff(rebuilt(X), small.eval()(X)) < 1e-6

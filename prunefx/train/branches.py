@@ -155,10 +155,26 @@ def replay_branches(model: nn.Module, records: list[dict[str, Any]], graph: Prun
             raise PruneFxError(f"the checkpoint replaced node '{rec['node']}' ({rec['target']}) by the constant '{rec['module']}', "
                                "but this model has no such node: build the architecture the checkpoint came from")
         device = next((t.device for t in gm.parameters()), torch.device("cpu"))
-        zeros = torch.zeros(rec["shape"], device=device)
+        zeros = torch.zeros(_constant_shape(rec, graph), device=device)
         const = BranchConstant(zeros, zeros, modal=rec["modal"])
         gm = replace_with_constants(gm, [(node, rec["module"], const)], class_name=type(model).__name__, training=model.training)
     return gm
+
+
+def _constant_shape(rec: dict[str, Any], graph: PruneGraph) -> list[int]:
+    """The recorded constant's shape, once it is known to fit the output of the node it
+    replaces in the fresh model ([1, C, ...] broadcasting to it): a size read from a file is
+    never allocated unchecked."""
+    shape = rec["shape"]
+    node = next((n for n in graph.traced.module.graph.nodes if n.name == rec["node"]), None)
+    out = graph.shapes.tensor(node) if node is not None else None
+    fits = out is not None and isinstance(shape, list) and len(shape) == len(out) and len(shape) >= 2 and shape[0] == 1 \
+        and shape[1] == out[1] and all(type(s) is int and s in (1, o) for s, o in zip(shape[2:], out[2:], strict=True))
+    if not fits:
+        raise PruneFxError(f"the checkpoint's constant '{rec['module']}' has shape {shape}, which does not fit the output "
+                           f"{None if out is None else list(out)} of node '{rec['node']}' in this model: the file is damaged "
+                           "or comes from another architecture")
+    return shape
 
 
 def _record(layout: dict[str, Any], graph: PruneGraph, node: fx.Node, name: str, const: BranchConstant) -> None:
