@@ -7,6 +7,7 @@ the analysis (keyed by traced nodes) while editing the copy.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -40,6 +41,7 @@ class RewriteState:
         for source in sources:
             graph = fx.Graph()
             graph.output(graph.graph_copy(source.graph, node_map))
+            graph._codegen = copy.deepcopy(source.graph._codegen)  # export: called like the model (pytree specs)
             graphs.append(graph)
         return cls(plan, sources, tuple(graphs), node_map, origin=origin, inputs=inputs)
 

@@ -10,28 +10,22 @@ nobody uses; removing that call silently changed its output), and fx's own
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 
 import torch.fx as fx
 
+from prunefx import ops
 from prunefx.passes.base import Pass, RewriteState
 
 __all__ = ["EliminateDeadCode"]
 
-_PURE_FUNCTIONS = {
-    getattr, operator.getitem, operator.add, operator.sub, operator.mul, operator.floordiv,
-    operator.truediv, operator.mod, operator.pow, operator.neg,
-}
-_PURE_METHODS = {"size", "dim"}
 
 
 def _removable(node: fx.Node) -> bool:
-    if node.users:
+    if node.users or node.op not in ("call_function", "call_method"):
         return False
-    if node.op == "call_method":
-        return node.target in _PURE_METHODS
-    return node.op == "call_function" and node.target in _PURE_FUNCTIONS
+    spec = ops.lookup(node, {})
+    return spec is not None and spec.pure
 
 
 @dataclass(frozen=True)

@@ -15,21 +15,23 @@ size of a pruned dim is recomputed from the plan:
 
 from __future__ import annotations
 
-import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 
 from prunefx import nn as pnn
+from prunefx import ops
 from prunefx.passes.base import Pass, RewriteState
 from prunefx.passes.size_values import SizeValues
 
-__all__ = ["FixShapeArgs"]
+__all__ = [
+    "FixShapeArgs", "size_list", "unflatten", "split_args", "getitem", "narrow", "conv_groups", "group_norm",
+    "layer_norm", "window_attention", "select_args", "slice_args", "attention_scale",
+]
 
 
 def _sizes(state: RewriteState, node_sizes: Sequence[Any], new_sizes: Sequence[Any], new_shape: Sequence[int], offset: int = 0) -> list[Any]:
@@ -47,7 +49,7 @@ def _sizes(state: RewriteState, node_sizes: Sequence[Any], new_sizes: Sequence[A
     return out
 
 
-def _size_list(state: RewriteState, node: fx.Node, new: fx.Node) -> None:
+def size_list(state: RewriteState, node: fx.Node, new: fx.Node) -> None:
     if len(node.args) < 2:
         return
     new_shape = state.plan.new_shapes[node]
@@ -59,7 +61,7 @@ def _size_list(state: RewriteState, node: fx.Node, new: fx.Node) -> None:
         new.args = (new.args[0], type(copies)(fixed)) if packed else (new.args[0], *fixed)
 
 
-def _unflatten(state: RewriteState, node: fx.Node, new: fx.Node) -> None:
+def unflatten(state: RewriteState, node: fx.Node, new: fx.Node) -> None:
     dim, sizes = node.args[1], node.args[2]
     if isinstance(dim, int) and isinstance(sizes, (list, tuple)):
         dim = dim % len(state.plan.analysis.shapes[node.args[0]])
@@ -67,7 +69,7 @@ def _unflatten(state: RewriteState, node: fx.Node, new: fx.Node) -> None:
         new.args = (new.args[0], dim, type(sizes)(fixed))
 
 
-def _split(state: RewriteState, node: fx.Node, new: fx.Node) -> None:
+def split_args(state: RewriteState, node: fx.Node, new: fx.Node) -> None:
     x = node.args[0]
     nd = len(state.plan.analysis.shapes[x])
     dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
@@ -87,7 +89,7 @@ def _prefix(kept: np.ndarray, i: int) -> int:
     return int(kept[:i].sum())
 
 
-def _getitem(state: RewriteState, node: fx.Node, new: fx.Node) -> None:
+def getitem(state: RewriteState, node: fx.Node, new: fx.Node) -> None:
     src, index = node.args
     value = state.plan.analysis.layouts.get(src)
     shape = state.plan.analysis.shapes[src]
@@ -117,7 +119,7 @@ def _getitem(state: RewriteState, node: fx.Node, new: fx.Node) -> None:
         new.args = (new.args[0], tuple(out) if isinstance(index, tuple) or len(out) > 1 else out[0])
 
 
-def _narrow(state: RewriteState, node: fx.Node, new: fx.Node) -> None:
+def narrow(state: RewriteState, node: fx.Node, new: fx.Node) -> None:
     x, dim, start, length = node.args[:4]
     shape = state.plan.analysis.shapes[x]
     dim = dim % len(shape)
@@ -135,31 +137,31 @@ def _set_arg(new: fx.Node, index: int, name: str, value: Any) -> None:
         new.kwargs = {**new.kwargs, name: value}
 
 
-def _conv_groups(state: RewriteState, node: fx.Node, new: fx.Node) -> None:
+def conv_groups(state: RewriteState, node: fx.Node, new: fx.Node) -> None:
     groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
     if not isinstance(groups, int) or groups == 1:
         return
-    n = int(node.target.__name__[-2])
+    n = len(state.plan.analysis.shapes[node.args[1]]) - 2  # spatial dims: the weight's kernel dims
     old_y, new_y = state.plan.analysis.shapes[node], state.plan.new_shapes[node]
     cdim = len(old_y) - n - 1
     if old_y[cdim] != new_y[cdim]:
         _set_arg(new, 6, "groups", int(new_y[cdim]) // (old_y[cdim] // groups))
 
 
-def _group_norm(state: RewriteState, node: fx.Node, new: fx.Node) -> None:
+def group_norm(state: RewriteState, node: fx.Node, new: fx.Node) -> None:
     groups = node.args[1] if len(node.args) > 1 else node.kwargs["num_groups"]
     old_c, new_c = state.plan.analysis.shapes[node.args[0]][1], state.plan.new_shapes[node.args[0]][1]
     if old_c != new_c:
         _set_arg(new, 1, "num_groups", int(new_c) // (old_c // groups))
 
 
-def _layer_norm(state: RewriteState, node: fx.Node, new: fx.Node) -> None:
+def layer_norm(state: RewriteState, node: fx.Node, new: fx.Node) -> None:
     shape = node.args[1] if len(node.args) > 1 else node.kwargs["normalized_shape"]
     x_new = state.plan.new_shapes[node.args[0]]
     _set_arg(new, 1, "normalized_shape", tuple(int(s) for s in x_new[len(x_new) - len(shape):]))
 
 
-def _window_attention(state: RewriteState, node: fx.Node, new: fx.Node) -> None:
+def window_attention(state: RewriteState, node: fx.Node, new: fx.Node) -> None:
     """Call prunefx's shifted_window_attention (attention width from qkv_weight) with the
     new number of heads."""
     qkv = node.args[1] if len(node.args) > 1 else node.kwargs["qkv_weight"]
@@ -170,36 +172,47 @@ def _window_attention(state: RewriteState, node: fx.Node, new: fx.Node) -> None:
     _set_arg(new, 5, "num_heads", int(new_rows) // 3 // head_dim)
 
 
-Handler = Callable[[RewriteState, fx.Node, fx.Node], None]
-_FUNCTIONS: dict[Any, Handler] = {
-    torch.reshape: _size_list, torch.split: _split, torch.chunk: _split, torch.unflatten: _unflatten,
-    torch.narrow: _narrow, operator.getitem: _getitem,
-    F.conv1d: _conv_groups, F.conv2d: _conv_groups, F.conv3d: _conv_groups,
-    F.conv_transpose1d: _conv_groups, F.conv_transpose2d: _conv_groups, F.conv_transpose3d: _conv_groups,
-    F.group_norm: _group_norm, F.layer_norm: _layer_norm,
-    pnn.shifted_window_attention: _window_attention,
-}
-try:
-    from torchvision.models.swin_transformer import shifted_window_attention as _tv_window_attention
+def select_args(state: RewriteState, node: fx.Node, new: fx.Node) -> None:
+    """``aten.select.int(x, dim, i)``: i' = #kept before i."""
+    x, dim, index = node.args[0], node.args[1], node.args[2]
+    shape = state.plan.analysis.shapes[x]
+    dim = dim % len(shape)
+    kept = state.plan.kept_along(state.plan.analysis.layouts.get(x), shape[dim], dim)
+    if not kept.all():
+        new.args = (new.args[0], dim, _prefix(kept, index % shape[dim]))
 
-    _FUNCTIONS[_tv_window_attention] = _window_attention
-except ImportError:  # pragma: no cover - torchvision is optional
-    pass
-_METHODS: dict[str, Handler] = {
-    "view": _size_list, "reshape": _size_list, "expand": _size_list, "unflatten": _unflatten,
-    "split": _split, "chunk": _split, "narrow": _narrow,
-}
+
+def slice_args(state: RewriteState, node: fx.Node, new: fx.Node) -> None:
+    """``aten.slice.Tensor(x, dim, start, end, step)``: start' = #kept before start,
+    end' = #kept before end."""
+    x = node.args[0]
+    dim, start, end = (node.args[i] if len(node.args) > i else d for i, d in ((1, 0), (2, None), (3, None)))
+    shape = state.plan.analysis.shapes[x]
+    if any(isinstance(v, fx.Node) for v in (dim, start, end)):
+        return
+    dim = dim % len(shape)
+    kept = state.plan.kept_along(state.plan.analysis.layouts.get(x), shape[dim], dim)
+    if not kept.all():
+        lo, hi, _ = slice(start, end).indices(shape[dim])
+        new.args = (new.args[0], dim, _prefix(kept, lo), _prefix(kept, max(hi, lo)), *new.args[4:])
+
+
+def attention_scale(state: RewriteState, node: fx.Node, new: fx.Node) -> None:
+    """``scaled_dot_product_attention`` without ``scale`` divides by sqrt(E) of the query:
+    when pruning shrinks E, pass the original scale explicitly."""
+    if (node.args[6] if len(node.args) > 6 else node.kwargs.get("scale")) is not None:
+        return
+    q = node.args[0]
+    old_e, new_e = state.plan.analysis.shapes[q][-1], state.plan.new_shapes[q][-1]
+    if old_e != new_e:
+        _set_arg(new, 6, "scale", float(old_e) ** -0.5)
 
 
 @dataclass(frozen=True)
 class FixShapeArgs(Pass):
     def run(self, state: RewriteState) -> None:
+        modules = {n: m for gm in state.sources for n, m in gm.named_modules()}
         for node in list(state.source_nodes()):
-            if node.op == "call_function":
-                handler = _FUNCTIONS.get(node.target)
-            elif node.op == "call_method":
-                handler = _METHODS.get(node.target)  # type: ignore[arg-type]
-            else:
-                continue
-            if handler is not None:
-                handler(state, node, state.node_map[node])
+            spec = ops.lookup(node, modules)
+            if spec is not None and spec.fix is not None:
+                spec.fix(state, node, state.node_map[node])

@@ -20,20 +20,16 @@ import torch
 import torch.fx as fx
 from torch.fx.node import map_arg
 
+from prunefx import ops
 from prunefx.passes.base import Pass, RewriteState
 
-__all__ = ["SizeValues", "FreezeStaleSizes", "SHAPE_CONSUMERS"]
+__all__ = ["SizeValues", "FreezeStaleSizes"]
 
 _ARITH = {
     operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv, operator.mod,
     operator.pow, operator.neg,
 }
 
-# call_method names / functions whose integer arguments are sizes (handled by FixShapeArgs)
-SHAPE_CONSUMERS: frozenset[Any] = frozenset({
-    "view", "reshape", "expand", "unflatten", "split", "chunk", "narrow", torch.reshape, torch.split,
-    torch.chunk, torch.unflatten, torch.narrow,
-})
 
 
 class SizeValues:
@@ -57,6 +53,9 @@ class SizeValues:
             shape = self.shapes.get(n.args[0])
             dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
             return None if shape is None else tuple(shape) if dim is None else shape[dim]
+        if n.target is torch.ops.aten.sym_size.int:  # the export front-end's x.size(d)
+            shape = self.shapes.get(n.args[0])
+            return None if shape is None else shape[n.args[1]]
         if n.op == "call_method" and n.target == "dim":
             shape = self.shapes.get(n.args[0])
             return None if shape is None else len(shape)
@@ -75,7 +74,9 @@ class SizeValues:
 
 
 def _is_shape_use(user: fx.Node) -> bool:
-    return user.target in SHAPE_CONSUMERS
+    """Integer arguments of this node are sizes (FixShapeArgs rewrites them)."""
+    spec = ops.lookup(user, {})
+    return spec is not None and spec.size_args
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,14 @@
 from prunefx import distributed, masks, train
 from prunefx.analysis import ChannelGroup
 from prunefx.checkpoint import load_state_dict, state_dict
-from prunefx.errors import DistributedError, ExportError, MaskError, PruneFxError, TraceError
+from prunefx.errors import (
+    DistributedError,
+    ExportError,
+    MaskError,
+    PruneFxError,
+    ReconfigureError,
+    TraceError,
+)
 from prunefx.export import ExportResult, export_onnx, onnx_session
 from prunefx.flops import count_flops, count_params
 from prunefx.graph import PruneGraph, trace
@@ -19,6 +26,6 @@ from prunefx.train.reinit import reinit
 __all__ = [
     "train", "trace", "PruneGraph", "ChannelGroup", "inspect", "Inspector", "reconfigure", "apply_mask", "reinit", "masks", "distributed",
     "state_dict", "load_state_dict", "count_flops", "count_params", "export_onnx", "onnx_session", "ExportResult",
-    "PruneFxError", "TraceError", "MaskError", "ExportError", "DistributedError",
+    "PruneFxError", "TraceError", "MaskError", "ReconfigureError", "ExportError", "DistributedError",
 ]
 __version__ = "0.1.0"

@@ -3,7 +3,7 @@ part that cannot be pruned is *data* (a pinned group with a reason), never an ex
 
 from __future__ import annotations
 
-__all__ = ["PruneFxError", "TraceError", "MaskError", "ExportError", "DistributedError"]
+__all__ = ["PruneFxError", "TraceError", "MaskError", "ReconfigureError", "ExportError", "DistributedError"]
 
 
 class PruneFxError(Exception):
@@ -16,6 +16,11 @@ class TraceError(PruneFxError):
 
 class MaskError(PruneFxError):
     """A mask does not fit the model's channel groups."""
+
+
+class ReconfigureError(PruneFxError):
+    """The pruned model cannot be expressed in the requested form (e.g. ``emit="module"`` on a
+    model whose forward hard-codes a size that no attribute controls)."""
 
 
 class ExportError(PruneFxError):

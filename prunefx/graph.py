@@ -30,21 +30,28 @@ from prunefx.provenance import layout_of
 from prunefx.shapes import Shapes, propagate_shapes
 from prunefx.tracing import Traced, guess_example_inputs, symbolic_trace
 
-__all__ = ["PruneGraph", "trace"]
+__all__ = ["PruneGraph", "trace", "FRONTENDS"]
 
 
 class PruneGraph:
     """The traced model with its channel groups. Build it with ``prunefx.trace``."""
 
     def __init__(
-        self, traced: Traced, shapes: Shapes, analysis: ChannelAnalysis, example_inputs: tuple[Any, ...], origin: dict | None = None
+        self, traced: Traced, shapes: Shapes, analysis: ChannelAnalysis, example_inputs: tuple[Any, ...], origin: dict | None = None,
+        example_kwargs: dict[str, Any] | None = None,
     ) -> None:
         self.traced = traced
+        self.example_kwargs = dict(example_kwargs or {})  # keyword inputs of forward (export front-end)
         self.origin = origin  # channel layout of a model that was reconfigured before
         self.shapes = shapes
         self.analysis = analysis
         self.example_inputs = example_inputs
         self._table = build_groups(analysis)
+
+    @property
+    def frontend(self) -> str:
+        """The front-end that captured the model: "fx" or "export"."""
+        return self.traced.frontend
 
     @property
     def module(self) -> fx.GraphModule:
@@ -129,22 +136,66 @@ def _as_tuple(example_inputs: Any) -> tuple[Any, ...] | None:
     return (example_inputs,)
 
 
+FRONTENDS = ("auto", "fx", "export")
+
+
 def trace(
     model: nn.Module,
     example_inputs: Any = None,
     *,
+    example_kwargs: dict[str, Any] | None = None,
+    frontend: str = "auto",
     leaf_modules: Iterable[type | str] = (),
     concrete_args: dict[str, Any] | None = None,
 ) -> PruneGraph:
     """Trace ``model`` and find its channel groups.
 
-    ``example_inputs`` is a Tensor or a tuple of positional inputs; only their shapes and
-    dtypes are used (shapes propagate on meta tensors). When omitted, they are inferred from
-    the first layer (a Conv2d(C, ...) gives (1, C, 224, 224)); a TraceError says when that
-    is not possible. ``leaf_modules`` (types or qualified names) are kept opaque: their
-    channels are pinned.
+    ``example_inputs`` is a Tensor or a tuple of positional inputs, ``example_kwargs`` the
+    keyword inputs of ``forward`` (e.g. ``{"use_cache": False}``). With the fx front-end only
+    their shapes and dtypes are used (shapes propagate on meta tensors); when omitted, they are
+    inferred from the first layer (a Conv2d(C, ...) gives (1, C, 224, 224)); a TraceError says
+    when that is not possible. ``frontend``: "fx" (``torch.fx.symbolic_trace``), "export"
+    (``torch.export``, an aten-level graph, for models fx cannot trace, such as Hugging Face
+    transformers) or "auto" (fx, and export when fx cannot trace the model or keyword inputs
+    are given; ``graph.frontend`` says which ran). ``leaf_modules`` (types or qualified names,
+    fx only) are kept opaque: their channels are pinned.
     """
-    traced = symbolic_trace(model, leaf_modules=(*leaf_modules, *LEAF_MODULES), concrete_args=concrete_args)
+    if not isinstance(model, nn.Module):
+        raise TraceError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    if frontend not in FRONTENDS:
+        raise TraceError(f"frontend must be one of {', '.join(map(repr, FRONTENDS))}, got {frontend!r}")
+    kwargs = dict(example_kwargs or {})
+    if frontend == "fx" and kwargs:
+        raise TraceError("the fx front-end takes positional example inputs only; pass frontend='export' (or 'auto') for example_kwargs")
+    if frontend == "export" or (frontend == "auto" and kwargs):
+        return _trace_export(model, _as_tuple(example_inputs), kwargs)
+    try:
+        traced = symbolic_trace(model, leaf_modules=(*leaf_modules, *LEAF_MODULES), concrete_args=concrete_args)
+    except TraceError as fx_error:
+        if frontend == "fx" or example_inputs is None:
+            raise
+        try:
+            graph = _trace_export(model, _as_tuple(example_inputs), kwargs)
+        except TraceError as export_error:
+            raise TraceError(f"{fx_error}\n  torch.export could not capture it either: {str(export_error).splitlines()[0]}") from fx_error
+        warnings.warn(f"prunefx: {str(fx_error).splitlines()[0]}; captured with torch.export instead (frontend='export')", stacklevel=2)
+        return graph
+    return _trace_fx(model, traced, example_inputs)
+
+
+def _trace_export(model: nn.Module, args: tuple[Any, ...] | None, kwargs: dict[str, Any]) -> PruneGraph:
+    from prunefx.frontends.export import export_trace
+
+    if args is None and not kwargs:
+        raise TraceError(f"the export front-end needs example inputs: pass example_inputs=(tensor, ...) (and example_kwargs) for {type(model).__name__}")
+    args = args or ()
+    traced, flat = export_trace(model, args, kwargs)
+    shapes = propagate_shapes(traced, flat)
+    analysis = analyze(traced, shapes)
+    return PruneGraph(traced, shapes, analysis, args, origin=layout_of(model), example_kwargs=kwargs)
+
+
+def _trace_fx(model: nn.Module, traced: Traced, example_inputs: Any) -> PruneGraph:
     inputs = _as_tuple(example_inputs)
     if inputs is None:
         inputs = guess_example_inputs(traced.module)

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 import torch.fx as fx
 
+from prunefx import ops
 from prunefx.analysis.layout import Layout
 from prunefx.analysis.propagate import ChannelAnalysis
-from prunefx.analysis.rules import accepts_empty
 from prunefx.errors import MaskError
 from prunefx.mask import Keep
 
@@ -89,7 +89,8 @@ def _check_consumers_accept_empty(analysis: ChannelAnalysis, node: fx.Node, modu
     for user in node.users:
         if user.op == "call_function" and user.target is operator.getitem:
             continue  # a piece of a tuple: judged at its own node
-        if not accepts_empty(user, modules):
+        spec = ops.lookup(user, modules)
+        if spec is None or not spec.empty_ok:
             raise MaskError(
                 f"the mask removes every channel of {analysis.traced.where(node)}, which "
                 f"{analysis.traced.where(user)} cannot take; keep at least one of them"

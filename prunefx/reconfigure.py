@@ -37,11 +37,14 @@ from prunefx.plan import make_plan
 __all__ = ["reconfigure", "apply_mask"]
 
 
-def _graph_for(model: nn.Module, graph: PruneGraph | None, example_inputs: Any, leaf_modules: Iterable[Any], concrete_args: Any) -> PruneGraph:
+def _graph_for(
+    model: nn.Module, graph: PruneGraph | None, example_inputs: Any, leaf_modules: Iterable[Any], concrete_args: Any,
+    example_kwargs: dict[str, Any] | None = None, frontend: str = "auto",
+) -> PruneGraph:
     _refuse_prune_hooks(model)
     if graph is not None:
         return graph
-    return trace(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    return trace(model, example_inputs, example_kwargs=example_kwargs, frontend=frontend, leaf_modules=leaf_modules, concrete_args=concrete_args)
 
 
 def _refuse_prune_hooks(model: nn.Module) -> None:
@@ -65,13 +68,16 @@ def reconfigure(
     mask: Mapping[str, Any],
     *,
     example_inputs: Any = None,
+    example_kwargs: dict[str, Any] | None = None,
+    frontend: str = "auto",
     optimizer: torch.optim.Optimizer | None = None,
     policy: str = "union",
     graph: PruneGraph | None = None,
     leaf_modules: Iterable[Any] = (),
     concrete_args: dict[str, Any] | None = None,
     pipeline: Pipeline = DEFAULT_PIPELINE,
-) -> torch.fx.GraphModule:
+    emit: str = "auto",
+) -> nn.Module:
     """A new, dense, smaller model without the channels ``mask`` drops.
 
     The result is a GraphModule whose submodule names match ``model``'s. ``model`` is never
@@ -79,11 +85,16 @@ def reconfigure(
     ``optimizer``, its param_groups and per-parameter state are re-pointed to the new
     parameters and sliced alike, in place. On any error nothing is changed.
     """
-    g = _graph_for(model, graph, example_inputs, leaf_modules, concrete_args)  # trace, shapes, analysis
+    emit = _emitter(model, emit)
+    g = _graph_for(model, graph, example_inputs, leaf_modules, concrete_args, example_kwargs, frontend)  # trace, shapes, analysis
     keep = resolve_mask(g, mask, policy)  # mask resolution (validates everything first)
     plan = make_plan(g.analysis, keep)  # kept indices and new shapes
     state = pipeline.run(RewriteState.start(plan, g.origin, g.example_inputs))  # slice, rebuild, fix args, DCE, assemble, record
     assert state.result is not None
+    if emit == "module":  # the same class as `model`, holding the sliced tensors; checked before it is returned
+        from prunefx.emit import emit_module
+
+        state.result = emit_module(model, g, state)
     if optimizer is not None:
         from prunefx.optim import repoint_optimizer
 
@@ -91,11 +102,23 @@ def reconfigure(
     return state.result
 
 
+def _emitter(model: nn.Module, emit: str) -> str:
+    """``emit="auto"``: the module emitter for a Hugging Face ``PreTrainedModel`` (a pruned
+    transformers model must stay one), the graph emitter otherwise."""
+    if emit not in ("auto", "graph", "module"):
+        raise MaskError(f"emit must be 'auto', 'graph' or 'module', got {emit!r}")
+    if emit != "auto":
+        return emit
+    return "module" if any(c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers") for c in type(model).__mro__) else "graph"
+
+
 def apply_mask(
     model: nn.Module,
     mask: Mapping[str, Any],
     *,
     example_inputs: Any = None,
+    example_kwargs: dict[str, Any] | None = None,
+    frontend: str = "auto",
     policy: str = "union",
     graph: PruneGraph | None = None,
     leaf_modules: Iterable[Any] = (),
@@ -103,7 +126,7 @@ def apply_mask(
 ) -> nn.Module:
     """Zero, in place, every parameter that writes a channel ``mask`` drops ("soft
     pruning"); returns ``model``."""
-    g = _graph_for(model, graph, example_inputs, leaf_modules, concrete_args)
+    g = _graph_for(model, graph, example_inputs, leaf_modules, concrete_args, example_kwargs, frontend)
     keep = resolve_mask(g, mask, policy)
     state = dict((*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)))
     with torch.no_grad():

@@ -22,7 +22,7 @@ import sys
 import traceback
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -94,6 +94,8 @@ class Traced:
     sources: Mapping[fx.Node, SourceLoc]  # node -> user source line
     other: fx.GraphModule | None = None  # traced in the other train/eval mode, if different
     training: bool = False  # the mode `module` was traced in
+    frontend: str = "fx"  # "fx" (torch.fx.symbolic_trace) or "export" (torch.export, aten ops)
+    owners: Mapping[fx.Node, str] = field(default_factory=dict)  # export: node -> module that computed it
 
     @property
     def graphs(self) -> tuple[fx.GraphModule, ...]:
@@ -105,8 +107,11 @@ class Traced:
             yield from gm.graph.nodes
 
     def where(self, node: fx.Node) -> str:
-        """``node.format_node()`` plus the user source line, for reasons and errors."""
-        return describe_node(node, self.sources.get(node))
+        """``node.format_node()`` plus the module that computed it (export graphs) and the
+        user source line, for reasons and errors."""
+        text = describe_node(node, self.sources.get(node))
+        owner = self.owners.get(node)
+        return text.replace(")", f") in module '{owner}'", 1) if owner else text
 
 
 def describe_node(node: fx.Node, loc: SourceLoc | None) -> str:

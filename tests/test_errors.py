@@ -385,9 +385,17 @@ def test_python_flag_needs_concrete_args():
     model = Flagged().eval()
     before = state_copy(model)
     with pytest.raises(prunefx.TraceError) as info:
-        prunefx.trace(model, X)
+        prunefx.trace(model, X, frontend="fx")
     assert same_state(model, before)
     assert "concrete_args" in str(info.value) and "if double" in str(info.value), str(info.value)
+
+
+def test_auto_falls_back_to_export_and_says_so():
+    """fx cannot follow the Python flag; torch.export specialises it. "auto" says which ran."""
+    model = Flagged().eval()
+    with pytest.warns(UserWarning, match="captured with torch.export instead"):
+        graph = prunefx.trace(model, X)
+    assert graph.frontend == "export" and graph.group_of("conv1").prunable
 
 
 def test_concrete_args_default_value():

@@ -960,8 +960,8 @@ class UnknownOp(nn.Module):
 
     def forward(self, x):
         y = F.relu(self.bn1(self.conv1(x)))
-        if self.op == "roll":
-            y = torch.roll(y, 1, dims=1)
+        if self.op == "flip":
+            y = torch.flip(y, dims=(1,))
         elif self.op == "lrn":
             y = F.local_response_norm(y, 3)
         else:
@@ -973,7 +973,7 @@ class UnknownOp(nn.Module):
 
 
 @pytest.mark.parametrize("op", [
-    "roll",
+    "flip",
     "custom_autograd",
     "lrn",
 ])
@@ -984,9 +984,9 @@ def test_unknown_op_pins_its_channels(op):
     g = graph.group_of("conv1")
     assert g is graph.group_of("bn1")
     assert not g.prunable and not g.exact
-    target = {"roll": "roll", "lrn": "local_response_norm", "custom_autograd": "scale_grad"}[op]
+    target = {"flip": "flip", "lrn": "local_response_norm", "custom_autograd": "scale_grad"}[op]
     assert target in g.reason, g.reason
-    line = line_of(UnknownOp.forward, {"roll": "torch.roll", "lrn": "F.local_response_norm", "custom_autograd": "scale_grad(y)"}[op])
+    line = line_of(UnknownOp.forward, {"flip": "torch.flip", "lrn": "F.local_response_norm", "custom_autograd": "scale_grad(y)"}[op])
     assert f"test_hard_cases.py:{line}" in g.reason, g.reason
     # conv2 reads the unknown op's output: its input channels are fixed too
     assert ("conv2.weight", 1) not in members(graph.group_of("conv2"))
@@ -1133,7 +1133,7 @@ CASES = {
     "literal_view": (LiteralView, (2, 3, 4, 4)),
     "slice": (ChannelSlice, (2, 3, 4, 4)),
     "shuffle": (lambda: Shuffle(True), (2, 3, 5, 5)),
-    "roll": (lambda: UnknownOp("roll"), (2, 3, 6, 6)),
+    "flip": (lambda: UnknownOp("flip"), (2, 3, 6, 6)),
     "lrn": (lambda: UnknownOp("lrn"), (2, 3, 6, 6)),
     "softmax": (lambda: ChannelSoftmax("F.softmax"), (2, 3, 4, 4)),
     "mixed": (Mixed, (2, 3, 6, 6)),

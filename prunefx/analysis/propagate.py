@@ -141,6 +141,12 @@ class Analyzer:
         """The parameter or buffer called ``tensor`` (in any traced graph)."""
         return self._tensors[tensor]
 
+    def persistent(self, tensor: str) -> bool:
+        """Whether ``tensor`` is a parameter or a buffer saved in the state_dict."""
+        owner, _, leaf = tensor.rpartition(".")
+        module = self.modules.get(owner)
+        return module is None or leaf not in module._non_persistent_buffers_set
+
     def canonical(self, tensor: str) -> str:
         return self.aliases.get(tensor, tensor)
 
@@ -237,14 +243,10 @@ class Analyzer:
             if off:
                 lay = lay.shift({d: d + off for d in lay.dims})
             aligned.append((lay, (1,) * off + tuple(shp)))
-        for d in range(nd):
-            if out_shape[d] == 1:
-                continue
-            if any(shp[d] > 1 and lay.on(d) is None for lay, shp in aligned):
-                for lay, _ in aligned:
-                    f = lay.on(d)
-                    if f is not None:
-                        self.pin(f.ids, node, f"combined with a fixed-size tensor along dim {d}")
+        fixed = {d for d in range(nd) if out_shape[d] > 1 and any(shp[d] > 1 and lay.on(d) is None for lay, shp in aligned)}
+        for lay, _ in aligned:
+            for f in lay.factors:
+                self._hold_fixed(f, fixed & set(f.dims), node)
         comps: list[tuple[set[int], list[Factor]]] = []
         for lay, _ in aligned:
             for f in lay.factors:
@@ -262,6 +264,21 @@ class Analyzer:
                 self.unify(grids[0], g)
             out.append(self.simplify(Factor(tuple(u), np.ascontiguousarray(grids[0]))))
         return tuple(sorted(out, key=lambda f: f.dims))
+
+    def _hold_fixed(self, f: Factor, fixed: set[int], node: fx.Node) -> None:
+        """``f`` meets tensors of a fixed size along ``fixed``: those dims cannot shrink. A
+        factor on those dims only is pinned; a grid (heads x head_dim, say) keeps its other
+        dims prunable by uniting each line along the fixed dims (a head is kept or removed
+        whole, so the head dim keeps its size: rotary tables, per-position scales)."""
+        if not fixed:
+            return
+        d = min(fixed)
+        if fixed == set(f.dims):
+            self.pin(f.ids, node, f"combined with a fixed-size tensor along dim {d}")
+            return
+        axes = [f.axis(k) for k in sorted(fixed)]
+        lines = np.moveaxis(f.ids, axes, list(range(-len(axes), 0))).reshape(-1, int(np.prod([f.ids.shape[a] for a in axes])))
+        self.unify(lines[:, :1], lines)
 
     def reshape(self, node: fx.Node, lay: Layout, src: Sequence[int], dst: Sequence[int]) -> Layout:
         """Layout after a reshape that keeps element order (view, flatten, squeeze, ...)."""

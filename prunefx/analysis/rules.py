@@ -13,7 +13,6 @@ Each rule also decides the ``zero`` flag of its output (see ``layout.py``), and 
 
 from __future__ import annotations
 
-import builtins
 import operator
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -24,11 +23,11 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from prunefx import nn as pnn
+from prunefx import ops
 from prunefx.analysis.layout import Factor, Layout
 from prunefx.analysis.propagate import Analyzer, Role, empty_like_shape
 
-__all__ = ["apply", "accepts_empty", "MODULE_RULES", "FUNCTION_RULES", "METHOD_RULES"]
+__all__ = ["apply", "unknown"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -113,16 +112,20 @@ def get_attr(a: Analyzer, node: fx.Node) -> Any:
     if not isinstance(shape, torch.Size):
         return None
     is_param = isinstance(a.lookup(node.target), nn.Parameter)
+    if not is_param and a.traced.frontend == "export" and not a.persistent(node.target):
+        # a table the model derives from its config (rotary inv_freq, position ids, lifted
+        # constants): its sizes are fixed, like an input's
+        return Layout((), False)
     role = Role.WRITE if is_param else Role.STAT
     lay = a.param_layout(node.target, node, {d: role for d in range(len(shape)) if shape[d] > 1})
     return lay.with_zero(is_param)
 
 
 # ---- elementwise -------------------------------------------------------------------------
-_ADD, _MUL, _DIV = "add", "mul", "div"
+ADD, MUL, DIV, NONZERO = "add", "mul", "div", "nonzero"
 
 
-def _elementwise(kind: str) -> Callable[[Analyzer, fx.Node], Any]:
+def elementwise(kind: str) -> Callable[[Analyzer, fx.Node], Any]:
     def rule(a: Analyzer, node: fx.Node) -> Any:
         out_shape = a.shape(node)
         args = [*node.args[:2], *(v for k, v in node.kwargs.items() if k in ("input", "other"))]
@@ -138,9 +141,11 @@ def _elementwise(kind: str) -> Callable[[Analyzer, fx.Node], Any]:
             off = nd - len(shp)
             return lay.zero and out_dims <= {d + off for d in lay.dims}
 
-        if kind == _ADD:
+        if kind == ADD:
             zero = all(covers(lay, shp) for lay, shp in operands) and all(v == 0 for v in scalars)
-        elif kind == _MUL:
+        elif kind == NONZERO:
+            zero = False
+        elif kind == MUL:
             zero = any(covers(lay, shp) for lay, shp in operands) or any(v == 0 for v in scalars)
         else:  # division: zero numerator
             first = node.args[0]
@@ -150,7 +155,7 @@ def _elementwise(kind: str) -> Callable[[Analyzer, fx.Node], Any]:
     return rule
 
 
-def _where(a: Analyzer, node: fx.Node) -> Any:
+def where(a: Analyzer, node: fx.Node) -> Any:
     cond, x, y = node.args[:3]
     operands = [(a.value(v), a.shape(v)) for v in (cond, x, y) if isinstance(v, fx.Node) and isinstance(a.value(v), Layout)]
     factors = a.broadcast(node, operands, a.shape(node))
@@ -158,7 +163,7 @@ def _where(a: Analyzer, node: fx.Node) -> Any:
     return Layout(factors, zero)
 
 
-def _unary(zero_preserving: bool) -> Callable[[Analyzer, fx.Node], Any]:
+def unary(zero_preserving: bool) -> Callable[[Analyzer, fx.Node], Any]:
     def rule(a: Analyzer, node: fx.Node) -> Any:
         x = a.value(node.args[0]) if node.args else a.value(node.kwargs.get("input"))
         if not isinstance(x, Layout):
@@ -168,7 +173,7 @@ def _unary(zero_preserving: bool) -> Callable[[Analyzer, fx.Node], Any]:
     return rule
 
 
-def _clamp(a: Analyzer, node: fx.Node) -> Any:
+def clamp(a: Analyzer, node: fx.Node) -> Any:
     lo, hi = _arg(node, 1, "min"), _arg(node, 2, "max")
     x = a.value(node.args[0])
     if isinstance(lo, fx.Node) or isinstance(hi, fx.Node) or not isinstance(x, Layout):
@@ -177,7 +182,7 @@ def _clamp(a: Analyzer, node: fx.Node) -> Any:
     return x.with_zero(x.zero and keeps_zero)
 
 
-def _pow(a: Analyzer, node: fx.Node) -> Any:
+def power(a: Analyzer, node: fx.Node) -> Any:
     x, e = node.args[0], _arg(node, 1, "exponent")
     if not isinstance(x, fx.Node) or isinstance(e, fx.Node):
         return unknown(a, node)
@@ -185,7 +190,7 @@ def _pow(a: Analyzer, node: fx.Node) -> Any:
     return lay.with_zero(lay.zero and isinstance(e, (int, float)) and e > 0)
 
 
-def _like(zero: bool) -> Callable[[Analyzer, fx.Node], Any]:
+def like(zero: bool) -> Callable[[Analyzer, fx.Node], Any]:
     def rule(a: Analyzer, node: fx.Node) -> Any:
         return a.value(node.args[0]).with_zero(zero)
 
@@ -205,45 +210,54 @@ def reshape_as(a: Analyzer, node: fx.Node) -> Any:
     return Layout(factors, out.zero)
 
 
-def _perm_of(node: fx.Node, nd: int) -> list[int]:
-    name = node.target if isinstance(node.target, str) else node.target.__name__
-    if name in ("permute",):
-        dims = node.args[1:] if len(node.args) > 2 or not isinstance(node.args[1], (list, tuple)) else node.args[1]
-        if not dims:
-            dims = node.kwargs["dims"]
-        return [_norm_dim(d, nd) for d in dims]
-    if name in ("transpose", "swapaxes", "swapdims"):
-        d0, d1 = _norm_dim(node.args[1], nd), _norm_dim(node.args[2], nd)
-        perm = list(range(nd))
-        perm[d0], perm[d1] = perm[d1], perm[d0]
-        return perm
-    if name == "t":
-        return list(range(nd))[::-1]
-    if name == "movedim":
-        src, dst = node.args[1], node.args[2]
-        src = [src] if isinstance(src, int) else list(src)
-        dst = [dst] if isinstance(dst, int) else list(dst)
-        src = [_norm_dim(s, nd) for s in src]
-        dst = [_norm_dim(d, nd) for d in dst]
-        rest = [d for d in range(nd) if d not in src]
-        perm: list[int] = [-1] * nd
-        for s, d in zip(src, dst, strict=True):
-            perm[d] = s
-        it = iter(rest)
-        return [p if p >= 0 else next(it) for p in perm]
-    raise KeyError(name)
+def _permutation(node: fx.Node, nd: int) -> list[int]:
+    dims = node.args[1:] if len(node.args) > 2 or not isinstance(node.args[1], (list, tuple)) else node.args[1]
+    return [_norm_dim(d, nd) for d in (dims or node.kwargs["dims"])]
 
 
-def permute(a: Analyzer, node: fx.Node) -> Any:
-    x = node.args[0]
-    return a.value(x).permute(_perm_of(node, len(a.shape(x))))
+def _transposition(node: fx.Node, nd: int) -> list[int]:
+    d0, d1 = _norm_dim(_arg(node, 1, "dim0"), nd), _norm_dim(_arg(node, 2, "dim1"), nd)
+    perm = list(range(nd))
+    perm[d0], perm[d1] = perm[d1], perm[d0]
+    return perm
+
+
+def _reversal(node: fx.Node, nd: int) -> list[int]:
+    return list(range(nd))[::-1]
+
+
+def _movedim(node: fx.Node, nd: int) -> list[int]:
+    src, dst = node.args[1], node.args[2]
+    src = [_norm_dim(s, nd) for s in ([src] if isinstance(src, int) else src)]
+    dst = [_norm_dim(d, nd) for d in ([dst] if isinstance(dst, int) else dst)]
+    rest = iter(d for d in range(nd) if d not in src)
+    perm: list[int] = [-1] * nd
+    for s, d in zip(src, dst, strict=True):
+        perm[d] = s
+    return [p if p >= 0 else next(rest) for p in perm]
+
+
+def permute_by(order: Callable[[fx.Node, int], list[int]]) -> Callable[[Analyzer, fx.Node], Any]:
+    """A dim permutation; ``order(node, ndim)`` reads it from the node's arguments."""
+
+    def rule(a: Analyzer, node: fx.Node) -> Any:
+        x = node.args[0]
+        return a.value(x).permute(order(node, len(a.shape(x))))
+
+    return rule
+
+
+permute = permute_by(_permutation)
+transpose = permute_by(_transposition)
+reverse_dims = permute_by(_reversal)
+movedim = permute_by(_movedim)
 
 
 def expand(a: Analyzer, node: fx.Node) -> Any:
     x = node.args[0]
     lay = a.value(x)
     operands = [(lay, a.shape(x))]
-    if node.target in ("expand_as",) and isinstance(node.args[1], fx.Node):
+    if len(node.args) == 2 and isinstance(node.args[1], fx.Node) and isinstance(a.shape(node.args[1]), torch.Size):  # expand_as
         other = node.args[1]
         operands.append((a.value(other), a.shape(other)))
     return Layout(a.broadcast(node, operands, a.shape(node)), lay.zero)
@@ -268,23 +282,48 @@ def cat(a: Analyzer, node: fx.Node) -> Any:
     out_shape = a.shape(node)
     nd = len(out_shape)
     dim = _norm_dim(_arg(node, 1, "dim", 0), nd)
+    grid = _cat_grids(a, node, tensors, dim)
+    if grid is not None:
+        return grid
+    tracked = any(a.value(t).on(dim) is not None for t in tensors)
     pieces, others = [], []
     for t in tensors:
         lay, shape = a.value(t), a.shape(t)
         ids = a.axis_ids(lay, dim)
-        if ids is None:
+        if ids is None and tracked:
             ids = a.fresh(shape[dim])
             a.pin(ids, node, "a fixed-size input of this concatenation")
-        pieces.append(ids)
+        if ids is not None:
+            pieces.append(ids)
         rest = Layout(tuple(f for f in lay.factors if dim not in f.dims), lay.zero)
         # other dims must align across inputs: broadcast them against the output (with the
         # concatenated dim seen as size 1, so it never conflicts)
         others.append((rest, tuple(1 if d == dim else s for d, s in enumerate(shape))))
     base = tuple(1 if d == dim else s for d, s in enumerate(out_shape))
     factors = a.broadcast(node, others, base)
-    joined = Factor((dim,), np.concatenate(pieces))
     zero = all(a.value(t).zero for t in tensors)
+    if not tracked:  # no input has channels on the joined dim: neither does the result
+        return Layout(factors, zero)
+    joined = Factor((dim,), np.concatenate(pieces))
     return Layout(tuple(sorted((*factors, joined), key=lambda f: f.dims)), zero)
+
+
+def _cat_grids(a: Analyzer, node: fx.Node, tensors: Sequence[fx.Node], dim: int) -> Layout | None:
+    """Pieces of one grid factor (heads x head_dim, say) concatenated along one of its dims,
+    as rotary embeddings do with ``cat((-x2, x1), -1)``: the grids are joined along that axis,
+    so the other dims (the heads) stay separate channels. None when the pieces differ in
+    their factors."""
+    lays = [a.value(t) for t in tensors]
+    fs = [lay.on(dim) if isinstance(lay, Layout) else None for lay in lays]
+    if not fs or any(f is None or len(f.dims) < 2 or f.dims != fs[0].dims for f in fs):  # type: ignore[union-attr]
+        return None
+    k = fs[0].axis(dim)  # type: ignore[union-attr]
+    rest = {tuple(np.delete(f.ids.shape, k)) for f in fs}  # type: ignore[union-attr]
+    others = {tuple(g.dims for g in lay.factors if g is not f) for lay, f in zip(lays, fs, strict=True)}
+    if len(rest) != 1 or others != {()}:
+        return None
+    joined = a.simplify(Factor(fs[0].dims, np.concatenate([f.ids for f in fs], axis=k)))  # type: ignore[union-attr]
+    return Layout((joined,), all(lay.zero for lay in lays))
 
 
 def stack(a: Analyzer, node: fx.Node) -> Any:
@@ -401,7 +440,7 @@ def narrow(a: Analyzer, node: fx.Node) -> Any:
     return _index_tensor(a, node, lay, shape, index)
 
 
-def _reduction(kind: str) -> Callable[[Analyzer, fx.Node], Any]:
+def reduction(kind: str) -> Callable[[Analyzer, fx.Node], Any]:
     def rule(a: Analyzer, node: fx.Node) -> Any:
         x = node.args[0]
         lay, shape = a.value(x), a.shape(x)
@@ -435,7 +474,7 @@ def _reduction(kind: str) -> Callable[[Analyzer, fx.Node], Any]:
     return rule
 
 
-def _spatial(nspatial: int | None, zero_preserving: bool = True) -> Callable[[Analyzer, fx.Node], Any]:
+def spatial(nspatial: int | None, zero_preserving: bool = True) -> Callable[[Analyzer, fx.Node], Any]:
     """Pooling, upsampling, padding: per-channel along one channel dim, mixing spatial dims."""
 
     def rule(a: Analyzer, node: fx.Node) -> Any:
@@ -456,7 +495,8 @@ def _spatial(nspatial: int | None, zero_preserving: bool = True) -> Callable[[An
 
 
 def _pad_keeps_zero(node: fx.Node) -> bool:
-    value = _arg(node, 3, "value", 0) if node.op == "call_function" and node.target is F.pad else 0
+    """F.pad(x, pad, mode, value) and aten.pad: a non-zero fill makes masked channels non-zero."""
+    value = _arg(node, 3, "value", 0) if node.op == "call_function" and node.target in (F.pad, torch.ops.aten.pad.default) else 0
     return value in (0, None)
 
 
@@ -568,10 +608,16 @@ def conv_module(a: Analyzer, node: fx.Node) -> Any:
     return out_lay
 
 
-def conv_function(a: Analyzer, node: fx.Node) -> Any:
-    name = node.target.__name__
-    transposed = "transpose" in name
-    n = int(name[-2])
+def conv_function(n: int, transposed: bool) -> Callable[[Analyzer, fx.Node], Any]:
+    """``F.conv{n}d`` / ``F.conv_transpose{n}d`` (and their aten overloads)."""
+
+    def rule(a: Analyzer, node: fx.Node) -> Any:
+        return _conv_call(a, node, n, transposed)
+
+    return rule
+
+
+def _conv_call(a: Analyzer, node: fx.Node, n: int, transposed: bool) -> Any:
     x, weight, bias = node.args[0], _arg(node, 1, "weight"), _arg(node, 2, "bias")
     groups = _arg(node, 6, "groups", 1)  # same position for conv and conv_transpose
     if not isinstance(weight, fx.Node) or isinstance(groups, fx.Node):
@@ -672,7 +718,15 @@ def matmul(a: Analyzer, node: fx.Node) -> Any:
     shape_x = (*((1,) * ox), *sx[:-1], 1)
     shape_y = (*((1,) * oy), *sy[:-2], 1, sy[-1])
     factors = a.broadcast(node, [(ax, shape_x), (ay, shape_y)], out_shape)
-    return Layout(factors, lx.zero and ly.zero)
+    return Layout(factors, _product_zero(factors, (ax, ay)))
+
+
+def _product_zero(factors: Sequence[Factor], operands: Sequence[Layout]) -> bool:
+    """A product's masked channels are zero when one operand whose masked channels are zero
+    carries every tracked dim of the result: along a batch-like dim (attention heads) a
+    product is zero when *either* operand is."""
+    out_dims = {d for f in factors for d in f.dims}
+    return any(lay.zero and out_dims <= lay.dims for lay in operands)
 
 
 def batchnorm_module(a: Analyzer, node: fx.Node) -> Any:
@@ -692,11 +746,24 @@ def batchnorm_module(a: Analyzer, node: fx.Node) -> Any:
     return lay.with_zero(lay.zero and instance_stats)
 
 
-def batchnorm_function(a: Analyzer, node: fx.Node) -> Any:
+F_BATCH_NORM_ARGS = ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias"))
+ATEN_BATCH_NORM_ARGS = ((3, "running_mean"), (4, "running_var"), (1, "weight"), (2, "bias"))
+
+
+def batchnorm_call(positions: Sequence[tuple[int, str]]) -> Callable[[Analyzer, fx.Node], Any]:
+    """``F.batch_norm(x, running_mean, running_var, weight, bias, ...)``; aten orders them
+    ``(x, weight, bias, running_mean, running_var, ...)``."""
+
+    def rule(a: Analyzer, node: fx.Node) -> Any:
+        return _batchnorm_call(a, node, [_arg(node, i, n) for i, n in positions])
+
+    return rule
+
+
+def _batchnorm_call(a: Analyzer, node: fx.Node, params: list[Any]) -> Any:
     x = node.args[0]
     lay, shape = a.value(x), a.shape(x)
     ids = a.axis_ids(lay, 1 if len(shape) > 1 else 0)
-    params = [_arg(node, i, n) for i, n in ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias"))]
     for p in params:
         if isinstance(p, fx.Node):
             pid = a.axis_ids(a.value(p), 0)
@@ -961,168 +1028,201 @@ def channel_shuffle_module(a: Analyzer, node: fx.Node) -> Any:
 
 
 # ---------------------------------------------------------------------------------------
-# the tables
+# ops of aten-level graphs (the torch.export front-end) and their Python spellings
 # ---------------------------------------------------------------------------------------
-_ZERO_PRESERVING_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Hardswish, nn.Hardtanh, nn.Tanh, nn.Softshrink, nn.Hardshrink, nn.Tanhshrink, nn.Identity,
-    nn.modules.dropout._DropoutNd, nn.Threshold,
-)
-_NONZERO_MODULES = (nn.Sigmoid, nn.Hardsigmoid, nn.Softplus, nn.LogSigmoid)
-
-MODULE_RULES: dict[type, Callable[[Analyzer, fx.Node], Any]] = {
-    nn.Conv1d: conv_module, nn.Conv2d: conv_module, nn.Conv3d: conv_module,
-    nn.ConvTranspose1d: conv_module, nn.ConvTranspose2d: conv_module, nn.ConvTranspose3d: conv_module,
-    nn.Linear: linear_module,
-    nn.modules.batchnorm._NormBase: batchnorm_module,  # BatchNorm*, SyncBatchNorm, InstanceNorm*
-    nn.GroupNorm: groupnorm_module,
-    nn.LayerNorm: layernorm_module,
-    nn.Embedding: embedding_module,
-    nn.PReLU: prelu_module,
-    nn.LocalResponseNorm: lrn,
-    nn.MultiheadAttention: multihead_attention,
-    pnn.MultiheadAttention: multihead_attention,
-    pnn.BranchConstant: branch_constant,
-    nn.Flatten: flatten_module, nn.Unflatten: flatten_module,
-    nn.Softmax: softmax, nn.LogSoftmax: softmax, nn.Softmin: softmax,
-    nn.ChannelShuffle: channel_shuffle_module,
-    **{k: _unary(True) for k in _ZERO_PRESERVING_MODULES},
-    **{k: _unary(False) for k in _NONZERO_MODULES},
-    **{k: _spatial(None) for k in (
-        nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-        nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-        nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
-        nn.LPPool1d, nn.LPPool2d, nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d,
-        nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d,
-        nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d,
-    )},
-}
-
-_ZERO_PRESERVING_FUNCTIONS: list[Any] = [
-    torch.relu, torch.relu_, F.relu, F.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu,
-    F.mish, F.hardswish, F.hardtanh, F.tanh, torch.tanh, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
-    F.alpha_dropout, F.feature_alpha_dropout, torch.abs, torch.neg, operator.neg, torch.sqrt, torch.square,
-    torch.sin, torch.erf, torch.nn.functional.softshrink, torch.nn.functional.hardshrink, F.tanhshrink,
-    operator.pos,
-]
-_NONZERO_FUNCTIONS: list[Any] = [
-    torch.sigmoid, F.sigmoid, F.hardsigmoid, F.softplus, F.logsigmoid, torch.exp, torch.cos, torch.log,
-    torch.rsqrt, torch.reciprocal,
-]
-_ADD_FUNCTIONS = [operator.add, operator.sub, torch.add, torch.sub, torch.subtract, torch.maximum, torch.minimum, torch.fmax, torch.fmin, operator.iadd, operator.isub]
-_MUL_FUNCTIONS = [operator.mul, torch.mul, torch.multiply, operator.imul]
-_DIV_FUNCTIONS = [operator.truediv, torch.div, torch.true_divide, torch.divide, operator.itruediv]
-
-FUNCTION_RULES: dict[Any, Callable[[Analyzer, fx.Node], Any]] = {
-    **{f: _unary(True) for f in _ZERO_PRESERVING_FUNCTIONS},
-    **{f: _unary(False) for f in _NONZERO_FUNCTIONS},
-    **{f: _elementwise(_ADD) for f in _ADD_FUNCTIONS},
-    **{f: _elementwise(_MUL) for f in _MUL_FUNCTIONS},
-    **{f: _elementwise(_DIV) for f in _DIV_FUNCTIONS},
-    torch.where: _where,
-    torch.clamp: _clamp, torch.clip: _clamp, torch.pow: _pow, operator.pow: _pow,
-    torch.zeros_like: _like(True), torch.ones_like: _like(False), torch.empty_like: _like(False),
-    torch.full_like: _like(False), torch.rand_like: _like(False), torch.randn_like: _like(False),
-    torch.flatten: reshape, torch.reshape: reshape, torch.squeeze: reshape, torch.unsqueeze: reshape,
-    torch.unflatten: reshape,
-    torch.permute: permute, torch.transpose: permute, torch.swapaxes: permute, torch.t: permute,
-    torch.movedim: permute,
-    torch.cat: cat, torch.concat: cat, torch.concatenate: cat, torch.stack: stack,
-    torch.split: split, torch.chunk: split,
-    operator.getitem: getitem,
-    torch.narrow: narrow,
-    torch.sum: _reduction("sum"), torch.mean: _reduction("mean"), torch.amax: _reduction("amax"),
-    torch.amin: _reduction("amin"),
-    F.adaptive_avg_pool1d: _spatial(1), F.adaptive_avg_pool2d: _spatial(2), F.adaptive_avg_pool3d: _spatial(3),
-    F.adaptive_max_pool1d: _spatial(1), F.adaptive_max_pool2d: _spatial(2), F.adaptive_max_pool3d: _spatial(3),
-    F.avg_pool1d: _spatial(1), F.avg_pool2d: _spatial(2), F.avg_pool3d: _spatial(3),
-    F.max_pool1d: _spatial(1), F.max_pool2d: _spatial(2), F.max_pool3d: _spatial(3),
-    F.lp_pool1d: _spatial(1), F.lp_pool2d: _spatial(2),
-    F.interpolate: _spatial(None), F.upsample: _spatial(None), F.pad: _spatial(None),
-    F.conv1d: conv_function, F.conv2d: conv_function, F.conv3d: conv_function,
-    F.conv_transpose1d: conv_function, F.conv_transpose2d: conv_function, F.conv_transpose3d: conv_function,
-    F.linear: linear_function,
-    torch.matmul: matmul, operator.matmul: matmul, torch.bmm: matmul, torch.mm: matmul,
-    F.batch_norm: batchnorm_function, F.instance_norm: batchnorm_function,
-    F.group_norm: groupnorm_function, F.layer_norm: layernorm_function,
-    F.softmax: softmax, F.log_softmax: softmax, torch.softmax: softmax, torch.log_softmax: softmax,
-    F.normalize: normalize,
-    builtins.getattr: metadata,
-}
-
-FUNCTION_RULES[pnn.shifted_window_attention] = window_attention
-
-try:  # torchvision wraps these for fx, so they are single nodes in traced graphs
-    from torchvision.models import swin_transformer as _swin
-    from torchvision.ops import stochastic_depth as _stochastic_depth
-
-    FUNCTION_RULES[_stochastic_depth] = _unary(True)  # scales whole samples
-    FUNCTION_RULES[_swin.shifted_window_attention] = window_attention
-    FUNCTION_RULES[_swin._get_relative_position_bias] = relative_position_bias
-    FUNCTION_RULES[_swin._patch_merging_pad] = patch_merging_pad
-except ImportError:  # pragma: no cover - torchvision is optional
-    pass
-
-_METHOD_ALIASES: dict[str, Any] = {
-    "add": _elementwise(_ADD), "add_": _elementwise(_ADD), "sub": _elementwise(_ADD), "sub_": _elementwise(_ADD),
-    "__add__": _elementwise(_ADD), "__radd__": _elementwise(_ADD),
-    "mul": _elementwise(_MUL), "mul_": _elementwise(_MUL), "div": _elementwise(_DIV), "div_": _elementwise(_DIV),
-    "maximum": _elementwise(_ADD), "minimum": _elementwise(_ADD),
-    "relu": _unary(True), "relu_": _unary(True), "tanh": _unary(True), "tanh_": _unary(True),
-    "abs": _unary(True), "neg": _unary(True), "sqrt": _unary(True), "square": _unary(True),
-    "sigmoid": _unary(False), "sigmoid_": _unary(False), "exp": _unary(False), "rsqrt": _unary(False),
-    "clamp": _clamp, "clamp_": _clamp, "clip": _clamp, "pow": _pow,
-    "contiguous": identity, "clone": identity, "detach": identity, "to": identity, "float": identity,
-    "half": identity, "double": identity, "bfloat16": identity, "type_as": identity, "requires_grad_": identity,
-    "cpu": identity, "cuda": identity,
-    "view": reshape, "reshape": reshape, "flatten": reshape, "unflatten": reshape, "squeeze": reshape,
-    "unsqueeze": reshape, "view_as": reshape_as, "reshape_as": reshape_as,
-    "permute": permute, "transpose": permute, "t": permute, "swapaxes": permute, "movedim": permute,
-    "expand": expand, "expand_as": expand, "repeat": repeat,
-    "split": split, "chunk": split, "narrow": narrow,
-    "sum": _reduction("sum"), "mean": _reduction("mean"), "amax": _reduction("amax"), "amin": _reduction("amin"),
-    "softmax": softmax, "log_softmax": softmax,
-    "size": metadata, "dim": metadata, "numel": metadata,
-    "matmul": matmul, "bmm": matmul,
-}
-METHOD_RULES: dict[str, Callable[[Analyzer, fx.Node], Any]] = _METHOD_ALIASES
+def no_channels(a: Analyzer, node: fx.Node) -> Any:
+    """Ops that build masks, positions or constants (arange, comparisons of positions,
+    new_ones, assertions): their outputs carry no channels and they pin nothing."""
+    return empty_like_shape(a.shape(node), zero=False)
 
 
-# Consumers that handle a tensor whose channel dim the mask empties (a split piece whose
-# group keeps channels elsewhere). torch's pooling, interpolation and norms raise on 0
-# channels, and a convolution reading 0 channels silently returns 0 channels instead of its
-# bias, so every consumer not listed here makes reconfigure refuse such a mask.
-_EMPTY_SAFE_MODULES = (
-    *_ZERO_PRESERVING_MODULES, *_NONZERO_MODULES, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-    nn.AdaptiveAvgPool3d, nn.Flatten, nn.Linear,
-)
-_EMPTY_SAFE_FUNCTIONS = {
-    *_ZERO_PRESERVING_FUNCTIONS, *_NONZERO_FUNCTIONS, *_ADD_FUNCTIONS, *_MUL_FUNCTIONS, *_DIV_FUNCTIONS,
-    torch.cat, torch.concat, torch.concatenate, torch.stack, torch.split, torch.chunk, operator.getitem,
-    torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.sum, torch.mean, F.linear, F.pad,
-    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
-}
-_EMPTY_SAFE_METHODS = {
-    "add", "add_", "sub", "mul", "mul_", "div", "relu", "relu_", "sigmoid", "tanh", "view", "reshape", "flatten",
-    "permute", "transpose", "contiguous", "clone", "mean", "sum", "split", "chunk", "size", "dim", "to",
-}
+def select(a: Analyzer, node: fx.Node) -> Any:
+    """``aten.select.int(x, dim, index)`` == ``x[(slice(None),) * dim + (index,)]``."""
+    x, dim, index = node.args[0], node.args[1], node.args[2]
+    if isinstance(index, fx.Node):
+        return unknown(a, node)
+    shape = a.shape(x)
+    return _index_tensor(a, node, a.value(x), shape, (*[slice(None)] * _norm_dim(dim, len(shape)), index))
 
 
-def accepts_empty(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    """Whether ``node`` works when one of its tensor inputs has 0 channels."""
-    if node.op == "call_module":
-        return isinstance(modules.get(node.target), _EMPTY_SAFE_MODULES)  # type: ignore[arg-type]
-    if node.op == "call_function":
-        return node.target in _EMPTY_SAFE_FUNCTIONS
-    return node.op == "call_method" and node.target in _EMPTY_SAFE_METHODS
+def slice_dim(a: Analyzer, node: fx.Node) -> Any:
+    """``aten.slice.Tensor(x, dim, start, end, step)`` == ``x[..., start:end:step, ...]``."""
+    x = node.args[0]
+    dim, start, end, step = _arg(node, 1, "dim", 0), _arg(node, 2, "start"), _arg(node, 3, "end"), _arg(node, 4, "step", 1)
+    if any(isinstance(v, fx.Node) for v in (dim, start, end, step)):
+        lay = a.value(x)
+        f = lay.on(_norm_dim(dim, len(a.shape(x)))) if not isinstance(dim, fx.Node) else None
+        if f is None and not isinstance(dim, fx.Node):
+            return lay  # a dynamic slice of a dim without channels (a sequence)
+        return unknown(a, node)
+    shape = a.shape(x)
+    return _index_tensor(a, node, a.value(x), shape, (*[slice(None)] * _norm_dim(dim, len(shape)), slice(start, end, step)))
 
 
-def _module_rule(m: nn.Module) -> Callable[[Analyzer, fx.Node], Any]:
-    for cls in type(m).__mro__:
-        rule = MODULE_RULES.get(cls)
-        if rule is not None:
-            return rule
-    return unknown
+def index_tensors(a: Analyzer, node: fx.Node) -> Any:
+    """``aten.index.Tensor(x, [i0, None, i2, ...])`` (advanced indexing): indexed dims must
+    carry no channels (else they are pinned); when the indexed dims are contiguous the others
+    keep their channels, moved to where the index result puts them."""
+    x, indices = node.args[0], node.args[1]
+    lay, shape, out = a.value(x), a.shape(x), a.shape(node)
+    if not isinstance(lay, Layout):
+        return unknown(a, node)
+    hit = [d for d, i in enumerate(indices) if i is not None]
+    for d in hit:
+        f = lay.on(d)
+        if f is not None:
+            a.pin(f.ids, node, "a channel dim indexed by a tensor")
+    a.pin_value([a.value(i) for i in indices if isinstance(i, fx.Node)], node, "index tensor")
+    rest = Layout(tuple(f for f in lay.factors if not set(f.dims) & set(hit)), lay.zero)
+    if not rest.factors:
+        return Layout((), lay.zero)
+    if hit != list(range(hit[0], hit[-1] + 1)):
+        a.pin_value(rest, node, "advanced indexing over non-contiguous dims moves channel dims")
+        return Layout((), lay.zero)
+    grown = len(out) - (len(shape) - len(hit))  # dims of the broadcast index result
+    mapping = {d: (d if d < hit[0] else d - len(hit) + grown) for d in rest.dims}
+    return rest.shift(mapping)
+
+
+def gather(a: Analyzer, node: fx.Node) -> Any:
+    """``gather(x, dim, index)`` / ``index_select(x, dim, index)``: channels along ``dim``
+    are pinned (the index picks among them); other dims keep their channels when the result
+    has the same size there."""
+    x, dim, index = node.args[0], node.args[1], node.args[2]
+    lay, shape, out = a.value(x), a.shape(x), a.shape(node)
+    if not isinstance(lay, Layout) or isinstance(dim, fx.Node):
+        return unknown(a, node)
+    dim = _norm_dim(dim, len(shape))
+    a.pin_value(a.value(index), node, "index tensor")
+    kept = []
+    for f in lay.factors:
+        if dim in f.dims or any(out[d] != shape[d] for d in f.dims):
+            a.pin(f.ids, node, "gathered along a channel dim")
+        else:
+            kept.append(f)
+    return Layout(tuple(kept), lay.zero)
+
+
+def along_dims(dims_of: Callable[[fx.Node, int], set[int]], zero_preserving: bool) -> Callable[[Analyzer, fx.Node], Any]:
+    """Scans and rolls along some dims (cumsum, diff, roll): channels on those dims are
+    pinned (the op mixes or moves them); every other dim keeps its channels."""
+
+    def rule(a: Analyzer, node: fx.Node) -> Any:
+        x = node.args[0]
+        lay, shape = a.value(x), a.shape(x)
+        if not isinstance(lay, Layout) or a.shape(node) != shape:
+            return unknown(a, node)
+        dims = dims_of(node, len(shape))
+        return _only_on(a, node, lay, set(range(len(shape))) - dims, "a scan or roll mixes or moves entries along this dim").with_zero(lay.zero and zero_preserving)
+
+    return rule
+
+
+def _dim_at(index: int) -> Callable[[fx.Node, int], set[int]]:
+    return lambda node, nd: {_norm_dim(_arg(node, index, "dim", -1), nd)}
+
+
+def _roll_dims(node: fx.Node, nd: int) -> set[int]:
+    dims = _arg(node, 2, "dims")
+    if dims is None or dims == []:  # rolls the flattened tensor
+        return set(range(nd))
+    return {_norm_dim(d, nd) for d in ([dims] if isinstance(dims, int) else dims)}
+
+
+cumulative = along_dims(_dim_at(1), zero_preserving=True)  # cumsum(x, dim)
+difference = along_dims(_dim_at(2), zero_preserving=True)  # diff(x, n, dim)
+roll = along_dims(_roll_dims, zero_preserving=True)
+
+
+def masked_fill(a: Analyzer, node: fx.Node) -> Any:
+    """``x.masked_fill(mask, value)``: elementwise in x and the (broadcast) mask; masked
+    channels stay zero only when the fill value is 0."""
+    x, mask, value = node.args[0], node.args[1], _arg(node, 2, "value")
+    operands = [(a.value(v), a.shape(v)) for v in (x, mask) if isinstance(v, fx.Node) and isinstance(a.value(v), Layout)]
+    factors = a.broadcast(node, operands, a.shape(node))
+    return Layout(factors, a.value(x).zero and value == 0)
+
+
+def embedding_function(a: Analyzer, node: fx.Node) -> Any:
+    """``aten.embedding(weight, indices)`` / ``F.embedding(indices, weight)``: the table's
+    rows are the vocabulary (pinned: indices address them), its columns write the output's
+    last dim."""
+    weight, indices = (node.args[0], node.args[1]) if node.target is torch.ops.aten.embedding.default else (node.args[1], node.args[0])
+    wl = a.value(weight)
+    a.pin_value(a.value(indices), node, "embedding indices")
+    if not isinstance(wl, Layout):
+        return unknown(a, node)
+    rows, cols = a.axis_ids(wl, 0), a.axis_ids(wl, 1)
+    a.pin(rows, node, "embedding rows are addressed by token ids")
+    nd = len(a.shape(node))
+    return Layout((Factor((nd - 1,), cols),) if cols is not None else (), wl.zero)
+
+
+def addmm(a: Analyzer, node: fx.Node) -> Any:
+    """``addmm(bias, x, W)`` with ``W`` of shape (in, out), as GPT-2's Conv1D computes a
+    linear layer: ``x`` (N, in) -> (N, out)."""
+    bias, x, weight = node.args[0], node.args[1], node.args[2]
+    wl = a.value(weight)
+    if not isinstance(weight, fx.Node) or not isinstance(wl, Layout) or len(a.shape(weight)) != 2:
+        return unknown(a, node)
+    if weight.op == "get_attr":
+        a.set_role(weight.target, 0, Role.READ)
+    inp, out = a.axis_ids(wl, 0), a.axis_ids(wl, 1)
+    zero = wl.zero
+    if isinstance(bias, fx.Node):
+        bl = a.value(bias)
+        b = a.axis_ids(bl, len(a.shape(bias)) - 1)
+        if out is not None and b is not None:
+            a.unify(out, b)
+        elif b is not None:
+            a.pin(b, node, "bias of a linear layer with fixed outputs")
+        zero = zero and bl.zero
+    return _linear_core(a, node, a.value(x), a.shape(x), out, inp).with_zero(zero)
+
+
+def scaled_dot_product_attention(a: Analyzer, node: fx.Node) -> Any:
+    """``sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)`` on (..., heads,
+    L, E) tensors: q and k contract their head dims E (their channels are united); heads are
+    a batch-like dim shared by q, k and v (with ``enable_gqa``, query head h reads KV head
+    h // (Hq / Hkv)); the output carries v's heads and value dims. A head masked in v gives
+    a zero head. With the default scale 1/sqrt(E), a shrinking E is rewritten to keep the
+    original scale (passes/fix_shape_args.py)."""
+    q, k, v = node.args[0], node.args[1], node.args[2]
+    lq, lk, lv = a.value(q), a.value(k), a.value(v)
+    sq, sk, sv = a.shape(q), a.shape(k), a.shape(v)
+    if not all(isinstance(t, Layout) for t in (lq, lk, lv)) or not len(sq) == len(sk) == len(sv) >= 3:
+        return unknown(a, node)
+    nd = len(sq)
+    mask = _arg(node, 3, "attn_mask")
+    if isinstance(mask, fx.Node):
+        a.pin_value(a.value(mask), node, "attention mask")
+    rest_q, eq = a.drop_dim(lq, nd - 1)
+    rest_k, ek = a.drop_dim(lk, nd - 1)
+    if eq is not None and ek is not None:
+        a.unify(eq, ek)
+        if not (lq.zero or lk.zero):
+            a.mark_inexact(eq, node, "attention scores contract channels whose masked values are not zero")
+    elif eq is not None or ek is not None:
+        a.pin(eq if eq is not None else ek, node, "attention with a fixed-size query or key head dim")
+    rest_v = _only_on(a, node, lv, set(range(nd)) - {nd - 2}, "the sequence dim of the values")
+    rest_q = _only_on(a, node, rest_q, set(range(nd - 2)), "the sequence dim of the queries")
+    rest_k = _only_on(a, node, rest_k, set(range(nd - 2)), "the sequence dim of the keys")
+    hq, hk = sq[nd - 3], sk[nd - 3]
+    if hk != hq and hk and hq % hk == 0:  # enable_gqa: repeat each KV head for its query heads
+        rest_k, rest_v = (_repeat_dim(t, nd - 3, hq // hk) for t in (rest_k, rest_v))
+    batch = tuple(sq[: nd - 2])
+    out_shape = a.shape(node)
+    factors = a.broadcast(node, [(rest_q, (*batch, sq[nd - 2], 1)), (rest_k, (*batch, 1, 1)), (rest_v, (*batch, 1, sv[nd - 1]))], out_shape)
+    return Layout(factors, _product_zero(factors, (rest_v,)))
+
+
+def _repeat_dim(lay: Layout, dim: int, times: int) -> Layout:
+    out = []
+    for f in lay.factors:
+        out.append(Factor(f.dims, np.repeat(f.ids, times, axis=f.axis(dim))) if dim in f.dims else f)
+    return Layout(tuple(out), lay.zero)
+
+
 
 
 def apply(a: Analyzer, node: fx.Node) -> Any:
@@ -1133,18 +1233,31 @@ def apply(a: Analyzer, node: fx.Node) -> Any:
         return get_attr(a, node)
     if node.op == "output":
         return output(a, node)
+    spec = ops.lookup(node, a.modules)
     if node.op == "call_module":
         m = a.module(node)
-        value = _module_rule(m)(a, node)
+        value = (spec.rule if spec is not None else unknown)(a, node)
         _record_module_output(a, node, m, value)
         return value
-    if node.op == "call_function":
-        rule = FUNCTION_RULES.get(node.target)
-    else:
-        rule = METHOD_RULES.get(node.target)  # type: ignore[arg-type]
     if not _tensor_args(a, node) and not isinstance(a.shape(node), torch.Size):
         return None  # arithmetic on Python values (sizes): see passes/size_values.py
-    return (rule or unknown)(a, node)
+    value = (spec.rule if spec is not None else unknown)(a, node)
+    owner = a.traced.owners.get(node)
+    if owner is not None and isinstance(value, Layout):  # export graphs: the last node a module computes is its output
+        _record_owner_output(a, node, owner, value)
+    return value
+
+
+def _record_owner_output(a: Analyzer, node: fx.Node, owner: str, value: Layout) -> None:
+    """The output channels of the module that computed ``node`` (its last node wins): dim 1
+    of (N, C, H, W...) maps, else the last dim (tokens)."""
+    nd = len(a.shape(node))
+    for dim in ((1, nd - 1) if nd >= 4 else (nd - 1, 1)):
+        f = value.on(dim)
+        if f is not None and len(f.dims) == 1:
+            a.module_outputs[owner] = f.ids
+            return
+    a.module_outputs.pop(owner, None)
 
 
 def _record_module_output(a: Analyzer, node: fx.Node, m: nn.Module, value: Any) -> None:

@@ -1,0 +1,194 @@
+"""The ``torch.export`` front-end: an aten-level graph for models ``torch.fx`` cannot trace.
+
+``torch.export.export(model, args, kwargs, strict=False)`` captures Hugging Face transformers
+and other models whose Python fx's symbolic tracing cannot follow (decorated ``*args,
+**kwargs`` forwards, iteration over proxies, shape-dependent control flow). Its graph takes
+every parameter, buffer and lifted constant as a placeholder; this front-end turns those into
+``get_attr`` nodes with the model's own qualified names (``graph_signature.inputs_to_parameters``
+and ``inputs_to_buffers``), so the analysis, the group names and the rewrite passes see the
+same kind of graph as with the fx front-end, only with aten ops (``aten.linear.default``,
+``aten.scaled_dot_product_attention.default``, ...) where fx had modules and functions.
+
+The graph is analysed directly, never re-traced: ``ep.module()`` re-traced with fx bakes the
+example's sequence length into constants. The batch dim (and the sequence dim of integer
+inputs such as token ids) is captured as dynamic (``Dim.AUTO``: kept dynamic unless the model
+specialises it), so the pruned graph runs at other batch sizes and sequence lengths. The
+graph is called like the model was at capture: the same positional and keyword arguments
+(``_PyTreeCodeGen`` with the capture's input and output specs).
+
+Source lines come from each node's ``stack_trace``, the module that computed a node from its
+``nn_module_stack``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.export.graph_signature import InputKind, OutputKind
+from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
+from torch.utils import _pytree as pytree
+
+from prunefx.errors import TraceError
+from prunefx.tracing import _TORCH_DIR, SourceLoc, Traced
+
+__all__ = ["export_trace", "dynamic_shapes_for"]
+
+_FRAME = re.compile(r'File "([^"]+)", line (\d+)')
+_CONSTANTS = "_prunefx_constants"
+_PRUNEFX_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where lifted tensor constants live on the captured GraphModule
+
+
+def dynamic_shapes_for(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """Dynamic dims for ``torch.export``: dim 0 of every tensor input (the batch), and dim 1
+    of integer inputs of rank 2 (token ids, attention masks: the sequence), each only when
+    its example size is at least 2 (export specialises sizes 0 and 1)."""
+    auto = torch.export.Dim.AUTO
+
+    def spec(x: Any) -> Any:
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            return None
+        dims = {0: auto} if x.shape[0] >= 2 else {}
+        if x.dim() == 2 and not x.is_floating_point() and x.shape[1] >= 2:
+            dims[1] = auto
+        return dims or None
+
+    bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    out: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        kind = inspect.signature(model.forward).parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            out[name] = {k: pytree.tree_map(spec, v) for k, v in value.items()}
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            out[name] = tuple(pytree.tree_map(spec, v) for v in value)
+        else:
+            out[name] = pytree.tree_map(spec, value)
+    return out
+
+
+def export_trace(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any] | None = None) -> tuple[Traced, tuple[Any, ...]]:
+    """Capture ``model(*args, **kwargs)`` with ``torch.export``. Returns the Traced graph
+    (parameters as ``get_attr`` of their qualified names) and the flat inputs its
+    placeholders take, in order."""
+    kwargs = dict(kwargs or {})
+    ep = _capture(model, args, kwargs)
+    gm, owners = _graph_module(model, ep)
+    sources = {n: loc for n in gm.graph.nodes if (loc := _source_of(n)) is not None}
+    flat = tuple(pytree.tree_leaves((tuple(args), kwargs)))
+    traced = Traced(gm, sources, None, model.training, frontend="export", owners=owners)
+    return traced, flat
+
+
+def _capture(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.export.ExportedProgram:
+    try:
+        dynamic = dynamic_shapes_for(model, args, kwargs)
+    except TypeError as exc:
+        raise TraceError(f"the example inputs do not fit {type(model).__name__}.forward: {exc}") from None
+    try:
+        return torch.export.export(model, tuple(args), kwargs, dynamic_shapes=dynamic, strict=False)
+    except Exception as first:  # noqa: BLE001 - export raises many types; retry with static shapes
+        try:
+            return torch.export.export(model, tuple(args), kwargs, strict=False)
+        except Exception as exc:  # noqa: BLE001
+            cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise TraceError(
+                f"torch.export cannot capture {type(model).__name__}: {type(exc).__name__}: {cause}\n"
+                "  What to do: check that example_inputs / example_kwargs are what forward takes "
+                "(e.g. example_kwargs={'use_cache': False} for a transformers model), or capture a "
+                "submodule that export can follow."
+            ) from first
+
+
+def _graph_module(model: nn.Module, ep: torch.export.ExportedProgram) -> tuple[fx.GraphModule, dict[fx.Node, str]]:
+    """``ep.graph`` with parameters, buffers and constants read by ``get_attr``."""
+    sig = ep.graph_signature
+    kinds = {spec.arg.name: spec for spec in sig.input_specs}
+    if any(spec.kind is not OutputKind.USER_OUTPUT for spec in sig.output_specs):
+        mutated = [spec.target for spec in sig.output_specs if spec.kind is not OutputKind.USER_OUTPUT]
+        raise TraceError(
+            f"{type(model).__name__}'s forward mutates {', '.join(map(str, mutated[:3]))}, which the export "
+            "front-end does not carry over. What to do: capture the model in eval mode (model.eval())."
+        )
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    constants: dict[str, torch.Tensor] = {}
+    for node in ep.graph.nodes:
+        spec = kinds.get(node.name) if node.op == "placeholder" else None
+        if spec is not None and spec.kind in (InputKind.PARAMETER, InputKind.BUFFER):
+            new = graph.get_attr(spec.target)
+        elif spec is not None and spec.kind is InputKind.CONSTANT_TENSOR:
+            name = f"{_CONSTANTS}.{re.sub(r'[^0-9a-zA-Z_]', '_', spec.target)}"
+            constants[name] = ep.constants[spec.target]
+            new = graph.get_attr(name)
+        elif spec is not None and spec.kind is not InputKind.USER_INPUT:
+            raise TraceError(f"torch.export gave {type(model).__name__} an input of kind {spec.kind.name}, which prunefx does not handle")
+        else:
+            new = graph.node_copy(node, lambda n: env[n])
+        new.meta = dict(node.meta)
+        env[node] = new
+    info = _PyTreeInfo(_argument_names(ep), ep.call_spec.in_spec, ep.call_spec.out_spec)
+    graph._codegen = _PyTreeCodeGen(info)
+    root = _root(model, graph, constants)
+    gm = fx.GraphModule(root, graph, class_name=type(model).__name__)
+    gm.training = model.training
+    owners = {n: path for n in gm.graph.nodes if (path := _owner_path(n)) is not None}
+    return gm, owners
+
+
+def _argument_names(ep: torch.export.ExportedProgram) -> list[str]:
+    signature = ep.module_call_graph[0].signature
+    if signature is not None and signature.forward_arg_names:
+        return list(signature.forward_arg_names)
+    return [f"arg_{i}" for i in range(ep.call_spec.in_spec.num_leaves)]
+
+
+def _root(model: nn.Module, graph: fx.Graph, constants: dict[str, torch.Tensor]) -> nn.Module:
+    """A module holding the model's own parameter and buffer objects at their qualified
+    names (buffers keep their persistence), and the lifted constants."""
+    root = nn.Module()
+    for node in graph.find_nodes(op="get_attr"):
+        target = str(node.target)
+        *path, leaf = target.split(".")
+        mod, src = root, model
+        for item in path:
+            src = getattr(src, item) if not target.startswith(_CONSTANTS) else None
+            nxt = mod._modules.get(item)
+            if nxt is None:
+                nxt = nn.Module()
+                nxt.training = src.training if isinstance(src, nn.Module) else model.training
+                mod.add_module(item, nxt)
+            mod = nxt
+        if target in constants:
+            mod.register_buffer(leaf, constants[target], persistent=False)
+        elif isinstance(obj := getattr(src, leaf), nn.Parameter):
+            mod.register_parameter(leaf, obj)
+        else:
+            mod.register_buffer(leaf, obj, persistent=leaf not in src._non_persistent_buffers_set)
+    return root
+
+
+def _owner_path(node: fx.Node) -> str | None:
+    """Qualified name of the innermost module that computed ``node``."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path = next(reversed(stack.values()))[0]
+    return path or None
+
+
+def _source_of(node: fx.Node) -> SourceLoc | None:
+    """The innermost frame of the node's stack trace that is model code (not torch's)."""
+    trace = node.meta.get("stack_trace")
+    if not trace:
+        return None
+    frames = _FRAME.findall(trace)
+    for filename, line in reversed(frames):
+        if not filename.startswith((_TORCH_DIR, _PRUNEFX_DIR)) and not filename.startswith("<"):
+            return SourceLoc(filename, int(line))
+    return SourceLoc(frames[-1][0], int(frames[-1][1])) if frames else None
