@@ -55,6 +55,9 @@ class Shapes:
         return s if isinstance(s, torch.Size) else None
 
 
+_META = torch.device("meta")
+
+
 class _TrackingShapeProp(ShapeProp):
     """ShapeProp that remembers the node it is running, to name it when something fails."""
 
@@ -71,6 +74,14 @@ class _TrackingShapeProp(ShapeProp):
 
 
 class _MetaShapeProp(_TrackingShapeProp):
+    def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
+        # export graphs name the capture's device (`arange(..., device=cpu)`, `x.to(cpu)`):
+        # on meta tensors every such device is meta
+        args = tuple(_META if isinstance(v, torch.device) else v for v in args)
+        if isinstance(kwargs.get("device"), torch.device):
+            kwargs = {**kwargs, "device": _META}
+        return super().call_function(target, args, kwargs)
+
     def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
         mod = self.fetch_attr(target)
         x = args[0] if args else None
