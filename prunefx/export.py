@@ -144,10 +144,13 @@ def export_onnx(
     - ``device``: ONNX Runtime device of the verification ("auto", "cpu", "cuda[:N]"); see
       ``onnx_session``. TensorRT is never used to verify: its engines take minutes to build.
     - ``external_data``: weights in ``path + ".data"``; by default only above protobuf's 2 GiB.
+      The ``.onnx`` and its ``.data`` are committed so that, whatever fails, the ``.onnx`` at
+      ``path`` never reads another export's data; a plain export removes a stale ``.data``.
 
-    Raises ExportError (nothing is written) when the path cannot be written, when neither
-    exporter can express the model (naming the operator and where the model calls it), or when
-    the verification fails.
+    Raises ExportError (the files at ``path`` are left as they were) when an option or the
+    path is wrong (checked before the slow part), when neither exporter can express the model
+    (naming the operator and where the model calls it), when the verification fails, or when
+    the file cannot be moved into place.
     """
     started = time.perf_counter()
     timings: dict[str, float] = {}
@@ -751,12 +754,20 @@ def _checked_target(path: Path) -> Path:
 
 class _Staging:
     """A directory beside the target, holding the file while it is made and checked; ``commit``
-    renames it (and its external data) into place, leaving it removes everything else."""
+    renames it (and its external data) into place, leaving it removes everything else.
+
+    The ``.onnx`` at the target and the ``.data`` beside it always come from the same export,
+    whatever step fails: an ``.onnx`` with external data is committed by moving the old pair
+    aside into the staging directory (the ``.onnx`` first: while it is away, no ``.onnx`` can
+    meet the wrong data), then the new ``.data``, then the new ``.onnx``; a failure moves the
+    old pair back (data first). A plain ``.onnx`` replaces the old one in one atomic rename, and
+    a ``.data`` left by an earlier external-data export is then removed, not left stale."""
 
     def __init__(self, target: Path) -> None:
         self.target = target
         self.data_target: Path | None = None
         self.size = 0
+        self.keep: Path | None = None  # the old pair, when putting it back failed: never deleted
 
     def __enter__(self) -> _Staging:
         try:
@@ -784,16 +795,61 @@ class _Staging:
             self.data_target = self.target.with_name(location)
 
     def commit(self) -> None:
+        data_at = self.target.with_name(self.target.name + ".data")
+        if self.data_target is None:
+            self._commit_plain(data_at)
+        else:
+            self._commit_pair(data_at)
+        self.size = self.target.stat().st_size + (self.data_target.stat().st_size if self.data_target else 0)
+
+    def _commit_plain(self, data_at: Path) -> None:
         try:
-            if self.data_target is not None:
-                os.replace(self.dir / self.data_target.name, self.data_target)
             os.replace(self.file, self.target)
         except OSError as exc:
             raise ExportError(f"cannot move the ONNX file into place at '{self.target}': {exc}") from exc
-        self.size = self.target.stat().st_size + (self.data_target.stat().st_size if self.data_target else 0)
+        try:
+            if data_at.is_file():
+                data_at.unlink()  # an earlier export's weights; the new file does not read them
+        except OSError as exc:
+            log.warning("prunefx.export_onnx: wrote %s but cannot remove the stale %s: %s", self.target, data_at, exc)
+
+    def _commit_pair(self, data_at: Path) -> None:
+        previous = self.dir / "previous"
+        previous.mkdir()
+        done: list[tuple[Path, Path]] = []  # renames made, undone in reverse order on failure
+        steps = [(p, previous / p.name) for p in (self.target, data_at) if p.exists() or p.is_symlink()]
+        steps += [(self.dir / data_at.name, data_at), (self.file, self.target)]
+        try:
+            for src, dst in steps:
+                os.replace(src, dst)
+                done.append((src, dst))
+        except OSError as exc:
+            kept = self._undo(done)
+            where = f"; the previous export is kept in '{previous}'" if kept else ""
+            raise ExportError(f"cannot move the ONNX file into place at '{self.target}': {exc}{where}") from exc
+
+    def _undo(self, done: list[tuple[Path, Path]]) -> bool:
+        """Put the old pair back (its data before its .onnx); True when that failed and the
+        old pair must be kept where it is."""
+        for src, dst in reversed(done):
+            try:
+                os.replace(dst, src)
+            except OSError:
+                self.keep = self.dir / "previous"
+                return True
+        return False
 
     def __exit__(self, *exc: Any) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if self.keep is None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            return
+        for p in self.dir.iterdir():  # everything but the old pair
+            if p == self.keep:
+                continue
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- runtime

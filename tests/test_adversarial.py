@@ -427,3 +427,125 @@ def test_branch_checkpoint_round_trip(branch_saved) -> None:
     rebuilt = prunefx.load_state_dict(_Res(), copy.deepcopy(state)).eval()
     with torch.no_grad():
         assert max_rel_diff(rebuilt(X), small.eval()(X)) < 1e-6
+
+
+# ============================================================================= ONNX export
+
+def _wide(seed: int) -> nn.Module:
+    """Weights large enough (> 1 KiB per tensor) to go to the external data file."""
+    torch.manual_seed(seed)
+    return randomize_norms(nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 8, 3))).eval()
+
+
+def _export(model: nn.Module, path: Path, external: bool, **kw: Any) -> Any:
+    return prunefx.export_onnx(model, path, X[:1], exporter="torchscript", simplify=False, verify=False,
+                               external_data=external, **kw)
+
+
+def _disk(d: Path) -> dict[str, bytes]:
+    """Every file under ``d`` (staging directories included) with its bytes."""
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def _prior(d: Path, kind: str) -> None:
+    """What an earlier export (of another model) left at d/m.onnx."""
+    if kind == "plain":
+        _export(_wide(1), d / "m.onnx", False)
+    elif kind == "pair":
+        _export(_wide(1), d / "m.onnx", True)
+    elif kind == "stale-data":
+        (d / "m.onnx.data").write_bytes(b"weights of an export long gone")
+    (d / "other.txt").write_text("not ours")
+
+
+def _replace_calls(prior: str, external: bool) -> int:
+    """os.replace calls of a commit: the old pair moved aside, then the new data and .onnx."""
+    if not external:
+        return 1
+    return {"empty": 0, "plain": 1, "pair": 2, "stale-data": 1}[prior] + 2
+
+
+EXPORT_FAULTS = [
+    pytest.param(prior, external, k, persistent, id=f"{prior}-then-{'external' if external else 'plain'}-fail-{k}{'-and-after' if persistent else ''}")
+    for prior in ("empty", "plain", "pair", "stale-data")
+    for external in (False, True)
+    for k in range(1, _replace_calls(prior, external) + 1)
+    for persistent in ((False, True) if external and k > 1 else (False,))
+]
+
+
+@pytest.mark.parametrize("prior, external, k, persistent", EXPORT_FAULTS)
+def test_export_commit_fault_leaves_the_files_as_before(prior, external, k, persistent, tmp_path, monkeypatch) -> None:
+    """The k-th rename of the commit fails (and, ``persistent``, every one after it, so the
+    old pair cannot be put back): an ExportError, and the files at the target are the old
+    pair, or no .onnx at all; never an .onnx next to another export's .data."""
+    import os
+
+    _prior(tmp_path, prior)
+    before = _disk(tmp_path)
+    real, calls = os.replace, []
+
+    def failing(src: Any, dst: Any) -> None:
+        calls.append((src, dst))
+        if len(calls) == k or (persistent and len(calls) > k):
+            raise OSError(28, "No space left on device (injected)")
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(prunefx.ExportError, match="cannot move the ONNX file into place") as info:
+        _export(_wide(2), tmp_path / "m.onnx", external)
+    monkeypatch.setattr(os, "replace", real)
+    after = _disk(tmp_path)
+    if not persistent:
+        assert after == before
+        return
+    # putting the old pair back failed too: every old file is at the target or kept in the
+    # staging directory the message names, and the target holds no .onnx that could read
+    # another export's data
+    kept = {Path(n).name: b for n, b in after.items() if "previous" in n}
+    for name, old in before.items():
+        assert old in (after.get(name), kept.get(name)), name
+    assert "m.onnx" not in after or (after["m.onnx"] == before["m.onnx"] and after.get("m.onnx.data") == before.get("m.onnx.data"))
+    assert not kept or "previous export is kept in" in str(info.value)
+
+
+@pytest.mark.parametrize("prior", ["empty", "plain", "pair", "stale-data"])
+@pytest.mark.parametrize("external", [False, True], ids=["then-plain", "then-external"])
+def test_export_over_an_earlier_one_leaves_exactly_the_new_files(prior: str, external: bool, tmp_path: Path) -> None:
+    _prior(tmp_path, prior)
+    model = _wide(2)
+    result = _export(model, tmp_path / "m.onnx", external)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == sorted(["m.onnx", "other.txt", *(["m.onnx.data"] if external else [])])  # no stale .data, no staging
+    assert (result.external_data is not None) == external
+    sess = prunefx.onnx_session(tmp_path / "m.onnx", "cpu")
+    got = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: X[:1].numpy()})[0])
+    with torch.no_grad():
+        assert max_rel_diff(got, model(X[:1])) < 1e-4  # the new weights, not the earlier export's
+
+
+@pytest.mark.parametrize("make_path, words", [
+    pytest.param(lambda d: d / "missing" / "m.onnx", ("does not exist",), id="missing-directory"),
+    pytest.param(lambda d: d, ("is a directory",), id="a-directory"),
+    pytest.param(lambda d: d / "other.txt" / "m.onnx", ("is not a directory",), id="under-a-file"),
+])
+def test_export_bad_path_fails_before_capture(make_path, words, tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "other.txt").write_text("x")
+    monkeypatch.setattr("prunefx.export._reference_batches", lambda *a: pytest.fail("work started"))
+    with pytest.raises(prunefx.ExportError) as info:
+        _export(_wide(0), make_path(tmp_path), False)
+    assert all(w in str(info.value) for w in words), str(info.value)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    pytest.param({"device": "bogus", "verify": True}, ("device", "bogus"), id="device-bogus"),
+    pytest.param({"device": "cuda:x", "verify": True}, ("device", "cuda:x"), id="device-bad-index"),
+    pytest.param({"exporter": "tflite"}, ("exporter", "tflite"), id="exporter-unknown"),
+])
+def test_export_bad_option_fails_before_capture(kwargs, words, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr("prunefx.export._reference_batches", lambda *a: pytest.fail("work started"))
+    args = {"exporter": "torchscript", "simplify": False, "verify": False, **kwargs}
+    with pytest.raises(prunefx.ExportError) as info:
+        prunefx.export_onnx(_wide(0), tmp_path / "m.onnx", X[:1], **args)
+    assert all(w in str(info.value) for w in words), str(info.value)
+    assert list(tmp_path.iterdir()) == []
