@@ -3,7 +3,7 @@ input model, of the same class, instead of a GraphModule.
 
     small = deepcopy(model) with every parameter/buffer replaced by its sliced tensor
     every size attribute := what the sliced tensors say        (Conv2d.out_channels = W.shape[0])
-    check: small(x) == graph_result(x) on the example inputs   (eval mode, |diff| <= 1e-4 max(1, |ref|))
+    check: small(x) == graph_result(x) on the example inputs   (eval mode, tolerance 1e-4)
 
 The size attributes are derived from the new tensors' shapes, never from graph nodes, so the
 emitter works for any front-end (an fx graph with call_module nodes or an aten graph where
@@ -74,7 +74,9 @@ def emit_module(model: nn.Module, graph: PruneGraph, state: RewriteState) -> nn.
     _replace_modules(model, small, state)
     _update_sizes(small, state)
     _hold_tensors(small, state)
-    setattr(small, LAYOUT_ATTR, getattr(state.result, LAYOUT_ATTR))
+    # prunefx.load_state_dict rebuilds with the emitter recorded here: a GraphModule's keys
+    # can differ (modules of an untraced mode, fx constants)
+    setattr(small, LAYOUT_ATTR, {**getattr(state.result, LAYOUT_ATTR), "emit": "module"})
     _check(small, state.result, graph, len(state.sources) > 1)
     return small
 
@@ -131,8 +133,8 @@ def _replace_modules(model: nn.Module, small: nn.Module, state: RewriteState) ->
             new = build(m, state, name)
         except (KeyError, AttributeError, RuntimeError) as exc:
             raise ReconfigureError(
-                f'emit="module": module \'{name}\' ({type(m).__name__}) cannot be rebuilt with pruned '
-                f"shapes ({type(exc).__name__}: {exc}); {_HINT}"
+                f"emit=\"module\": module '{name}' ({type(m).__name__}) cannot be rebuilt with "
+                f"pruned shapes ({type(exc).__name__}: {exc}); {_HINT}"
             ) from exc
         replaced[id(m)] = new
         _set_module(small, name, new)
@@ -151,28 +153,42 @@ def _tensors_shrank(old: nn.Module, prefix: str, state: RewriteState) -> bool:
 # -- size attributes ----------------------------------------------------------------------------
 
 
+class _Inexpressible(Exception):
+    """A size attribute that no value can make describe the pruned tensors."""
+
+    def __init__(self, attr: str, why: str) -> None:
+        super().__init__(why)
+        self.attr = attr
+
+
 def _conv(m: nn.modules.conv._ConvNd) -> dict[str, Any]:
-    """W: (out, in/groups, *k), transposed (in, out/groups, *k). A group keeps its width, so
-    groups' = (pruned side) / (its width per group)."""
+    """W: (out, in/groups, *k), transposed (in, out/groups, *k). Groups are pruned whole (a
+    depthwise conv's group is one channel), so groups' = pruned side / its width per group."""
     w = m.weight
     if m.transposed:
-        per_group = m.in_channels // m.groups
-        groups = _whole_groups(m, "in_channels", int(w.shape[0]), per_group)
-        return {"in_channels": int(w.shape[0]), "out_channels": int(w.shape[1]) * groups, "groups": groups}
-    per_group = m.out_channels // m.groups
-    groups = _whole_groups(m, "out_channels", int(w.shape[0]), per_group)
-    return {"in_channels": int(w.shape[1]) * groups, "out_channels": int(w.shape[0]), "groups": groups}
+        groups = _whole_groups(int(w.shape[0]), m.in_channels, m.groups, "in_channels")
+        return {
+            "in_channels": int(w.shape[0]),
+            "out_channels": int(w.shape[1]) * groups,
+            "groups": groups,
+        }
+    groups = _whole_groups(int(w.shape[0]), m.out_channels, m.groups, "out_channels")
+    return {
+        "in_channels": int(w.shape[1]) * groups,
+        "out_channels": int(w.shape[0]),
+        "groups": groups,
+    }
 
 
-def _whole_groups(m: nn.Module, attr: str, size: int, per_group: int) -> int:
-    if getattr(m, "groups", getattr(m, "num_groups", None)) == 1 and attr != "num_channels":
+def _whole_groups(kept: int, size: int, groups: int, attr: str) -> int:
+    if groups == 1:
         return 1  # one group spans every channel, however many are kept
-    if size % per_group:
-        raise ReconfigureError(
-            f'emit="module": {type(m).__name__} keeps {size} {attr}, not a multiple of its {per_group} '
-            'channels per group, so no value of `groups` expresses it; use emit="graph"'
+    per_group = size // groups
+    if kept % per_group:
+        raise _Inexpressible(
+            "groups", f"{kept} {attr} kept, not a multiple of the {per_group} channels per group"
         )
-    return size // per_group
+    return kept // per_group
 
 
 def _linear(m: nn.Linear) -> dict[str, Any]:
@@ -193,12 +209,16 @@ def _group_norm(m: nn.GroupNorm) -> dict[str, Any] | None:
     if m.weight is None:
         return None
     channels = int(m.weight.shape[0])
-    per_group = m.num_channels // m.num_groups  # groups are pruned whole
-    return {"num_channels": channels, "num_groups": _whole_groups(m, "num_channels", channels, per_group)}
+    groups = _whole_groups(channels, m.num_channels, m.num_groups, "num_channels")
+    return {"num_channels": channels, "num_groups": groups}
 
 
 def _layer_norm(m: nn.LayerNorm | nn.RMSNorm) -> dict[str, Any] | None:
-    return {"normalized_shape": tuple(int(s) for s in m.weight.shape)} if m.weight is not None else None
+    return (
+        {"normalized_shape": tuple(int(s) for s in m.weight.shape)}
+        if m.weight is not None
+        else None
+    )
 
 
 def _embedding(m: nn.Embedding | nn.EmbeddingBag) -> dict[str, Any]:
@@ -235,8 +255,11 @@ def _update_sizes(small: nn.Module, state: RewriteState) -> None:
         attrs, derive = entry
         try:
             values = derive(m)
-        except ReconfigureError as exc:
-            raise ReconfigureError(f"module '{name}': {exc}") from None
+        except _Inexpressible as exc:
+            raise ReconfigureError(
+                f"emit=\"module\": module '{name}' ({type(m).__name__}), attribute `{exc.attr}`: "
+                f'{exc}, so no value expresses the pruned layer; use emit="graph"'
+            ) from None
         if values is None:
             rebuilt = state.modules.get(name)
             values = {a: getattr(rebuilt, a) for a in attrs} if type(rebuilt) is type(m) else {}
@@ -285,7 +308,9 @@ def _inputs(graph: PruneGraph, small: nn.Module) -> tuple[tuple[Any, ...], dict[
         return x.to(device)
 
     kwargs = getattr(graph, "example_kwargs", None) or {}
-    return tuple(pytree.tree_map(real, tuple(graph.example_inputs))), pytree.tree_map(real, dict(kwargs))
+    return tuple(pytree.tree_map(real, tuple(graph.example_inputs))), pytree.tree_map(
+        real, dict(kwargs)
+    )
 
 
 class _eval:
@@ -331,10 +356,16 @@ def _differs(x: torch.Tensor, y: torch.Tensor) -> str | None:
     diff = torch.where(torch.isnan(x) & torch.isnan(y), torch.zeros_like(diff), diff)
     scale = max(1.0, float(y.abs().nan_to_num().max()))
     worst = float(diff.nan_to_num(nan=float("inf")).max())
-    return f"values differ by {worst:.3g} (max |ref| {scale:.3g})" if worst > _REL_TOL * scale else None
+    return (
+        f"values differ by {worst:.3g} (max |ref| {scale:.3g})"
+        if worst > _REL_TOL * scale
+        else None
+    )
 
 
-def _check_training_shapes(small: nn.Module, reference: nn.Module, args: tuple, kwargs: dict) -> None:
+def _check_training_shapes(
+    small: nn.Module, reference: nn.Module, args: tuple, kwargs: dict
+) -> None:
     """Paths that only run in training (GoogLeNet's auxiliary heads): output shapes on meta
     copies, so no running statistic of the result is touched. Skipped when the pruned graph
     itself does not run there (e.g. an input too small for an auxiliary head)."""
@@ -363,7 +394,11 @@ def _meta_copy(m: nn.Module) -> nn.Module:
     memo: dict[int, Any] = {}
     for _, t in _named_tensors(m):
         meta = _to_meta(t)
-        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+        memo[id(t)] = (
+            nn.Parameter(meta, requires_grad=t.requires_grad)
+            if isinstance(t, nn.Parameter)
+            else meta
+        )
     return copy.deepcopy(m, memo)
 
 
@@ -371,12 +406,19 @@ def _meta_copy(m: nn.Module) -> nn.Module:
 
 
 def _error(
-    small: nn.Module, reference: nn.Module, args: tuple, kwargs: dict, exc: BaseException | None,
-    mode: str, problem: str | None = None,
+    small: nn.Module,
+    reference: nn.Module,
+    args: tuple,
+    kwargs: dict,
+    exc: BaseException | None,
+    mode: str,
+    problem: str | None = None,
 ) -> ReconfigureError:
-    what = f"raises {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}" if exc else (
-        f"differs from the pruned graph ({problem})"
-    )
+    if exc is not None:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        what = f"raises {type(exc).__name__}: {first}"
+    else:
+        what = f"differs from the pruned graph ({problem})"
     where = _first_divergence(small, reference, args, kwargs)
     if where is None and exc is not None:
         where = _raising_module(small, exc.__traceback__)
@@ -386,8 +428,8 @@ def _error(
     return ReconfigureError(
         f'emit="module": the pruned {cls}, as a {cls}, {what} in {mode} mode.\n'
         f"  where: {where}\n"
-        "  Its forward hard-codes a size that no attribute of the module controls (a literal, or a split "
-        f"into equal parts of channels pruned unequally); {_HINT}"
+        "  Its forward hard-codes a size that no attribute of the module controls (a literal, "
+        f"or a split into equal parts of channels pruned unequally); {_HINT}"
     )
 
 
@@ -447,7 +489,9 @@ def _record_calls(reference: nn.Module, args: tuple, kwargs: dict) -> dict[tuple
     return calls
 
 
-def _first_divergence(small: nn.Module, reference: nn.Module, args: tuple, kwargs: dict) -> str | None:
+def _first_divergence(
+    small: nn.Module, reference: nn.Module, args: tuple, kwargs: dict
+) -> str | None:
     """The first submodule call (in execution order) whose input or output differs from the
     pruned graph's: a differing input is made by the innermost caller that did not just pass
     its own input on (a Sequential does), a differing output (from equal inputs) by the
@@ -468,7 +512,9 @@ def _first_divergence(small: nn.Module, reference: nn.Module, args: tuple, kwarg
             if problem:
                 caller = _maker(callers, inputs)
                 line = _calling_line(small.get_submodule(caller))
-                raise _Diverged(f"{_describe(small, caller)} computes the input of '{name}' ({problem}){line}")
+                raise _Diverged(
+                    f"{_describe(small, caller)} computes the input of '{name}' ({problem}){line}"
+                )
 
         return hook
 
@@ -480,7 +526,9 @@ def _first_divergence(small: nn.Module, reference: nn.Module, args: tuple, kwarg
                 return
             problem = _compare_lists(_tensor_leaves(out), call.outputs)
             if problem:
-                raise _Diverged(f"{_describe(small, name)} computes its output from the right input ({problem})")
+                raise _Diverged(
+                    f"{_describe(small, name)} computes its output from the right input ({problem})"
+                )
 
         return hook
 
@@ -527,7 +575,7 @@ def _calling_line(caller: nn.Module) -> str:
     frame = sys._getframe(1)
     while frame is not None:
         if frame.f_locals.get("self") is caller:
-            return f", before {_where(frame.f_code.co_filename, frame.f_lineno)}"
+            return f"; it calls it at {_where(frame.f_code.co_filename, frame.f_lineno)}"
         frame = frame.f_back
     return ""
 
