@@ -77,7 +77,8 @@ def load_state_dict(model: nn.Module, state: dict[str, Any], *, strict: bool = T
 
         model = replay_branches(model, layout["branches"], graph)
         graph = trace(model, inputs)
-    small = reconfigure(model, mask_from_layout(graph, layout), graph=graph)
+    # rebuilt by the emitter that made it (emit="module": the model's class and state_dict keys)
+    small = reconfigure(model, mask_from_layout(graph, layout), graph=graph, emit=layout.get("emit", "auto"))
     _check_same_layout(layout_of(small) or {}, layout)
     _check_weights_fit(small, weights, strict, "the rebuilt model")
     _load(small, weights, strict)
