@@ -91,9 +91,11 @@ class _MetaShapeProp(_TrackingShapeProp):
 
 
 def _mutable(x: Any) -> Any:
+    """fx's immutable containers as plain ones; a namedtuple or a ``torch.return_types``
+    structseq (``x.max(dim)``, read as ``.values``/``.indices``) stays what it is."""
     if isinstance(x, list):
         return [_mutable(v) for v in x]
-    if isinstance(x, tuple) and not hasattr(x, "_fields"):
+    if type(x) is tuple:
         return tuple(_mutable(v) for v in x)
     if isinstance(x, dict):
         return {k: _mutable(v) for k, v in x.items()}
@@ -103,6 +105,8 @@ def _mutable(x: Any) -> Any:
 def _to_meta(x: Any) -> Any:
     if isinstance(x, torch.Tensor):
         return torch.empty_like(x, device="meta")
+    if isinstance(x, tuple) and hasattr(x, "_fields"):  # a namedtuple takes its fields positionally
+        return type(x)(*(_to_meta(v) for v in x))
     if isinstance(x, (list, tuple)):
         return type(x)(_to_meta(v) for v in x)
     if isinstance(x, dict):

@@ -549,3 +549,64 @@ def test_export_bad_option_fails_before_capture(kwargs, words, tmp_path: Path, m
         prunefx.export_onnx(_wide(0), tmp_path / "m.onnx", X[:1], **args)
     assert all(w in str(info.value) for w in words), str(info.value)
     assert list(tmp_path.iterdir()) == []
+
+
+# ============================================================================= torch.return_types
+
+class _Reduce(nn.Module):
+    """conv-bn, then ``how`` (a reduction that may return a values/indices pair), then a head."""
+
+    def __init__(self, how: Any, head: int = 8) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.how = how
+        self.fc = nn.Linear(head, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.how(F.relu(self.bn(self.conv(x)))))
+
+
+def _pair_max_min(y: torch.Tensor) -> torch.Tensor:
+    a, b = y.max(2)
+    return a.amax(2) + y.min(dim=3).values.mean(2)
+
+
+# (id, reduction, whether group 'conv' stays prunable, whether it is exact)
+RETURN_TYPES: list[tuple[str, Any, bool, bool]] = [
+    ("max-values-then-getitem", lambda y: y.max(dim=3).values.max(2)[0], True, True),
+    ("torch-max-values-keepdim", lambda y: torch.max(y, dim=2, keepdim=True).values.mean((2, 3)), True, True),
+    ("min-values-negative-dim", lambda y: y.min(-1).values.mean(-1), True, True),
+    ("max-indices-unused", lambda y: y.max(dim=2).values.sum(2), True, True),
+    ("unpacked-pair", _pair_max_min, True, True),
+    ("max-then-getitem-1-unused", lambda y: y.max(3)[0].mean(2), True, True),
+    ("torch-max-of-two-tensors", lambda y: torch.max(y, 0.5 * y).mean((2, 3)), True, True),
+    ("max-over-everything", lambda y: y.mean((2, 3)) / (1 + y.max()), True, False),
+    ("max-over-channels", lambda y: y.mean((2, 3)) * y.max(dim=1).values.mean((1, 2))[:, None], True, False),
+    ("indices-over-channels", lambda y: y.mean((2, 3)) + y.max(1).indices.float().mean((1, 2))[:, None], True, False),
+    ("indices-used-per-channel", lambda y: y.mean((2, 3)) + y.max(2).indices.float().mean(2), True, False),
+    ("topk-has-no-rule", lambda y: y.topk(2, dim=2).values.mean((2, 3)), False, False),
+    ("sort-has-no-rule", lambda y: torch.sort(y, dim=3).values.mean((2, 3)), False, False),
+]
+
+
+@pytest.mark.parametrize("how, prunable, exact", [pytest.param(h, p, e, id=i) for i, h, p, e in RETURN_TYPES])
+def test_return_types_trace_and_prune(how, prunable: bool, exact: bool) -> None:
+    torch.manual_seed(0)
+    model = randomize_norms(_Reduce(how)).eval()
+    before = state_copy(model)
+    graph = prunefx.trace(model, X)
+    group = graph.group_of("conv")
+    assert group.prunable == prunable, group.reason
+    assert group.exact == (prunable and exact), group.reason
+    if not prunable:
+        assert "no channel rule" in (group.reason or ""), group.reason
+        return
+    mask = {"conv": bools(1, 0, 1, 1, 0, 1, 1, 0)}
+    small = prunefx.reconfigure(model, mask, example_inputs=X)
+    assert unchanged(model, before)
+    assert small.get_submodule("conv").out_channels == 5
+    if exact:
+        check_against_apply_mask(model, small, mask, X)
+    else:
+        with torch.no_grad():
+            assert small(X).shape == model(X).shape

@@ -474,6 +474,50 @@ def reduction(kind: str) -> Callable[[Analyzer, fx.Node], Any]:
     return rule
 
 
+def reduction_with_indices(kind: str) -> Callable[[Analyzer, fx.Node], Any]:
+    """``x.max(dim)`` / ``x.min(dim)``: a ``torch.return_types`` pair (values, indices), each
+    with the layout ``amax``/``amin`` over ``dim`` gives (over a non-channel dim, the channels
+    survive). Indices are positions along ``dim``: a zeroed channel does not make them zero.
+    ``x.max()`` is one tensor (a full reduction); ``torch.max(x, y)`` is ``torch.maximum``."""
+    values, pairwise = reduction("amax" if kind == "max" else "amin"), elementwise(ADD)
+
+    class _SeenAsValues:
+        """The analyzer, with the pair node shaped like its values, for the reduction rule."""
+
+        def __init__(self, a: Analyzer, node: fx.Node) -> None:
+            self._a, self._node = a, node
+
+        def shape(self, arg: Any) -> Any:
+            return self._a.shape(arg)[0] if arg is self._node else self._a.shape(arg)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._a, name)
+
+    def rule(a: Analyzer, node: fx.Node) -> Any:
+        other = _arg(node, 1, "dim")
+        if isinstance(other, fx.Node):
+            return pairwise(a, node)
+        out = a.shape(node)
+        if not isinstance(out, tuple) or isinstance(out, torch.Size) or len(out) != 2:
+            return values(a, node)
+        lay = values(_SeenAsValues(a, node), node)  # type: ignore[arg-type]
+        return (lay, lay.with_zero(False)) if isinstance(lay, Layout) else (lay, lay)
+
+    return rule
+
+
+_RETURN_FIELDS = {"values": 0, "indices": 1}  # torch.return_types of max/min/sort/topk/...
+
+
+def attribute(a: Analyzer, node: fx.Node) -> Any:
+    """``getattr(x, name)``: ``.values``/``.indices`` of a ``torch.return_types`` pair is that
+    element of its layout; anything else (``x.shape``, ``x.dtype``) is metadata."""
+    value, name = a.value(node.args[0]), node.args[1]
+    if isinstance(value, tuple) and name in _RETURN_FIELDS and len(value) > _RETURN_FIELDS[name]:
+        return value[_RETURN_FIELDS[name]]
+    return metadata(a, node)
+
+
 def spatial(nspatial: int | None, zero_preserving: bool = True) -> Callable[[Analyzer, fx.Node], Any]:
     """Pooling, upsampling, padding: per-channel along one channel dim, mixing spatial dims."""
 

@@ -53,8 +53,9 @@ _POOLS = (
 
 SPECS: tuple[OpSpec, ...] = (
     # ---- values that carry no channels, and size arithmetic -------------------------------
-    OpSpec("metadata", r.metadata, functions=(builtins.getattr, *_aten("sym_size.int")), methods=("size", "dim", "numel"),
+    OpSpec("metadata", r.metadata, functions=_aten("sym_size.int"), methods=("size", "dim", "numel"),
            empty_ok=True, pure=True),
+    OpSpec("getattr", r.attribute, functions=(builtins.getattr,), empty_ok=True, pure=True),  # x.shape, x.max(1).values
     OpSpec("getitem", r.getitem, functions=(operator.getitem,), fix=fix.getitem, empty_ok=True, pure=True),
     OpSpec("size arithmetic", r.unknown, functions=(operator.floordiv, operator.mod), pure=True),
     OpSpec("no channels", r.no_channels, functions=_aten(
@@ -155,6 +156,8 @@ SPECS: tuple[OpSpec, ...] = (
     OpSpec("sum", r.reduction("sum"), functions=(torch.sum, *_aten("sum.dim_IntList")), methods=("sum",), empty_ok=True),
     OpSpec("mean", r.reduction("mean"), functions=(torch.mean, *_aten("mean.dim")), methods=("mean",), empty_ok=True),
     OpSpec("amax", r.reduction("amax"), functions=(torch.amax, *_aten("amax.default")), methods=("amax",)),
+    OpSpec("max", r.reduction_with_indices("max"), functions=(torch.max, *_aten("max.dim", "max.default")), methods=("max",), pure=True),
+    OpSpec("min", r.reduction_with_indices("min"), functions=(torch.min, *_aten("min.dim", "min.default")), methods=("min",), pure=True),
     OpSpec("amin", r.reduction("amin"), functions=(torch.amin, *_aten("amin.default")), methods=("amin",)),
     OpSpec("adaptive_avg_pool", r.spatial(None), functions=(
         F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
