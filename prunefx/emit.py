@@ -585,15 +585,25 @@ def _where(filename: str, lineno: int) -> str:
 
 
 def _raising_module(small: nn.Module, tb: TracebackType | None) -> str | None:
-    """The innermost frame of the traceback whose ``self`` is a module of ``small``, with the
-    innermost line of model (not torch) code."""
+    """The innermost module of ``small`` on the traceback whose code is the model's (a torch.nn
+    layer beneath it, its size attributes set from its weights, only received a wrong input),
+    with the innermost line of model (not torch) code."""
     names = {id(m): n for n, m in small.named_modules()}
-    module: str | None = None
+    ours: str | None = None
+    layer: str | None = None
     line = ""
     for frame, lineno in traceback.walk_tb(tb):
         owner = frame.f_locals.get("self")
         if id(owner) in names:
-            module = names[id(owner)]
+            if type(owner).__module__.startswith("torch.nn."):
+                layer = names[id(owner)]
+            else:
+                ours, layer = names[id(owner)], None
         if not frame.f_code.co_filename.startswith(_TORCH_DIR):
             line = f" at {_where(frame.f_code.co_filename, lineno)}"
-    return f"{_describe(small, module)}{line}" if module is not None else None
+    if ours is None and layer is None:
+        return None
+    inside = (
+        f" (raised in '{layer}' ({type(small.get_submodule(layer)).__name__}))" if layer else ""
+    )
+    return f"{_describe(small, ours or '')}{line}{inside}"

@@ -411,6 +411,40 @@ def test_attention_heads_are_pruned() -> None:
     assert max_rel_diff(_run(small, x), _run(ref, x)) <= 1e-4
 
 
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "vit_b_16"])
+def test_export_frontend(name: str) -> None:
+    """The emitter reads only the sliced tensors, so an aten graph (every parameter a
+    get_attr, no call_module to copy attributes from) emits the same class too; ViT's
+    attention, decomposed by torch.export, becomes prunefx's MultiheadAttention when it
+    loses heads."""
+    model = build(name)
+    x = example_input(name)
+    graph = prunefx.trace(model, x, frontend="export")
+    assert graph.frontend == "export"
+    mask = prunefx.masks.random(graph, 0.5, exact_only=True, seed=0)
+    small = prunefx.reconfigure(model, mask, graph=graph, emit="module")
+    assert type(small) is type(model) and not _sizes_disagree(small)
+    assert small.state_dict().keys() == model.state_dict().keys()
+    ref = copy.deepcopy(model)
+    prunefx.apply_mask(ref, mask, graph=graph)
+    assert max_rel_diff(_run(small, x), _run(ref, x)) <= 1e-4
+    # heads pruned (when the front-end exposes them as a group) <=> attention rebuilt
+    heads = any("self_attention" in key for key in mask)
+    assert heads == any(isinstance(m, pnn.MultiheadAttention) for m in small.modules())
+
+
+def test_export_frontend_names_the_module() -> None:
+    """Without submodule calls in the graph to compare with, the traceback names the model's
+    module whose forward fed a torch.nn layer the wrong size."""
+    model = _Net(_ReshapeHead()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    graph = prunefx.trace(model, x, frontend="export")
+    with pytest.raises(
+        prunefx.ReconfigureError, match=r"module 'head' \(_ReshapeHead\).*raised in 'head\.fc'"
+    ):
+        prunefx.reconfigure(model, {"conv": _half(64)}, graph=graph, emit="module")
+
+
 def test_emit_argument_is_checked() -> None:
     with pytest.raises(prunefx.MaskError, match="emit must be"):
         prunefx.reconfigure(nn.Linear(2, 2), {}, example_inputs=torch.randn(1, 2), emit="modules")
