@@ -21,7 +21,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata, _extract_tensor_metadata
 from torch.nn.utils.stateless import _reparametrize_module
 
 from prunefx.errors import TraceError
@@ -59,13 +60,35 @@ _META = torch.device("meta")
 
 
 class _TrackingShapeProp(ShapeProp):
-    """ShapeProp that remembers the node it is running, to name it when something fails."""
+    """ShapeProp that remembers the node it is running, to name it when something fails, and
+    lets the failure through as it is: fx's ``ShapeProp.run_node`` prints the traceback of
+    every failure to stderr (~120 lines for a wrong input shape) and rewraps it as
+    "ShapeProp error for: node=...", and the interpreter appends "While executing ..." to its
+    message; the TraceError that follows says the cause and the node itself."""
 
     current: fx.Node | None = None
 
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.extra_traceback = False
+
     def run_node(self, n: fx.Node) -> Any:
         self.current = n
-        return super().run_node(n)
+        result = fx.Interpreter.run_node(self, n)  # what ShapeProp.run_node does, without fake mode or printing
+        found = False
+
+        def tensor_meta(obj: Any) -> Any:
+            nonlocal found
+            if isinstance(obj, torch.Tensor):
+                found = True
+                return _extract_tensor_metadata(obj)
+            return obj
+
+        meta = map_aggregate(result, tensor_meta)
+        if found:
+            n.meta["tensor_meta"] = meta
+        n.meta["type"] = type(result)
+        return result
 
     def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
         # generated code passes fresh lists; the interpreter passes fx's immutable ones,
@@ -162,9 +185,15 @@ def _propagate(traced: Traced, gm: fx.GraphModule, example_inputs: tuple[Any, ..
 
 
 def _shape_error(traced: Traced, failed: fx.Node | None, exc: BaseException) -> TraceError:
-    where = f" at {traced.where(failed)}" if failed is not None else ""
+    """One line, the cause before the place: "shape propagation failed: Given groups=1, ...
+    expected input[2, 1, 8, 8] to have 3 channels, but got 1 channels instead, at node
+    'conv1' (...) at net.py:12 `...`; check that example_inputs ...". """
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    cause = lines[0] if lines else type(exc).__name__
+    if not isinstance(exc, RuntimeError):
+        cause = f"{type(exc).__name__}: {cause}"
+    where = f", at {traced.where(failed)}" if failed is not None else ""
     return TraceError(
-        f"shape propagation failed{where}: {type(exc).__name__}: {exc}\n"
-        "  What to do: check that example_inputs have the shape the model expects "
-        "(a tuple of positional inputs)."
+        f"shape propagation failed: {cause}{where}; check that example_inputs have the shape the model expects "
+        "(a tuple of positional inputs)"
     )

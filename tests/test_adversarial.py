@@ -610,3 +610,65 @@ def test_return_types_trace_and_prune(how, prunable: bool, exact: bool) -> None:
     else:
         with torch.no_grad():
             assert small(X).shape == model(X).shape
+
+
+# ============================================================================= error text
+
+class _Flat(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4 * 6 * 6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.conv(x), 1))
+
+
+# (id, model, wrong input, words of the cause, node named)
+WRONG_INPUTS: list[tuple[str, Any, Any, tuple[str, ...], str]] = [
+    ("conv-channels", make, torch.randn(2, 1, 8, 8), ("expected input[2, 1, 8, 8] to have 3 channels",), "conv1"),
+    ("conv-rank", make, torch.randn(2, 3), ("conv",), "conv1"),
+    ("linear-features", lambda: nn.Sequential(nn.Linear(5, 3)), torch.randn(2, 6), ("mat1 and mat2 shapes cannot be multiplied", "2x6", "5x3"), "_0"),
+    ("flatten-then-linear", _Flat, torch.randn(2, 3, 10, 10), ("shapes cannot be multiplied", "2x256"), "fc"),
+]
+
+
+@pytest.mark.parametrize("factory, x, words, node", [pytest.param(f, x, w, n, id=i) for i, f, x, w, n in WRONG_INPUTS])
+def test_wrong_input_shape_is_one_line_with_the_cause(factory, x, words, node, capfd) -> None:
+    model = factory()
+    before = state_copy(model)
+    with pytest.raises(prunefx.TraceError) as info:
+        prunefx.trace(model, x)
+    msg = str(info.value)
+    assert "\n" not in msg and "ShapeProp error" not in msg and "While executing" not in msg, msg
+    assert all(w in msg for w in words), msg
+    assert not node or f"'{node}'" in msg, msg
+    out, err = capfd.readouterr()
+    assert err == "" and out == ""  # fx's ShapeProp prints every failure's traceback: not ours
+    assert unchanged(model, before)
+
+
+def test_wrong_input_shape_on_the_command_line(tmp_path: Path, net_py: str, capsys) -> None:
+    rc, _, err = cli(["prune", net_py, "--input", "1,1,8,8", "-o", str(tmp_path / "p.pt")], capsys)
+    assert rc == 1 and len(err.splitlines()) == 1 and "expected input[1, 1, 8, 8] to have 3 channels" in err, err
+
+
+class _Cat(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.a(x), self.b(x)], dim=1)  # [brackets] must survive rich
+
+
+@pytest.mark.parametrize("render", [
+    pytest.param(lambda r: str(r), id="report"),
+    pytest.param(lambda r: prunefx.inspector.render.to_text(r.reasons_table()), id="reasons-table"),
+    pytest.param(lambda r: prunefx.inspector.render.to_text(r.explain("a"), width=300), id="explain"),
+    pytest.param(lambda r: prunefx.inspector.render.to_text(r.explain("a").chain_table(), width=300), id="explain-chain"),
+])
+def test_tables_keep_square_brackets(render) -> None:
+    report = prunefx.inspect(_Cat(), X)
+    text = render(report)
+    assert "torch.cat([self.a(x), self.b(x)], dim=1)" in text or "[brackets]" in text, text

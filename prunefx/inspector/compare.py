@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from rich.console import Group, RenderableType
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 from torch import nn
@@ -124,7 +125,7 @@ class Comparison:
             table.add_column(col, justify="right", no_wrap=True)
         for c in shown:
             kept = c.flops.ratio
-            table.add_row(shorten(c.layer), shorten(c.kind, 16), c.channels.text(), c.params.text(), c.flops.text(),
+            table.add_row(escape(shorten(c.layer)), escape(shorten(c.kind, 16)), c.channels.text(), c.params.text(), c.flops.text(),
                           "" if kept is None or not c.flops.changed else f"{kept:.0%}", c.memory.text(human_bytes))
         if len(shown) < len(rows):
             table.caption = f"… {len(rows) - len(shown)} more rows: comparison.table(limit=None)"

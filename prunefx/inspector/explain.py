@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 from rich.console import Group, RenderableType
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -107,13 +108,13 @@ class Explanation:
 
     def chain_table(self, limit: int | None = None) -> Table:
         """Every step, graph order."""
-        table = Table(title=f"Path of group '{self.group.name}'", title_justify="left", header_style="bold")
+        table = Table(title=f"Path of group '{escape(self.group.name)}'", title_justify="left", header_style="bold")
         for col in ("role", "node", "op", "detail", "source"):
             table.add_column(col, overflow="fold", no_wrap=col in ("role", "node"))
         shown = self.steps if limit is None else self.steps[:limit]
         for s in shown:
-            table.add_row(Text(s.role, style="bold" if s.couples else ""), shorten(s.node, 32), shorten(s.target, 24),
-                          s.detail, s.source or "")
+            table.add_row(Text(s.role, style="bold" if s.couples else ""), escape(shorten(s.node, 32)), escape(shorten(s.target, 24)),
+                          escape(s.detail), escape(s.source or ""))
         if len(shown) < len(self.steps):
             table.caption = f"… {len(self.steps) - len(shown)} more steps: explanation.chain_table(limit=None)"
         return table

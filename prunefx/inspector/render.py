@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from rich.console import Console, Group, RenderableType
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -82,7 +83,7 @@ def _more(table: Table, left: int, how: str) -> None:
 
 def summary_table(title: str, t: Totals) -> Table:
     table = Table.grid(padding=(0, 2))
-    table.title = title
+    table.title = escape(title)
     table.title_justify = "left"
     table.add_column(style="bold")
     table.add_column()
@@ -114,8 +115,8 @@ def groups_table(rows: Sequence[GroupRow], limit: int | None = 25, sort: str = "
     table.add_column("reason (report.reasons_table())", overflow="ellipsis", no_wrap=True, max_width=34)
     for g in shown:
         table.add_row(
-            shorten(g.name), str(g.size), Text(g.state, style=state_style(g.state)), str(len(g.members)),
-            str(len(g.modules)), f"{g.flops_share:.1%}", g.reason or "",
+            escape(shorten(g.name)), str(g.size), Text(g.state, style=state_style(g.state)), str(len(g.members)),
+            str(len(g.modules)), f"{g.flops_share:.1%}", escape(g.reason or ""),
         )
     _more(table, len(ordered) - len(shown), "report.groups_table(limit=None)")
     return table
@@ -139,9 +140,9 @@ def layers_table(rows: Sequence[LayerRow], limit: int | None = 30, *, all_nodes:
         first_in = next((s for s in r.input_shapes if s is not None), None)
         group = shorten(r.group, 28) + (f" +{len(r.groups) - 1}" if len(r.groups) > 1 else "") if r.group else "-"
         table.add_row(
-            shorten(r.label), shorten(r.kind, 18), format_shape(first_in), format_shape(r.output_shape),
+            escape(shorten(r.label)), escape(shorten(r.kind, 18)), escape(format_shape(first_in)), escape(format_shape(r.output_shape)),
             "-" if r.channels is None else str(r.channels), human(r.params) if r.params else "",
-            human(r.flops) if r.flops else "", human_bytes(r.memory) if r.memory else "", group,
+            human(r.flops) if r.flops else "", human_bytes(r.memory) if r.memory else "", escape(group),
         )
     _more(table, len(chosen) - len(shown), "report.layers_table(limit=None)")
     return table
@@ -160,7 +161,7 @@ def reasons_table(rows: Iterable[GroupRow], limit: int | None = 10) -> Table:
     table.add_column("reason", overflow="fold")
     for reason, groups in shown:
         names = ", ".join(shorten(g.name, 30) for g in groups[:3]) + (f" +{len(groups) - 3}" if len(groups) > 3 else "")
-        table.add_row(Text(names, style=state_style(groups[0].state)), reason)
+        table.add_row(Text(names, style=state_style(groups[0].state)), escape(reason))
     _more(table, len(items) - len(shown), "report.reasons_table(limit=None)")
     return table
 
