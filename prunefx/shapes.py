@@ -5,8 +5,9 @@ meta tensor of the same shape, so no real arithmetic is done and the model is le
 Shape-preserving modules (norms, activations, dropout) are not executed at all: their meta
 kernels are Python decompositions that cost ~5 ms per BatchNorm.
 
-When a meta kernel is missing (data-dependent ops), it falls back to running on the real
-example inputs under ``torch.no_grad()``.
+When a meta kernel is missing (data-dependent ops), it falls back to running a deep copy of
+the traced module on the real example inputs under ``torch.no_grad()``: never the model
+itself, whose BatchNorm layers would update their running statistics in training mode.
 
 The result is a typed ``Shapes`` object: for each node, a ``torch.Size``, a (nested)
 tuple/list/dict of them for aggregate outputs, or ``None`` for non-tensor values.
@@ -14,6 +15,7 @@ tuple/list/dict of them for aggregate outputs, or ``None`` for non-tensor values
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -173,15 +175,35 @@ def _propagate(traced: Traced, gm: fx.GraphModule, example_inputs: tuple[Any, ..
     try:
         with _reparametrize_module(gm, meta_state), torch.no_grad():
             prop.propagate(*_to_meta(example_inputs))
-    except Exception as meta_exc:  # a missing meta kernel: run for real
+    except Exception as meta_exc:  # a missing meta kernel: run for real, on a copy
         if any(isinstance(x, torch.Tensor) and x.is_meta for x in example_inputs):
             raise _shape_error(traced, prop.current, meta_exc) from meta_exc
-        prop = _TrackingShapeProp(gm)
-        try:
-            with torch.no_grad():
-                prop.propagate(*example_inputs)
-        except Exception as exc:
-            raise _shape_error(traced, prop.current, exc) from exc
+        _propagate_on_a_copy(traced, gm, example_inputs, meta_exc)
+
+
+def _propagate_on_a_copy(traced: Traced, gm: fx.GraphModule, example_inputs: tuple[Any, ...], meta_exc: Exception) -> None:
+    """The fallback: a deep copy of ``gm`` runs on copies of the real inputs and its nodes'
+    shapes are copied back, node by node. Never the model itself: in training mode its
+    BatchNorm layers would update their running statistics, also when a TraceError follows."""
+    try:
+        twin, inputs = copy.deepcopy(gm), copy.deepcopy(example_inputs)
+    except Exception as exc:
+        raise TraceError(
+            f"shapes cannot be computed on meta tensors ({type(meta_exc).__name__}: {str(meta_exc).splitlines()[0] if str(meta_exc) else ''}) "
+            f"and the model cannot be copied to run it without changing it ({type(exc).__name__}: {exc}); "
+            "make the model deep-copyable, or pass example_inputs with the shape the model expects"
+        ) from exc
+    original = dict(zip(twin.graph.nodes, gm.graph.nodes, strict=True))
+    prop = _TrackingShapeProp(twin)
+    try:
+        with torch.no_grad():
+            prop.propagate(*inputs)
+    except Exception as exc:
+        raise _shape_error(traced, original.get(prop.current), exc) from exc  # type: ignore[arg-type]
+    for theirs, mine in original.items():
+        for key in ("tensor_meta", "type"):
+            if key in theirs.meta:
+                mine.meta[key] = theirs.meta[key]
 
 
 def _shape_error(traced: Traced, failed: fx.Node | None, exc: BaseException) -> TraceError:

@@ -672,3 +672,67 @@ def test_tables_keep_square_brackets(render) -> None:
     report = prunefx.inspect(_Cat(), X)
     text = render(report)
     assert "torch.cat([self.a(x), self.b(x)], dim=1)" in text or "[brackets]" in text, text
+
+
+# ============================================================================= failing traces leave the model alone
+
+class _NoMeta(nn.Module):
+    """conv-bn (training mode), then ``how``: ops without a meta kernel make shape propagation
+    run the graph for real."""
+
+    def __init__(self, how: Any) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 4)
+        self.how = how
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.how(self, F.relu(self.bn(self.conv(x))))
+
+
+def _head(m: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    return m.fc(y.mean((2, 3)))
+
+
+# (id, what follows conv-bn, whether the trace succeeds)
+NO_META: list[tuple[str, Any, bool]] = [
+    ("nonzero", lambda m, y: _head(m, y) + torch.nonzero(y).size(0) * 0.0, True),
+    ("item", lambda m, y: _head(m, y) * (1.0 + 0.0 * y.mean().item()), True),
+    ("nonzero-then-bad-view", lambda m, y: _head(m, y.view(-1, 7, 1, 1)) + torch.nonzero(y).size(0), False),
+    ("nonzero-then-bad-linear", lambda m, y: m.fc(y.flatten(1)) + torch.nonzero(y).size(0), False),
+    ("masked-select", lambda m, y: _head(m, y) + torch.masked_select(y, y > 0).sum(), True),
+]
+
+
+@pytest.mark.parametrize("how, traces", [pytest.param(h, t, id=i) for i, h, t in NO_META])
+@pytest.mark.parametrize("entry", ["trace", "reconfigure", "apply_mask", "inspect"])
+def test_real_run_fallback_never_changes_the_model(how, traces: bool, entry: str) -> None:
+    torch.manual_seed(0)
+    model = randomize_norms(_NoMeta(how)).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model.bn(model.conv(X)).square().mean().backward()  # momentum buffers (the head may not run at all)
+    opt.step()
+    before, opt_before = state_copy(model), copy.deepcopy(opt.state_dict())
+    mask = {"conv": bools(1, 0, 1, 1, 0, 1, 1, 0)}
+    call = {
+        "trace": lambda: prunefx.trace(model, X),
+        "reconfigure": lambda: prunefx.reconfigure(model, mask, example_inputs=X, optimizer=opt),
+        "apply_mask": lambda: prunefx.apply_mask(model, mask, example_inputs=X),
+        "inspect": lambda: str(prunefx.inspect(model, X)),
+    }[entry]
+    if traces:
+        try:
+            call()
+        except prunefx.PruneFxError:
+            pass  # a pinned group is a clean refusal; what matters is below
+    else:
+        with pytest.raises(prunefx.TraceError, match="shape propagation failed"):
+            call()
+    assert model.training and model.bn.training
+    if entry != "apply_mask" or not traces:  # apply_mask zeroes channels in place: that is its job
+        assert unchanged(model, before), "running statistics or weights changed"
+    else:
+        assert torch.equal(model.bn.running_mean, before["bn.running_mean"]) and torch.equal(
+            model.bn.num_batches_tracked, before["bn.num_batches_tracked"])
+    if entry != "reconfigure" or not traces:
+        assert str(opt.state_dict()) == str(opt_before)

@@ -7,8 +7,8 @@ graph runs once, node by node, on meta tensors (parameters swapped for meta copi
 ``prunefx.count_flops(model, x)``. A node's activation memory is the number of bytes of
 the tensors it outputs (``numel * element_size``, summed over a tuple output).
 
-When a meta kernel is missing (a data-dependent op), the graph runs again on the real
-example inputs under ``torch.no_grad()``.
+When a meta kernel is missing (a data-dependent op), a deep copy of the graph runs again on
+the real example inputs under ``torch.no_grad()`` (the model itself is never run).
 
 Example::
 
@@ -21,6 +21,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,5 +97,10 @@ def node_costs(graph: PruneGraph) -> dict[fx.Node, NodeCost]:
     except Exception:
         if any(isinstance(x, torch.Tensor) and x.is_meta for x in graph.example_inputs):
             raise  # shape propagation ran on the same meta inputs: unreachable in practice
-    with torch.no_grad():  # a missing meta kernel: shapes fell back to real inputs too
-        return _run(_RealCosts(gm), graph.example_inputs)
+    # a missing meta kernel: shapes fell back to real inputs too, on a copy (in training mode
+    # the model's own BatchNorm layers would update their running statistics)
+    twin = copy.deepcopy(gm)
+    with torch.no_grad():
+        costs = _run(_RealCosts(twin), copy.deepcopy(graph.example_inputs))
+    original = dict(zip(twin.graph.nodes, gm.graph.nodes, strict=True))
+    return {original[n]: c for n, c in costs.items()}
