@@ -10,6 +10,7 @@ follows the emitted parameters.
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -60,17 +61,19 @@ ALL = cnn_names() + transformer_names() + segmentation_names() + video_names()
 
 # Models whose forward cannot express the random mask, by design: the emitter must say so.
 # name -> what the ReconfigureError names.
-INEXPRESSIBLE: dict[str, str] = {
-    # x.chunk(2) splits the stream into equal halves; the mask prunes them unequally
+INEXPRESSIBLE: dict[str, tuple[str, str]] = {
+    # x.chunk(2) splits the stream into equal halves; the mask prunes them unequally. The
+    # width inside a branch (its first 1x1 conv) is expressible.
     **{
-        n: r"module 'stage2\.\d' \(InvertedResidual\) computes the input"
+        n: (r"module 'stage2\.\d' \(InvertedResidual\) computes the input", r"branch2\.0$")
         for n in cnn_names()
         if n.startswith("shufflenet")
     },
     # torchvision's shifted_window_attention takes the head width as C // num_heads (C: the
-    # stream width), so the pruned heads do not fit; V2's bias table is .view(-1, num_heads)
+    # stream width), so the pruned heads do not fit; V2's bias table is .view(-1, num_heads).
+    # The MLP widths are expressible.
     **{
-        n: r"module 'features\.1\.0\.attn' \(ShiftedWindowAttention(V2)?\)"
+        n: (r"module 'features\.1\.0\.attn' \(ShiftedWindowAttention(V2)?\)", r"mlp\.0$")
         for n in transformer_names()
         if n.startswith("swin")
     },
@@ -165,10 +168,13 @@ def test_zoo_emit_module(name: str) -> None:
     diff = max_rel_diff(y, _run(ref, x))
     assert diff <= 1e-4, f"emitted module differs from the masked model by {diff:.3g}"
 
-    # a checkpoint of the emitted model rebuilds from the original architecture (ref is one)
+    # a checkpoint of the emitted model rebuilds from the original architecture (ref is one):
+    # the same class with the same weights (load_state_dict's own emit check ran it already)
     del model, graph
     loaded = prunefx.load_state_dict(ref, prunefx.state_dict(small))
-    assert max_rel_diff(_run(loaded, x), y) <= 1e-6
+    assert type(loaded) is type(small)
+    ours, theirs = small.state_dict(), loaded.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
 @pytest.mark.filterwarnings("ignore:prunefx. .* in training mode does not run")
@@ -179,12 +185,21 @@ def test_zoo_inexpressible_raises(name: str) -> None:
     before = state_copy(model)
     graph = prunefx.trace(model, x)
     mask = prunefx.masks.random(graph, 0.5, exact_only=True, seed=0)
-    with pytest.raises(prunefx.ReconfigureError, match=INEXPRESSIBLE[name]) as info:
+    error, expressible = INEXPRESSIBLE[name]
+    with pytest.raises(prunefx.ReconfigureError, match=error) as info:
         prunefx.reconfigure(model, mask, graph=graph, emit="module")
     assert 'emit="graph"' in str(info.value)
     after = state_copy(model)
     assert all(torch.equal(before[k], after[k]) for k in before), "input model changed"
-    prunefx.reconfigure(model, mask, graph=graph, emit="graph")  # the graph emitter expresses it
+
+    # what the class can express is still emitted
+    part = {k: v for k, v in mask.items() if re.search(expressible, k)}
+    assert part, sorted(mask)
+    small = prunefx.reconfigure(model, part, graph=graph, emit="module")
+    assert type(small) is type(model) and not _sizes_disagree(small)
+    ref = copy.deepcopy(model)
+    prunefx.apply_mask(ref, part, graph=graph)
+    assert max_rel_diff(_run(small, x), _run(ref, x)) <= 1e-4
 
 
 # -- forwards that hard-code a size -------------------------------------------------------------
