@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable, Iterator
@@ -286,16 +287,16 @@ def _check(small: nn.Module, reference: nn.Module, graph: PruneGraph, other_mode
         _check_training_shapes(small, reference, args, kwargs)
 
 
-def _device_dtype(m: nn.Module) -> tuple[torch.device, torch.dtype | None]:
+def _device(m: nn.Module) -> torch.device:
     for t in (*m.parameters(), *m.buffers()):
-        return t.device, (t.dtype if t.is_floating_point() else None)
-    return torch.device("cpu"), None
+        return t.device
+    return torch.device("cpu")
 
 
 def _inputs(graph: PruneGraph, small: nn.Module) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """The example inputs on the model's device; meta ones (guessed by prunefx) made real
     unless the model itself lives on meta."""
-    device, _ = _device_dtype(small)
+    device = _device(small)
     gen = torch.Generator().manual_seed(0)
 
     def real(x: Any) -> Any:
@@ -428,8 +429,8 @@ def _error(
     return ReconfigureError(
         f'emit="module": the pruned {cls}, as a {cls}, {what} in {mode} mode.\n'
         f"  where: {where}\n"
-        "  Its forward hard-codes a size that no attribute of the module controls (a literal, "
-        f"or a split into equal parts of channels pruned unequally); {_HINT}"
+        "  Its forward hard-codes a size that the emitter cannot update (a literal, an attribute "
+        f"it does not know, or a split into equal parts of channels pruned unequally); {_HINT}"
     )
 
 
@@ -575,13 +576,37 @@ def _calling_line(caller: nn.Module) -> str:
     frame = sys._getframe(1)
     while frame is not None:
         if frame.f_locals.get("self") is caller:
-            return f"; it calls it at {_where(frame.f_code.co_filename, frame.f_lineno)}"
+            filename, lineno = frame.f_code.co_filename, frame.f_lineno
+            return f"; it calls it at {_where(filename, lineno)}{_reads(caller, filename, lineno)}"
         frame = frame.f_back
     return ""
 
 
 def _where(filename: str, lineno: int) -> str:
     return str(SourceLoc(filename, lineno))
+
+
+def _reads(owner: nn.Module, filename: str, lineno: int) -> str:
+    """The integer attributes of ``owner`` that its source line reads (``self.hidden_dim``):
+    sizes a model family keeps that the emitter does not know how to update."""
+    code = SourceLoc(filename, lineno).code
+    found = {
+        a: getattr(owner, a, None)
+        for a in re.findall(r"\bself\.(\w+)\b(?!\s*\()", code)
+        if _is_size(getattr(owner, a, None))
+    }
+    if not found:
+        return ""
+    listed = ", ".join(f"self.{a} = {v}" for a, v in found.items())
+    return (
+        f"; it reads {listed}, which the emitter does not update ({type(owner).__name__} attribute)"
+    )
+
+
+def _is_size(v: Any) -> bool:
+    if isinstance(v, (tuple, list)):
+        return bool(v) and all(_is_size(x) for x in v)
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _raising_module(small: nn.Module, tb: TracebackType | None) -> str | None:
@@ -591,7 +616,7 @@ def _raising_module(small: nn.Module, tb: TracebackType | None) -> str | None:
     names = {id(m): n for n, m in small.named_modules()}
     ours: str | None = None
     layer: str | None = None
-    line = ""
+    line = reads = ""
     for frame, lineno in traceback.walk_tb(tb):
         owner = frame.f_locals.get("self")
         if id(owner) in names:
@@ -599,6 +624,7 @@ def _raising_module(small: nn.Module, tb: TracebackType | None) -> str | None:
                 layer = names[id(owner)]
             else:
                 ours, layer = names[id(owner)], None
+                reads = _reads(owner, frame.f_code.co_filename, lineno)
         if not frame.f_code.co_filename.startswith(_TORCH_DIR):
             line = f" at {_where(frame.f_code.co_filename, lineno)}"
     if ours is None and layer is None:
@@ -606,4 +632,4 @@ def _raising_module(small: nn.Module, tb: TracebackType | None) -> str | None:
     inside = (
         f" (raised in '{layer}' ({type(small.get_submodule(layer)).__name__}))" if layer else ""
     )
-    return f"{_describe(small, ours or '')}{line}{inside}"
+    return f"{_describe(small, ours or '')}{line}{inside}{reads}"

@@ -234,6 +234,16 @@ class _ShiftedBlock(nn.Module):
         return self.conv(x) + torch.zeros(1, 16, 1, 1)  # a constant as wide as the unpruned layer
 
 
+class _WidthHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.width = 64  # a size the model keeps for itself (as ViT's hidden_dim)
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.reshape(x.shape[0], self.width, -1).mean(-1))
+
+
 class _Net(nn.Module):
     def __init__(self, head: nn.Module, mid: nn.Module | None = None) -> None:
         super().__init__()
@@ -265,8 +275,13 @@ def _half(n: int) -> torch.Tensor:
             {"mid.conv": _half(16)},
             r"module 'mid' \(_ShiftedBlock\)",
         ),
+        (
+            lambda: _Net(_WidthHead()),
+            {"conv": _half(64)},
+            r"module 'head' \(_WidthHead\) computes the input of 'head\.fc'.*self\.width = 64",
+        ),
     ],
-    ids=["view-literal", "reshape-literal", "constant-width"],
+    ids=["view-literal", "reshape-literal", "constant-width", "size-attribute"],
 )
 def test_hard_coded_size_raises(net, mask: dict, names: str) -> None:
     model = net().eval()
