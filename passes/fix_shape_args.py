@@ -15,6 +15,7 @@ size of a pruned dim is recomputed from the plan:
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -44,9 +45,30 @@ def _sizes(state: RewriteState, node_sizes: Sequence[Any], new_sizes: Sequence[A
         want = int(new_shape[i + offset])
         if isinstance(s, bool) or s == -1:
             continue
-        if isinstance(s, int) and s != want or isinstance(s, fx.Node) and evaluate(s) != want:
+        if isinstance(s, int) and s != want:
             out[i] = want
+        elif isinstance(s, fx.Node) and evaluate(s) != want:
+            out[i] = _rescaled(state, s, new_sizes[i], want, evaluate) or want
     return out
+
+
+def _rescaled(state: RewriteState, size: fx.Node, copy: Any, want: int, evaluate: SizeValues) -> fx.Node | None:
+    """``batch * heads`` (a run-time size times a literal, as attention computes the
+    merged batch-and-heads dim) becomes ``batch * heads'``: the run-time factor stays
+    dynamic instead of being frozen to the example's value."""
+    if size.target is not operator.mul or len(size.args) != 2 or not isinstance(copy, fx.Node):
+        return None
+    (dyn, lit), (dyn_copy, _) = _split_literal(size.args), _split_literal(copy.args)
+    value = evaluate(dyn)
+    if not isinstance(lit, int) or not isinstance(value, int) or value <= 0 or want % value:
+        return None
+    with copy.graph.inserting_after(copy):
+        return copy.graph.call_function(operator.mul, (dyn_copy, want // value))
+
+
+def _split_literal(args: Sequence[Any]) -> tuple[Any, Any]:
+    """(the run-time operand, the literal) of a binary size product."""
+    return (args[1], args[0]) if isinstance(args[0], int) else (args[0], args[1])
 
 
 def size_list(state: RewriteState, node: fx.Node, new: fx.Node) -> None:

@@ -190,7 +190,7 @@ class Analyzer:
     # ---- layout algebra ----------------------------------------------------
     def simplify(self, f: Factor) -> Factor:
         """Drop axes along which all ids are in one class; keep at least one axis."""
-        if len(f.dims) == 1:
+        if len(f.dims) == 1 or f.ids.size == 0:  # an empty slice (Phi-3's q[..., rotary_dim:]) stays as it is
             return f
         roots = self.uf.find(f.ids)
         keep = [k for k in range(roots.ndim) if not _constant_along(roots, k)]
@@ -244,12 +244,11 @@ class Analyzer:
                 lay = lay.shift({d: d + off for d in lay.dims})
             aligned.append((lay, (1,) * off + tuple(shp)))
         fixed = {d for d in range(nd) if out_shape[d] > 1 and any(shp[d] > 1 and lay.on(d) is None for lay, shp in aligned)}
-        for lay, _ in aligned:
-            for f in lay.factors:
-                self._hold_fixed(f, fixed & set(f.dims), node)
         comps: list[tuple[set[int], list[Factor]]] = []
         for lay, _ in aligned:
             for f in lay.factors:
+                if not self._hold_fixed(f, fixed & set(f.dims), node):
+                    continue  # pinned to a fixed size: the result's dim carries no ids
                 dims = set(f.dims)
                 hit = [c for c in comps if c[0] & dims]
                 for c in hit:
@@ -265,20 +264,22 @@ class Analyzer:
             out.append(self.simplify(Factor(tuple(u), np.ascontiguousarray(grids[0]))))
         return tuple(sorted(out, key=lambda f: f.dims))
 
-    def _hold_fixed(self, f: Factor, fixed: set[int], node: fx.Node) -> None:
+    def _hold_fixed(self, f: Factor, fixed: set[int], node: fx.Node) -> bool:
         """``f`` meets tensors of a fixed size along ``fixed``: those dims cannot shrink. A
         factor on those dims only is pinned; a grid (heads x head_dim, say) keeps its other
         dims prunable by uniting each line along the fixed dims (a head is kept or removed
-        whole, so the head dim keeps its size: rotary tables, per-position scales)."""
+        whole, so the head dim keeps its size: rotary tables, per-position scales). Returns
+        whether the factor still carries channels."""
         if not fixed:
-            return
+            return True
         d = min(fixed)
         if fixed == set(f.dims):
             self.pin(f.ids, node, f"combined with a fixed-size tensor along dim {d}")
-            return
+            return False
         axes = [f.axis(k) for k in sorted(fixed)]
         lines = np.moveaxis(f.ids, axes, list(range(-len(axes), 0))).reshape(-1, int(np.prod([f.ids.shape[a] for a in axes])))
         self.unify(lines[:, :1], lines)
+        return True
 
     def reshape(self, node: fx.Node, lay: Layout, src: Sequence[int], dst: Sequence[int]) -> Layout:
         """Layout after a reshape that keeps element order (view, flatten, squeeze, ...)."""

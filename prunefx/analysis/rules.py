@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
 from prunefx import ops
@@ -282,6 +281,7 @@ def cat(a: Analyzer, node: fx.Node) -> Any:
     out_shape = a.shape(node)
     nd = len(out_shape)
     dim = _norm_dim(_arg(node, 1, "dim", 0), nd)
+    tensors = [t for t in tensors if a.shape(t)[dim] > 0] or list(tensors)  # empty pieces add nothing
     grid = _cat_grids(a, node, tensors, dim)
     if grid is not None:
         return grid
@@ -412,11 +412,17 @@ def _index_tensor(a: Analyzer, node: fx.Node, lay: Layout, shape: Sequence[int],
     nd_out = len(a.shape(node))
     for d in range(in_dim, len(shape)):
         mapping[d] = d - in_dim + out_dim
-    # integer indices select one channel: pin it (it cannot be removed) and drop the dim
+    # An integer index into a channel dim selects one channel: pin it (it cannot be removed).
+    # Into one axis of a grid (the q/k/v axis of a packed projection) it selects a slice of
+    # the other axes: that axis keeps its size, so each line along it is kept or removed whole.
     for f, d, i in dropped:
         k = dims_of[f].index(d)
         ids = factors[f]
-        a.pin(np.take(ids, [i], axis=k), node, "integer index into a channel dim")
+        if len(dims_of[f]) > 1:
+            lines = np.moveaxis(ids, k, -1).reshape(-1, ids.shape[k])
+            a.unify(lines[:, :1], lines)
+        else:
+            a.pin(np.take(ids, [i], axis=k), node, "integer index into a channel dim")
         factors[f] = np.take(ids, i, axis=k)
         dims_of[f].remove(d)
     out = []
@@ -533,15 +539,24 @@ def spatial(nspatial: int | None, zero_preserving: bool = True) -> Callable[[Ana
         out_shape = a.shape(node)
         if not isinstance(out_shape, torch.Size):  # return_indices=True: (values, indices)
             return (out, Layout((), False))
-        return out.with_zero(out.zero and zero_preserving and _pad_keeps_zero(node))
+        return out.with_zero(out.zero and zero_preserving)
 
     return rule
 
 
-def _pad_keeps_zero(node: fx.Node) -> bool:
-    """F.pad(x, pad, mode, value) and aten.pad: a non-zero fill makes masked channels non-zero."""
-    value = _arg(node, 3, "value", 0) if node.op == "call_function" and node.target in (F.pad, torch.ops.aten.pad.default) else 0
-    return value in (0, None)
+def pad(a: Analyzer, node: fx.Node) -> Any:
+    """``F.pad(x, pad)`` / ``aten.pad`` / ``aten.constant_pad_nd``: ``pad`` lists (before,
+    after) amounts for the last dims, innermost first. Channels on a padded dim are pinned;
+    every other dim (including a channels-last dim padded by (0, 0)) keeps its channels."""
+    x, amounts = node.args[0], _arg(node, 1, "pad")
+    lay, shape = a.value(x), a.shape(x)
+    if not isinstance(lay, Layout) or not isinstance(amounts, (list, tuple)):
+        return unknown(a, node)
+    nd = len(shape)
+    padded = {nd - 1 - i for i in range(len(amounts) // 2) if any(not isinstance(v, int) or v != 0 for v in amounts[2 * i : 2 * i + 2])}
+    out = _only_on(a, node, lay, set(range(nd)) - padded, "a padded dim")
+    value = _arg(node, 2, "value", 0) if node.target is torch.ops.aten.constant_pad_nd.default else _arg(node, 3, "value", 0)
+    return out.with_zero(out.zero and value in (0, None))
 
 
 def _module_spatial_dims(m: nn.Module, nd: int) -> int:
@@ -829,6 +844,8 @@ def _groupnorm(a: Analyzer, node: fx.Node, groups: int, weight: Any, bias: Any) 
     x = node.args[0]
     lay = a.value(x)
     ids = a.axis_ids(lay, 1)
+    if ids is None:
+        _pin_params(a, node, (weight, bias), 0, "group_norm over a fixed number of channels")
     if ids is not None:
         rows = ids.reshape(groups, -1)  # GroupNorm statistics mix a group: prune whole groups
         a.unify(rows[:, :1], rows)
@@ -862,6 +879,7 @@ def _layernorm(a: Analyzer, node: fx.Node, k: int, params: Sequence[Any]) -> Any
     for d in range(nd - k, nd):
         ids = a.axis_ids(lay, d)
         if ids is None:
+            _pin_params(a, node, params, d - (nd - k), "layer_norm over a fixed-size dim")
             continue
         a.mark_inexact(ids, node, "LayerNorm normalizes over these channels: its mean and variance change when channels are removed")
         for p in params:
@@ -873,6 +891,15 @@ def _layernorm(a: Analyzer, node: fx.Node, k: int, params: Sequence[Any]) -> Any
                     a.unify(ids, pid)
     has_affine = any(p is not None for p in params)
     return lay.with_zero(has_affine)
+
+
+def _pin_params(a: Analyzer, node: fx.Node, params: Sequence[Any], dim: int, why: str) -> None:
+    """Affine parameters passed as values (``F.layer_norm(x, s, w, b)``, aten graphs) of a
+    norm over channels the analysis does not track: their ids must not form a group of
+    their own."""
+    for p in params:
+        if isinstance(p, fx.Node) and isinstance(a.value(p), Layout):
+            a.pin(a.axis_ids(a.value(p), dim), node, why)
 
 
 def layernorm_function(a: Analyzer, node: fx.Node) -> Any:

@@ -26,7 +26,6 @@ Example::
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -34,11 +33,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
-from torch import nn
 from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils.flop_counter import FlopCounterMode
 
+from prunefx import ops
 from prunefx.flops import count_flops, count_params
 from prunefx.graph import PruneGraph
 from prunefx.mask import resolve_mask
@@ -82,18 +80,11 @@ def _node_flops(gm: fx.GraphModule, inputs: tuple[Any, ...]) -> dict[fx.Node, in
     return run.flops
 
 
-# FLOPs of these scale exactly with the size of their weight; anything else is estimated
-_WEIGHT_MODULES = (nn.modules.conv._ConvNd, nn.Linear)
-_WEIGHT_FUNCTIONS = {
-    F.linear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
-    torch.matmul, torch.mm, torch.addmm, operator.matmul,
-}
-
-
 def _scales_exactly(gm: fx.GraphModule, node: fx.Node) -> bool:
-    if node.op == "call_module":
-        return isinstance(gm.get_submodule(str(node.target)), _WEIGHT_MODULES)
-    return node.op == "call_function" and node.target in _WEIGHT_FUNCTIONS
+    """FLOPs of convolutions, linear layers and products scale exactly with the size of their
+    weight (the op records' ``weight_flops``); anything else is estimated."""
+    spec = ops.lookup(node, {str(node.target): gm.get_submodule(str(node.target))} if node.op == "call_module" else {})
+    return spec is not None and spec.weight_flops
 
 
 def _weight_of(gm: fx.GraphModule, node: fx.Node, params: dict[str, torch.Tensor], derived: dict[fx.Node, set[str]]) -> str | None:

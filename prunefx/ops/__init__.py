@@ -42,6 +42,8 @@ class OpSpec:
     size_args: bool = False  # integer arguments are sizes: `fix` owns them, FreezeStaleSizes leaves them
     empty_ok: bool = False  # works when an input has 0 channels (see prunefx/plan.py)
     pure: bool = False  # size arithmetic: dead-code elimination may remove it when unused
+    weight_flops: bool = False  # FLOPs proportional to the size of the weight it reads (masks/cost.py)
+    foldable: bool = False  # + - * with broadcasting: a constant operand folds through it (train/branches.py)
 
     def spellings(self) -> Iterator[tuple[str, Any]]:
         yield from (("function", f) for f in self.functions)

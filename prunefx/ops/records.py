@@ -71,14 +71,17 @@ SPECS: tuple[OpSpec, ...] = (
                 "requires_grad_", "cpu", "cuda"), empty_ok=True),
     # ---- elementwise -------------------------------------------------------------------------
     OpSpec("add", r.elementwise(r.ADD), functions=(
-        operator.add, operator.sub, torch.add, torch.sub, torch.subtract, torch.maximum, torch.minimum, torch.fmax,
-        torch.fmin, *_aten("add.Tensor", "sub.Tensor", "maximum.default", "minimum.default", "rsub.Scalar"),
-    ), methods=("add", "sub", "__add__", "__radd__", "maximum", "minimum"), empty_ok=True, pure=True),
+        operator.add, operator.sub, torch.add, torch.sub, torch.subtract, *_aten("add.Tensor", "sub.Tensor", "rsub.Scalar"),
+    ), methods=("add", "sub", "__add__", "__radd__"), empty_ok=True, pure=True, foldable=True),
     OpSpec("add_", r.elementwise(r.ADD), functions=(operator.iadd, operator.isub, *_aten("add_.Tensor", "sub_.Tensor")),
-           methods=("add_", "sub_"), empty_ok=True),
+           methods=("add_", "sub_"), empty_ok=True, foldable=True),
+    OpSpec("maximum", r.elementwise(r.ADD), functions=(
+        torch.maximum, torch.minimum, torch.fmax, torch.fmin, *_aten("maximum.default", "minimum.default"),
+    ), methods=("maximum", "minimum"), empty_ok=True, pure=True),
     OpSpec("mul", r.elementwise(r.MUL), functions=(operator.mul, torch.mul, torch.multiply, *_aten("mul.Tensor")),
-           methods=("mul",), empty_ok=True, pure=True),
-    OpSpec("mul_", r.elementwise(r.MUL), functions=(operator.imul, *_aten("mul_.Tensor")), methods=("mul_",), empty_ok=True),
+           methods=("mul",), empty_ok=True, pure=True, foldable=True),
+    OpSpec("mul_", r.elementwise(r.MUL), functions=(operator.imul, *_aten("mul_.Tensor")), methods=("mul_",), empty_ok=True,
+           foldable=True),
     OpSpec("div", r.elementwise(r.DIV), functions=(
         operator.truediv, torch.div, torch.true_divide, torch.divide, *_aten("div.Tensor", "div.Tensor_mode"),
     ), methods=("div",), empty_ok=True, pure=True),
@@ -171,7 +174,7 @@ SPECS: tuple[OpSpec, ...] = (
                "upsample_nearest1d.vec", "upsample_nearest2d.vec", "upsample_nearest3d.vec", "upsample_bilinear2d.vec",
                "upsample_linear1d.vec", "upsample_trilinear3d.vec", "upsample_bicubic2d.vec"),
     ), modules=_POOLS),
-    OpSpec("pad", r.spatial(None), functions=(F.pad, *_aten("pad.default", "constant_pad_nd.default")), empty_ok=True),
+    OpSpec("pad", r.pad, functions=(F.pad, *_aten("pad.default", "constant_pad_nd.default")), empty_ok=True),
     OpSpec("softmax", r.softmax, functions=(
         F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, *_aten("softmax.int", "log_softmax.int", "_softmax.default"),
     ), methods=("softmax", "log_softmax"), modules=(nn.Softmax, nn.LogSoftmax, nn.Softmin)),
@@ -179,18 +182,19 @@ SPECS: tuple[OpSpec, ...] = (
     # ---- layers with weights -----------------------------------------------------------------
     OpSpec("conv", r.conv_module, modules=(
         nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
-    )),
-    *(OpSpec(f"conv{n}d", r.conv_function(n, transposed=False), functions=(f, *_aten(f"conv{n}d.default")), fix=fix.conv_groups)
+    ), weight_flops=True),
+    *(OpSpec(f"conv{n}d", r.conv_function(n, transposed=False), functions=(f, *_aten(f"conv{n}d.default")), fix=fix.conv_groups,
+             weight_flops=True)
       for n, f in ((1, F.conv1d), (2, F.conv2d), (3, F.conv3d))),
     *(OpSpec(f"conv_transpose{n}d", r.conv_function(n, transposed=True), functions=(f, *_aten(f"conv_transpose{n}d.input")),
-             fix=fix.conv_groups)
+             fix=fix.conv_groups, weight_flops=True)
       for n, f in ((1, F.conv_transpose1d), (2, F.conv_transpose2d), (3, F.conv_transpose3d))),
-    OpSpec("linear", r.linear_function, functions=(F.linear, *_aten("linear.default")), empty_ok=True),
-    OpSpec("nn.Linear", r.linear_module, modules=(nn.Linear,), empty_ok=True),
-    OpSpec("addmm", r.addmm, functions=(torch.addmm, *_aten("addmm.default"))),
+    OpSpec("linear", r.linear_function, functions=(F.linear, *_aten("linear.default")), empty_ok=True, weight_flops=True),
+    OpSpec("nn.Linear", r.linear_module, modules=(nn.Linear,), empty_ok=True, weight_flops=True),
+    OpSpec("addmm", r.addmm, functions=(torch.addmm, *_aten("addmm.default")), weight_flops=True),
     OpSpec("matmul", r.matmul, functions=(
         torch.matmul, operator.matmul, torch.bmm, torch.mm, *_aten("matmul.default", "bmm.default", "mm.default"),
-    ), methods=("matmul", "bmm")),
+    ), methods=("matmul", "bmm"), weight_flops=True),
     OpSpec("scaled_dot_product_attention", r.scaled_dot_product_attention, functions=(
         F.scaled_dot_product_attention, *_aten("scaled_dot_product_attention.default"),
     ), fix=fix.attention_scale),

@@ -38,6 +38,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from prunefx import ops
 from prunefx.analysis.layout import Layout
 from prunefx.errors import PruneFxError
 from prunefx.graph import PruneGraph
@@ -48,8 +49,6 @@ from prunefx.train.fold import readers_of_dropped
 
 __all__ = ["BranchReport", "remove_starved", "replace_with_constants", "replay_branches", "starved_readers"]
 
-_BROADCASTING = {operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul, torch.add, torch.sub, torch.mul}
-_BROADCASTING_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_"}
 
 
 @dataclass(frozen=True)
@@ -226,9 +225,9 @@ def _constant_region(graph: fx.Graph, starved: set[fx.Node]) -> list[fx.Node]:
 
 
 def _broadcasts(node: fx.Node) -> bool:
-    if node.op == "call_function":
-        return node.target in _BROADCASTING
-    return node.op == "call_method" and node.target in _BROADCASTING_METHODS
+    """+ - * (the op records' ``foldable``): a constant operand folds through them."""
+    spec = ops.lookup(node, {}) if node.op in ("call_function", "call_method") else None
+    return spec is not None and spec.foldable
 
 
 def _values(src: fx.GraphModule, starved: set[fx.Node], frontier: list[fx.Node], example_inputs: Any, *, training: bool) -> dict[str, torch.Tensor]:

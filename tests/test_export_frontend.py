@@ -1,0 +1,231 @@
+"""The torch.export front-end: tiny random-init Hugging Face transformers (which fx cannot
+trace) and the torchvision zoo through ``frontend="export"``, each checked against
+``apply_mask`` on a copy, at the example shape and at other batch sizes and sequence lengths."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import transformers
+from torch import nn
+
+import prunefx
+from zoo import (
+    build,
+    cnn_names,
+    example_input,
+    max_rel_diff,
+    state_copy,
+    tensor_out,
+    transformer_names,
+)
+
+VOCAB = 128
+
+
+def _randomize(model: nn.Module) -> nn.Module:
+    """Constant-initialised tensors (norm weights of 1, zero biases) made random: defaults
+    hide misaligned slices."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.numel() > 1 and bool((p == p.flatten()[0]).all()):
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+    return model.eval()
+
+
+def _causal(config_cls, model_cls, **extra):
+    def make():
+        cfg = config_cls(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, **extra)
+        return model_cls(cfg)
+
+    return make
+
+
+def _gpt2():
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                                                bos_token_id=0, eos_token_id=0))
+
+
+def _bert():
+    return transformers.BertModel(transformers.BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                          intermediate_size=96, max_position_embeddings=64))
+
+
+def _roberta():
+    return transformers.RobertaModel(transformers.RobertaConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
+                                                                num_attention_heads=4, intermediate_size=96, max_position_embeddings=70))
+
+
+def _vit():
+    return transformers.ViTModel(transformers.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                        intermediate_size=96, image_size=32, patch_size=8))
+
+
+def _tokens(batch: int, length: int) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(batch * 100 + length))
+
+
+def _images(batch: int) -> torch.Tensor:
+    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch))
+
+
+# family -> (factory, keyword inputs, attention module suffix, MLP module suffix, inputs: example first)
+FAMILIES = {
+    "llama_gqa": (_causal(transformers.LlamaConfig, transformers.LlamaForCausalLM), {"use_cache": False},
+                  "self_attn.q_proj", "mlp.gate_proj", lambda: [_tokens(2, 8), _tokens(3, 5), _tokens(1, 11)]),
+    "qwen2": (_causal(transformers.Qwen2Config, transformers.Qwen2ForCausalLM), {"use_cache": False},
+              "self_attn.q_proj", "mlp.gate_proj", lambda: [_tokens(2, 8), _tokens(3, 5), _tokens(1, 11)]),
+    "mistral": (_causal(transformers.MistralConfig, transformers.MistralForCausalLM), {"use_cache": False},
+                "self_attn.q_proj", "mlp.gate_proj", lambda: [_tokens(2, 8), _tokens(3, 5), _tokens(1, 11)]),
+    "qwen3": (_causal(transformers.Qwen3Config, transformers.Qwen3ForCausalLM, head_dim=16), {"use_cache": False},
+              "self_attn.q_proj", "mlp.gate_proj", lambda: [_tokens(2, 8), _tokens(3, 5), _tokens(1, 11)]),  # per-head q/k norms
+    "gemma": (_causal(transformers.GemmaConfig, transformers.GemmaForCausalLM, head_dim=16), {"use_cache": False},
+              "self_attn.q_proj", "mlp.gate_proj", lambda: [_tokens(2, 8), _tokens(3, 5), _tokens(1, 11)]),
+    "phi3": (_causal(transformers.Phi3Config, transformers.Phi3ForCausalLM, pad_token_id=0), {"use_cache": False},
+             "self_attn.qkv_proj", "mlp.gate_up_proj", lambda: [_tokens(2, 8), _tokens(3, 5), _tokens(1, 11)]),  # fused, q[..., d:] empty
+    "gpt2": (_gpt2, {"use_cache": False}, "attn.c_attn", "mlp.c_fc", lambda: [_tokens(2, 8), _tokens(3, 5), _tokens(1, 11)]),
+    "bert": (_bert, {}, "attention.self.query", "intermediate.dense", lambda: [_tokens(2, 8), _tokens(3, 5), _tokens(1, 11)]),
+    "roberta": (_roberta, {}, "attention.self.query", "intermediate.dense", lambda: [_tokens(2, 8), _tokens(3, 5), _tokens(1, 11)]),
+    "vit": (_vit, {}, "attention.q_proj", "mlp.fc1", lambda: [_images(2), _images(3), _images(1)]),
+}
+HEADS = {"llama_gqa": 2, "qwen2": 2, "mistral": 2, "qwen3": 2, "gemma": 2, "phi3": 2, "gpt2": 4, "bert": 4, "roberta": 4, "vit": 4}  # GQA: a slot is a KV head with its query heads
+
+
+def _first_tensor(out) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else out[0]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_transformers_heads_and_mlp_are_exact_at_other_shapes(family: str) -> None:
+    make, kwargs, attn, mlp, inputs = FAMILIES[family]
+    torch.manual_seed(0)
+    model = _randomize(make())
+    x, *others = inputs()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "auto" says that it fell back to torch.export
+        graph = prunefx.trace(model, (x,), example_kwargs=kwargs or None, frontend="auto" if kwargs else "export")
+    assert graph.frontend == "export"
+    exact = {g.name: g for g in graph.groups if g.prunable and g.exact}
+    for layer in range(2):
+        heads = [g for n, g in exact.items() if n.endswith(attn) and f".{layer}." in n]
+        mlps = [g for n, g in exact.items() if n.endswith(mlp) and f".{layer}." in n]
+        assert len(heads) == 1 and heads[0].size == HEADS[family], (family, layer, list(exact))
+        assert len(mlps) == 1 and mlps[0].size >= 96, (family, layer, list(exact))
+    mask = prunefx.masks.random(graph, 0.5, exact_only=True, seed=0)
+    before = state_copy(model)
+    small = prunefx.reconfigure(model, mask, graph=graph, emit="graph")
+    after = state_copy(model)
+    assert all(torch.equal(before[k], after[k]) for k in before), "input model changed"
+    ref = copy.deepcopy(model)
+    prunefx.apply_mask(ref, mask, example_inputs=(x,), example_kwargs=kwargs or None, frontend="export")
+    params, small_params = (sum(p.numel() for p in m.parameters()) for m in (model, small))
+    assert small_params <= 0.8 * params
+    for inp in (x, *others):
+        with torch.no_grad():
+            out, expected = _first_tensor(small(inp, **kwargs)), _first_tensor(ref(inp, **kwargs))
+        assert out.shape == expected.shape
+        assert max_rel_diff(out, expected) <= 1e-4, (family, tuple(inp.shape))
+
+
+def test_group_names_and_reasons_name_the_model() -> None:
+    model = _randomize(FAMILIES["llama_gqa"][0]())
+    graph = prunefx.trace(model, (_tokens(2, 8),), example_kwargs={"use_cache": False})
+    names = {g.name for g in graph.groups}
+    assert "model.layers.0.self_attn.q_proj" in names
+    members = {m.name for m in graph.group("model.layers.0.self_attn.q_proj").members}
+    assert {"model.layers.0.self_attn.k_proj.weight", "model.layers.0.self_attn.v_proj.weight",
+            "model.layers.0.self_attn.o_proj.weight"} <= members
+    hidden = graph.group_of("model.embed_tokens")
+    assert hidden.prunable and not hidden.exact and "modeling_llama.py" in hidden.reason, hidden.reason
+    assert "in module 'model.layers.0.input_layernorm'" in hidden.reason or "in module" in hidden.reason, hidden.reason
+    assert graph.group_of("model.layers.0.self_attn.q_proj").name == "model.layers.0.self_attn.q_proj"
+
+
+def test_explicit_fx_refuses_keyword_inputs() -> None:
+    with pytest.raises(prunefx.TraceError, match="frontend='export'"):
+        prunefx.trace(nn.Linear(4, 4), (torch.randn(2, 4),), example_kwargs={"x": 1}, frontend="fx")
+
+
+def test_unknown_frontend() -> None:
+    with pytest.raises(prunefx.TraceError, match="frontend must be one of"):
+        prunefx.trace(nn.Linear(4, 4), torch.randn(2, 4), frontend="onnx")
+
+
+def test_export_needs_example_inputs() -> None:
+    with pytest.raises(prunefx.TraceError, match="needs example inputs"):
+        prunefx.trace(nn.Linear(4, 4), frontend="export")
+
+
+def test_export_error_is_one_clear_line() -> None:
+    class DataDependent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            if x.sum() > 0:  # neither fx nor torch.export can follow this
+                return self.fc(x)
+            return x
+
+    with pytest.raises(prunefx.TraceError) as info:
+        prunefx.trace(DataDependent(), torch.randn(8, 4), frontend="export")
+    assert str(info.value).startswith("torch.export cannot capture DataDependent"), str(info.value)
+    assert "What to do" in str(info.value)
+
+
+# ---- the torchvision zoo through the export front-end --------------------------------------
+# Models whose forward differs in train and eval: fx analyses both modes (more coupling),
+# export captures the current mode only, so their group sizes legitimately differ.
+TWO_MODES = {"googlenet", "inception_v3"}
+# Known failures while issue 13 is in progress: name -> reason (strict xfail).
+KNOWN_FAILURES: dict[str, str] = {
+    "swin_t": "export front-end: patch merging's strided slices + cat feed a LayerNorm whose normalized_shape is not rewritten",
+    "swin_s": "export front-end: patch merging's strided slices + cat feed a LayerNorm whose normalized_shape is not rewritten",
+    "swin_b": "export front-end: patch merging's strided slices + cat feed a LayerNorm whose normalized_shape is not rewritten",
+    "swin_v2_t": "export front-end: patch merging's strided slices + cat feed a LayerNorm whose normalized_shape is not rewritten",
+    "swin_v2_s": "export front-end: patch merging's strided slices + cat feed a LayerNorm whose normalized_shape is not rewritten",
+    "swin_v2_b": "export front-end: patch merging's strided slices + cat feed a LayerNorm whose normalized_shape is not rewritten",
+}
+HUGE = {"regnet_y_128gf", "regnet_y_32gf", "regnet_x_32gf", "regnet_y_16gf", "vgg11", "vgg11_bn", "vgg13", "vgg13_bn",
+        "vgg16", "vgg16_bn", "vgg19", "vgg19_bn", "wide_resnet101_2", "efficientnet_v2_l", "vit_h_14", "vit_l_16",
+        "vit_l_32", "swin_b", "swin_v2_b", "convnext_large", "maxvit_t"}
+
+
+def _params(names):
+    out = []
+    for n in names:
+        marks = [pytest.mark.xdist_group("huge")] if n in HUGE else []
+        if n in KNOWN_FAILURES:
+            marks.append(pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES[n]))
+        out.append(pytest.param(n, marks=marks, id=n))
+    return out
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("name", _params(cnn_names() + transformer_names()))
+def test_zoo_through_export(name: str) -> None:
+    model = build(name)
+    x = example_input(name)
+    graph = prunefx.trace(model, x, frontend="export")
+    assert graph.frontend == "export"
+    mask = prunefx.masks.random(graph, 0.5, exact_only=True, seed=0)
+    assert mask, "no prunable exact group"
+    before = state_copy(model)
+    small = prunefx.reconfigure(model, mask, graph=graph)
+    after = state_copy(model)
+    assert all(torch.equal(before[k], after[k]) for k in before), "input model changed"
+    ref = copy.deepcopy(model)
+    prunefx.apply_mask(ref, mask, graph=graph)
+    with torch.no_grad():
+        diff = max_rel_diff(tensor_out(small(x)), tensor_out(ref(x)))
+    assert diff <= 1e-4, f"reconfigured output differs from the masked model by {diff:.3g}"
+    flops, small_flops = prunefx.count_flops(model, x), prunefx.count_flops(small, x)
+    assert small_flops <= 0.8 * flops, f"FLOPs only fell to {small_flops / flops:.2f}"
+    if name in cnn_names() and name not in TWO_MODES:
+        fx_sizes = sorted(g.size for g in prunefx.trace(model, x, frontend="fx").groups if g.prunable)
+        assert sorted(g.size for g in graph.groups if g.prunable) == fx_sizes, "fx and export found different groups"
