@@ -183,14 +183,7 @@ def test_export_error_is_one_clear_line() -> None:
 # export captures the current mode only, so their group sizes legitimately differ.
 TWO_MODES = {"googlenet", "inception_v3"}
 # Known failures while issue 13 is in progress: name -> reason (strict xfail).
-KNOWN_FAILURES: dict[str, str] = {
-    "swin_t": "export front-end: patch merging's strided slices + cat feed a LayerNorm whose normalized_shape is not rewritten",
-    "swin_s": "export front-end: patch merging's strided slices + cat feed a LayerNorm whose normalized_shape is not rewritten",
-    "swin_b": "export front-end: patch merging's strided slices + cat feed a LayerNorm whose normalized_shape is not rewritten",
-    "swin_v2_t": "export front-end: patch merging's strided slices + cat feed a LayerNorm whose normalized_shape is not rewritten",
-    "swin_v2_s": "export front-end: patch merging's strided slices + cat feed a LayerNorm whose normalized_shape is not rewritten",
-    "swin_v2_b": "export front-end: patch merging's strided slices + cat feed a LayerNorm whose normalized_shape is not rewritten",
-}
+KNOWN_FAILURES: dict[str, str] = {}
 HUGE = {"regnet_y_128gf", "regnet_y_32gf", "regnet_x_32gf", "regnet_y_16gf", "vgg11", "vgg11_bn", "vgg13", "vgg13_bn",
         "vgg16", "vgg16_bn", "vgg19", "vgg19_bn", "wide_resnet101_2", "efficientnet_v2_l", "vit_h_14", "vit_l_16",
         "vit_l_32", "swin_b", "swin_v2_b", "convnext_large", "maxvit_t"}

@@ -446,15 +446,17 @@ def narrow(a: Analyzer, node: fx.Node) -> Any:
     return _index_tensor(a, node, lay, shape, index)
 
 
-def reduction(kind: str) -> Callable[[Analyzer, fx.Node], Any]:
+def reduction(kind: str, dim_at: int = 1) -> Callable[[Analyzer, fx.Node], Any]:
+    """A reduction over ``dim`` (argument ``dim_at``, ``keepdim`` right after it)."""
+
     def rule(a: Analyzer, node: fx.Node) -> Any:
         x = node.args[0]
         lay, shape = a.value(x), a.shape(x)
         if not isinstance(lay, Layout) or not isinstance(a.shape(node), torch.Size):
             return unknown(a, node)
         nd = len(shape)
-        dims = _arg(node, 1, "dim")
-        keepdim = bool(_arg(node, 2, "keepdim", False))
+        dims = _arg(node, dim_at, "dim")
+        keepdim = bool(_arg(node, dim_at + 1, "keepdim", False))
         if dims is None:
             reduced = set(range(nd))
         else:
@@ -474,7 +476,7 @@ def reduction(kind: str) -> Callable[[Analyzer, fx.Node], Any]:
         if not keepdim:
             mapping = {d: d - sum(1 for r in reduced if r < d) for d in range(nd) if d not in reduced}
             out_lay = out_lay.shift(mapping)
-        zero = lay.zero and kind in ("sum", "mean", "amax", "amin")
+        zero = lay.zero and kind in ("sum", "mean", "amax", "amin", "norm")
         return out_lay.with_zero(zero)
 
     return rule
