@@ -26,7 +26,7 @@ from torch import nn
 from prunefx import nn as pnn
 from prunefx.passes.base import Pass, RewriteState
 
-__all__ = ["RebuildModules"]
+__all__ = ["RebuildModules", "REPLACEMENTS"]
 
 
 def _shell_copy(m: nn.Module) -> nn.Module:
@@ -111,7 +111,7 @@ def _attention(old: nn.Module, state: RewriteState, target: str) -> nn.Module:
 
 
 # modules whose class cannot hold the pruned shapes: built anew, same parameter names
-_REPLACE: tuple[tuple[type, Callable[[Any, RewriteState, str], nn.Module]], ...] = (
+REPLACEMENTS: tuple[tuple[type, Callable[[Any, RewriteState, str], nn.Module]], ...] = (
     (nn.MultiheadAttention, _attention),
     (pnn.MultiheadAttention, _attention),
 )
@@ -126,7 +126,7 @@ class RebuildModules(Pass):
             if node.op != "call_module" or node.target in state.modules:
                 continue
             old = node.graph.owning_module.get_submodule(node.target)
-            replace = next((fn for kind, fn in _REPLACE if isinstance(old, kind)), None)
+            replace = next((fn for kind, fn in REPLACEMENTS if isinstance(old, kind)), None)
             if replace is not None:
                 state.modules[node.target] = replace(old, state, node.target)
                 continue

@@ -41,5 +41,6 @@ class RecordLayout(Pass):
             {"shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")}
             for x in state.inputs if isinstance(x, torch.Tensor)
         ]
-        extra = {k: v for k, v in origin.items() if k not in ("version", "inputs", "tensors")}  # e.g. "branches" (PruneTrain)
+        # carried over: e.g. "branches" (PruneTrain); not "emit", which this reconfiguration sets anew
+        extra = {k: v for k, v in origin.items() if k not in ("version", "inputs", "tensors", "emit")}
         setattr(state.result, LAYOUT_ATTR, {**extra, "version": 1, "inputs": inputs, "tensors": tensors})

@@ -53,7 +53,7 @@ from prunefx.passes.base import RewriteState
 
 # The builders of the graph emitter's replacement modules (one source of truth for how a
 # pruned nn.MultiheadAttention is rebuilt); they read only state.tensors and state.plan.
-from prunefx.passes.rebuild_modules import _REPLACE
+from prunefx.passes.rebuild_modules import REPLACEMENTS
 from prunefx.provenance import LAYOUT_ATTR
 from prunefx.tracing import SourceLoc
 
@@ -127,7 +127,7 @@ def _replace_modules(model: nn.Module, small: nn.Module, state: RewriteState) ->
         if id(m) in replaced:
             _set_module(small, name, replaced[id(m)])
             continue
-        build = next((fn for kind, fn in _REPLACE if isinstance(m, kind)), None)
+        build = next((fn for kind, fn in REPLACEMENTS if isinstance(m, kind)), None)
         if build is None or not _tensors_shrank(model.get_submodule(name), name, state):
             continue
         try:

@@ -80,8 +80,12 @@ def reconfigure(
 ) -> nn.Module:
     """A new, dense, smaller model without the channels ``mask`` drops.
 
-    The result is a GraphModule whose submodule names match ``model``'s. ``model`` is never
-    modified. Pass ``graph=prunefx.trace(model, x)`` to reuse an analysis. With
+    ``emit="graph"`` returns a GraphModule whose submodule names match ``model``'s;
+    ``emit="module"`` a copy of ``model`` of the same class with every size attribute
+    updated (checked against the graph result; ``ReconfigureError`` names what cannot be
+    expressed); ``emit="auto"`` the module for a transformers ``PreTrainedModel``, the graph
+    otherwise. ``example_kwargs`` and ``frontend`` are passed to ``prunefx.trace``. ``model``
+    is never modified. Pass ``graph=prunefx.trace(model, x)`` to reuse an analysis. With
     ``optimizer``, its param_groups and per-parameter state are re-pointed to the new
     parameters and sliced alike, in place. On any error nothing is changed.
     """
