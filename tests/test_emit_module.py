@@ -20,6 +20,7 @@ from torch import nn
 import prunefx
 from prunefx import nn as pnn
 from zoo import (
+    GIANT,
     build,
     cnn_names,
     example_input,
@@ -87,6 +88,8 @@ def _params(names: list[str]) -> list:
     out = []
     for n in names:
         marks = [pytest.mark.xdist_group("huge")] if n in HUGE else []
+        if n in GIANT:
+            marks.append(pytest.mark.huge)
         if n in KNOWN_FAILURES:
             marks.append(pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES[n]))
         out.append(pytest.param(n, marks=marks, id=n))

@@ -9,6 +9,7 @@ import torch
 
 import prunefx
 from zoo import (
+    GIANT,
     build,
     check_exact,
     cnn_names,
@@ -35,6 +36,8 @@ def _params(names):
     out = []
     for n in names:
         marks = [pytest.mark.xdist_group("huge")] if n in HUGE else []
+        if n in GIANT:
+            marks.append(pytest.mark.huge)
         if n in KNOWN_FAILURES:
             marks.append(pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES[n]))
         out.append(pytest.param(n, marks=marks, id=n))

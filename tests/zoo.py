@@ -20,6 +20,10 @@ INPUT_SIZE = {
 }
 DEFAULT_SIZE = 32
 
+# About 12 GB at their peak each (measured): `make test` runs their tests alone, after the rest
+# (marker `huge`), so they never share the machine's memory with another worker.
+GIANT = frozenset({"vit_h_14", "regnet_y_128gf"})
+
 
 def cnn_names() -> list[str]:
     return sorted(n for n in torchvision.models.list_models(module=torchvision.models) if not n.startswith(NOT_CNN))
