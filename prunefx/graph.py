@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from prunefx.analysis import ChannelAnalysis, ChannelGroup, analyze, build_groups
 from prunefx.errors import MaskError, TraceError
@@ -47,6 +48,14 @@ class PruneGraph:
         self.analysis = analysis
         self.example_inputs = example_inputs
         self._table = build_groups(analysis)
+
+    @property
+    def flat_inputs(self) -> tuple[Any, ...]:
+        """The values ``self.module``'s placeholders take, in order: the positional example
+        inputs (fx), or the leaves of (inputs, keyword inputs) (export)."""
+        if self.traced.frontend != "export":
+            return tuple(self.example_inputs)
+        return tuple(pytree.tree_leaves((tuple(self.example_inputs), self.example_kwargs)))
 
     @property
     def frontend(self) -> str:

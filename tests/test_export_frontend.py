@@ -254,3 +254,18 @@ def test_transformers_module_emitter(family: str) -> None:
     for inp in (x, *others):
         with torch.no_grad():
             assert max_rel_diff(_first_tensor(small(inp, **kwargs)), _first_tensor(ref(inp, **kwargs))) <= 1e-4, tuple(inp.shape)
+
+
+def test_inspector_on_a_transformers_model() -> None:
+    """The inspector takes keyword inputs; costs run the export graph on its flat inputs."""
+    make, kwargs, _, _, inputs = FAMILIES["llama_gqa"]
+    model = _randomize(make())
+    x = inputs()[0]
+    report = prunefx.inspect(model, (x,), example_kwargs=kwargs)
+    assert report.graph.frontend == "export"
+    text = str(report)
+    assert "LlamaForCausalLM" in text and "model.embed_tokens" in text
+    why = str(report.explain("model.layers.0.self_attn.q_proj"))
+    assert "scaled_dot_product_attention" in why and "modeling_llama.py" in why, why
+    cost = prunefx.masks.estimate_cost(report.graph, prunefx.masks.random(report.graph, 0.5, exact_only=True, seed=0))
+    assert 0 < cost.params_ratio < 0.8

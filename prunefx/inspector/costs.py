@@ -93,14 +93,14 @@ def node_costs(graph: PruneGraph) -> dict[fx.Node, NodeCost]:
     }
     try:
         with _reparametrize_module(gm, meta), torch.no_grad():
-            return _run(_MetaCosts(gm), _to_meta(graph.example_inputs))
+            return _run(_MetaCosts(gm), _to_meta(graph.flat_inputs))
     except Exception:
-        if any(isinstance(x, torch.Tensor) and x.is_meta for x in graph.example_inputs):
+        if any(isinstance(x, torch.Tensor) and x.is_meta for x in graph.flat_inputs):
             raise  # shape propagation ran on the same meta inputs: unreachable in practice
     # a missing meta kernel: shapes fell back to real inputs too, on a copy (in training mode
     # the model's own BatchNorm layers would update their running statistics)
     twin = copy.deepcopy(gm)
     with torch.no_grad():
-        costs = _run(_RealCosts(twin), copy.deepcopy(graph.example_inputs))
+        costs = _run(_RealCosts(twin), copy.deepcopy(graph.flat_inputs))
     original = dict(zip(twin.graph.nodes, gm.graph.nodes, strict=True))
     return {original[n]: c for n, c in costs.items()}

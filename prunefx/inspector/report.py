@@ -151,7 +151,7 @@ class Inspector:
         else:
             raise InspectError(f"compare() takes a model returned by prunefx.reconfigure or a mask "
                                f"{{name: bool tensor}}, got {type(small_or_mask).__name__}")
-        after = inspect(small, self.graph.example_inputs)
+        after = inspect(small, self.graph.example_inputs, example_kwargs=self.graph.example_kwargs or None)
         return compare_rows(self.layers, after.layers, self.totals, after.totals, small)
 
     def to_dot(self) -> str:
@@ -208,11 +208,14 @@ class Inspector:
 
 
 def inspect(model: nn.Module, example_inputs: Any = None, *, graph: PruneGraph | None = None,
+            example_kwargs: dict[str, Any] | None = None, frontend: str = "auto",
             leaf_modules: Iterable[type | str] = (), concrete_args: dict[str, Any] | None = None) -> Inspector:
     """Trace ``model`` (or reuse ``graph = prunefx.trace(model, ...)``) and collect, for every
     node and every channel group, shapes, channels, parameters, FLOPs, activation memory and
-    why it is pinned. ``example_inputs`` as for ``prunefx.trace``.
+    why it is pinned. ``example_inputs``, ``example_kwargs`` and ``frontend`` as for
+    ``prunefx.trace``.
     """
     if graph is None:
-        graph = trace(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
+        graph = trace(model, example_inputs, example_kwargs=example_kwargs, frontend=frontend,
+                      leaf_modules=leaf_modules, concrete_args=concrete_args)
     return Inspector(model, graph)

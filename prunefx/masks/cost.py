@@ -141,7 +141,7 @@ class CostModel:
         fixed = approximate = 0
         all_params = dict(gm.named_parameters(remove_duplicate=False))
         derived = _parameter_derived(gm, all_params)
-        node_flops = _node_flops(gm, graph.example_inputs)
+        node_flops = _node_flops(gm, graph.flat_inputs)
         for node, f in node_flops.items():
             w = _weight_of(gm, node, all_params, derived)
             if w is None:
@@ -204,7 +204,7 @@ def measure_cost(graph: PruneGraph, mask: Mapping[str, Any], *, policy: str = "u
     from prunefx.reconfigure import reconfigure  # the rewrite stage sits after mask sources
 
     small = reconfigure(graph.module, mask, graph=graph, policy=policy)
-    flops, params = count_flops(small, graph.example_inputs), count_params(small)
+    flops, params = count_flops(small, graph.flat_inputs), count_params(small)
     if reference is None:
-        reference = Cost(count_flops(graph.module, graph.example_inputs), count_params(graph.module), 1.0, 1.0)
+        reference = Cost(count_flops(graph.module, graph.flat_inputs), count_params(graph.module), 1.0, 1.0)
     return Cost(flops, params, flops / max(reference.flops, 1), params / max(reference.params, 1))
