@@ -269,3 +269,17 @@ def test_inspector_on_a_transformers_model() -> None:
     assert "scaled_dot_product_attention" in why and "modeling_llama.py" in why, why
     cost = prunefx.masks.estimate_cost(report.graph, prunefx.masks.random(report.graph, 0.5, exact_only=True, seed=0))
     assert 0 < cost.params_ratio < 0.8
+
+
+def test_static_capture_when_dynamic_shapes_fail_says_so(monkeypatch) -> None:
+    real = torch.export.export
+
+    def export(*args, dynamic_shapes=None, **kwargs):
+        if dynamic_shapes is not None:
+            raise RuntimeError("Constraints violated (batch)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.export, "export", export)
+    with pytest.warns(UserWarning, match=r"Constraints violated.*static shapes"):
+        graph = prunefx.trace(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)).eval(), torch.randn(3, 4), frontend="export")
+    assert graph.group_of("0").prunable and graph.frontend == "export"

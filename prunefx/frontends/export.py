@@ -25,6 +25,7 @@ from __future__ import annotations
 import inspect
 import os
 import re
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -94,7 +95,7 @@ def _capture(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
         return torch.export.export(model, tuple(args), kwargs, dynamic_shapes=dynamic, strict=False)
     except Exception as first:  # noqa: BLE001 - export raises many types; retry with static shapes
         try:
-            return torch.export.export(model, tuple(args), kwargs, strict=False)
+            ep = torch.export.export(model, tuple(args), kwargs, strict=False)
         except Exception as exc:  # noqa: BLE001
             cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise TraceError(
@@ -103,6 +104,13 @@ def _capture(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
                 "(e.g. example_kwargs={'use_cache': False} for a transformers model), or capture a "
                 "submodule that export can follow."
             ) from first
+        warnings.warn(
+            f"prunefx: torch.export could not capture {type(model).__name__} with a dynamic batch/sequence "
+            f"({str(first).strip().splitlines()[0] if str(first).strip() else type(first).__name__}); captured with "
+            "static shapes, so the pruned graph runs only at the example inputs' sizes",
+            stacklevel=4,
+        )
+        return ep
 
 
 def _graph_module(model: nn.Module, ep: torch.export.ExportedProgram) -> tuple[fx.GraphModule, dict[fx.Node, str]]:
