@@ -75,6 +75,11 @@ def size_list(state: RewriteState, node: fx.Node, new: fx.Node) -> None:
     if len(node.args) < 2:
         return
     new_shape = state.plan.new_shapes[node]
+    if len(node.args) == 2 and isinstance(node.args[1], fx.Node) and isinstance(SizeValues(state.plan.analysis.shapes.of)(node.args[1]), tuple):
+        # the whole shape as one value (timm's `x.reshape(y.shape)`): right if it is the pruned shape
+        if SizeValues(state.plan.new_shapes)(node.args[1]) != tuple(new_shape):
+            new.args = (new.args[0], [int(d) for d in new_shape])
+        return
     packed = len(new.args) == 2 and isinstance(new.args[1], (list, tuple))
     sizes = node.args[1] if packed else node.args[1:]
     copies = new.args[1] if packed else new.args[1:]  # the copy's args: nodes of the new graph
