@@ -20,7 +20,6 @@ from torch import nn
 import prunefx
 from prunefx import nn as pnn
 from zoo import (
-    GIANT,
     build,
     cnn_names,
     example_input,
@@ -30,34 +29,9 @@ from zoo import (
     tensor_out,
     transformer_names,
     video_names,
+    zoo_params,
 )
 
-HUGE = {
-    "regnet_y_128gf",
-    "regnet_y_32gf",
-    "regnet_x_32gf",
-    "regnet_y_16gf",
-    "vgg11",
-    "vgg11_bn",
-    "vgg13",
-    "vgg13_bn",
-    "vgg16",
-    "vgg16_bn",
-    "vgg19",
-    "vgg19_bn",
-    "wide_resnet101_2",
-    "efficientnet_v2_l",
-    "vit_h_14",
-    "vit_l_16",
-    "vit_l_32",
-    "swin_b",
-    "swin_v2_b",
-    "convnext_large",
-    "swin3d_b",
-    "mvit_v1_b",
-    "mvit_v2_s",
-    "maxvit_t",
-}
 ALL = cnn_names() + transformer_names() + segmentation_names() + video_names()
 
 # Models whose forward cannot express the random mask, by design: the emitter must say so.
@@ -84,16 +58,6 @@ INEXPRESSIBLE: dict[str, tuple[str, str]] = {
 KNOWN_FAILURES: dict[str, str] = {}
 
 
-def _params(names: list[str]) -> list:
-    out = []
-    for n in names:
-        marks = [pytest.mark.xdist_group("huge")] if n in HUGE else []
-        if n in GIANT:
-            marks.append(pytest.mark.huge)
-        if n in KNOWN_FAILURES:
-            marks.append(pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES[n]))
-        out.append(pytest.param(n, marks=marks, id=n))
-    return out
 
 
 def _sizes_disagree(model: nn.Module) -> list[str]:
@@ -145,7 +109,7 @@ def test_zoo_is_complete() -> None:
 
 
 @pytest.mark.filterwarnings("ignore:prunefx. .* in training mode does not run")  # eval-sized inputs
-@pytest.mark.parametrize("name", _params([n for n in ALL if n not in INEXPRESSIBLE]))
+@pytest.mark.parametrize("name", zoo_params([n for n in ALL if n not in INEXPRESSIBLE], KNOWN_FAILURES))
 def test_zoo_emit_module(name: str) -> None:
     model = build(name)
     x = example_input(name)
@@ -181,7 +145,7 @@ def test_zoo_emit_module(name: str) -> None:
 
 
 @pytest.mark.filterwarnings("ignore:prunefx. .* in training mode does not run")
-@pytest.mark.parametrize("name", _params(sorted(INEXPRESSIBLE)))
+@pytest.mark.parametrize("name", zoo_params(sorted(INEXPRESSIBLE), KNOWN_FAILURES))
 def test_zoo_inexpressible_raises(name: str) -> None:
     model = build(name)
     x = example_input(name)

@@ -14,7 +14,6 @@ from torch import nn
 
 import prunefx
 from zoo import (
-    GIANT,
     build,
     cnn_names,
     example_input,
@@ -22,6 +21,7 @@ from zoo import (
     state_copy,
     tensor_out,
     transformer_names,
+    zoo_params,
 )
 
 VOCAB = 128
@@ -185,25 +185,12 @@ def test_export_error_is_one_clear_line() -> None:
 TWO_MODES = {"googlenet", "inception_v3"}
 # Known failures while issue 13 is in progress: name -> reason (strict xfail).
 KNOWN_FAILURES: dict[str, str] = {}
-HUGE = {"regnet_y_128gf", "regnet_y_32gf", "regnet_x_32gf", "regnet_y_16gf", "vgg11", "vgg11_bn", "vgg13", "vgg13_bn",
-        "vgg16", "vgg16_bn", "vgg19", "vgg19_bn", "wide_resnet101_2", "efficientnet_v2_l", "vit_h_14", "vit_l_16",
-        "vit_l_32", "swin_b", "swin_v2_b", "convnext_large", "maxvit_t"}
 
 
-def _params(names):
-    out = []
-    for n in names:
-        marks = [pytest.mark.xdist_group("huge")] if n in HUGE else []
-        if n in GIANT:
-            marks.append(pytest.mark.huge)
-        if n in KNOWN_FAILURES:
-            marks.append(pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES[n]))
-        out.append(pytest.param(n, marks=marks, id=n))
-    return out
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-@pytest.mark.parametrize("name", _params(cnn_names() + transformer_names()))
+@pytest.mark.parametrize("name", zoo_params(cnn_names() + transformer_names(), KNOWN_FAILURES))
 def test_zoo_through_export(name: str) -> None:
     model = build(name)
     x = example_input(name)

@@ -9,7 +9,6 @@ import torch
 
 import prunefx
 from zoo import (
-    GIANT,
     build,
     check_exact,
     cnn_names,
@@ -18,30 +17,15 @@ from zoo import (
     tensor_out,
     transformer_names,
     video_names,
+    zoo_params,
 )
 
-# Models with more than ~80M parameters (or heavy minimum inputs) share one xdist worker, so
-# two never sit in memory at once.
-HUGE = {"regnet_y_128gf", "regnet_y_32gf", "regnet_x_32gf", "regnet_y_16gf", "vgg11", "vgg11_bn", "vgg13",
-        "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn", "wide_resnet101_2", "efficientnet_v2_l",
-        "vit_h_14", "vit_l_16", "vit_l_32", "swin_b", "swin_v2_b", "convnext_large", "swin3d_b",
-        "mvit_v1_b", "mvit_v2_s", "maxvit_t"}
 ALL = cnn_names() + transformer_names() + segmentation_names() + video_names()
 
 # Known failures while the core issue is in progress: name -> reason. Must be empty when it closes.
 KNOWN_FAILURES: dict[str, str] = {}
 
 
-def _params(names):
-    out = []
-    for n in names:
-        marks = [pytest.mark.xdist_group("huge")] if n in HUGE else []
-        if n in GIANT:
-            marks.append(pytest.mark.huge)
-        if n in KNOWN_FAILURES:
-            marks.append(pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES[n]))
-        out.append(pytest.param(n, marks=marks, id=n))
-    return out
 
 
 def test_zoo_is_complete() -> None:
@@ -49,7 +33,7 @@ def test_zoo_is_complete() -> None:
 
 
 @pytest.mark.filterwarnings("ignore:prunefx. .* in training mode does not run")  # eval-sized inputs
-@pytest.mark.parametrize("name", _params(ALL))
+@pytest.mark.parametrize("name", zoo_params(ALL, KNOWN_FAILURES))
 def test_zoo(name: str) -> None:
     model = build(name)
     x = example_input(name)

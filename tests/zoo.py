@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 import torchvision
 from torch import nn
@@ -19,6 +20,13 @@ INPUT_SIZE = {
     "alexnet": 63,
 }
 DEFAULT_SIZE = 32
+
+# Models with more than ~80M parameters (or heavy minimum inputs) share one xdist worker, so
+# two never sit in memory at once.
+HUGE = {"regnet_y_128gf", "regnet_y_32gf", "regnet_x_32gf", "regnet_y_16gf", "vgg11", "vgg11_bn", "vgg13",
+        "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn", "wide_resnet101_2", "efficientnet_v2_l",
+        "vit_h_14", "vit_l_16", "vit_l_32", "swin_b", "swin_v2_b", "convnext_large", "swin3d_b",
+        "mvit_v1_b", "mvit_v2_s", "maxvit_t"}
 
 # About 12 GB at their peak each (measured): `make test` runs their tests alone, after the rest
 # (marker `huge`), so they never share the machine's memory with another worker.
@@ -122,3 +130,17 @@ def tensor_out(y):
         return y.flatten()
     values = y.values() if isinstance(y, dict) else y
     return torch.cat([tensor_out(v) for v in values if v is not None])
+
+
+def zoo_params(names: list[str], known_failures: dict[str, str]) -> list:
+    """One pytest param per model: the HUGE ones share an xdist worker, the GIANT ones are
+    marked `huge` (run alone), known failures are strict xfails with their reason."""
+    out = []
+    for n in names:
+        marks = [pytest.mark.xdist_group("huge")] if n in HUGE else []
+        if n in GIANT:
+            marks.append(pytest.mark.huge)
+        if n in known_failures:
+            marks.append(pytest.mark.xfail(strict=True, reason=known_failures[n]))
+        out.append(pytest.param(n, marks=marks, id=n))
+    return out
