@@ -766,12 +766,7 @@ def matmul(a: Analyzer, node: fx.Node) -> Any:
     nd = len(out_shape)
     rest_x, kx = a.drop_dim(lx, len(sx) - 1)
     rest_y, ky = a.drop_dim(ly, len(sy) - 2)
-    if kx is not None and ky is not None:
-        a.unify(kx, ky)
-        if not (lx.zero or ly.zero):
-            a.mark_inexact(kx, node, "matmul contracts channels whose masked values are not zero")
-    elif kx is not None or ky is not None:
-        a.pin(kx if kx is not None else ky, node, "matmul with a fixed-size operand on the contracted dim")
+    _contract(a, node, (lx, kx), (ly, ky), "matmul")
     # x: (..., n) -> output (..., n, 1);  y: (..., m) -> output (..., 1, m)
     ox, oy = nd - len(sx), nd - len(sy)
     ax = rest_x.shift({d: d + ox for d in rest_x.dims})
@@ -780,6 +775,19 @@ def matmul(a: Analyzer, node: fx.Node) -> Any:
     shape_y = (*((1,) * oy), *sy[:-2], 1, sy[-1])
     factors = a.broadcast(node, [(ax, shape_x), (ay, shape_y)], out_shape)
     return Layout(factors, _product_zero(factors, (ax, ay)))
+
+
+def _contract(a: Analyzer, node: fx.Node, x: tuple[Layout, np.ndarray | None], y: tuple[Layout, np.ndarray | None], what: str) -> None:
+    """Both operands of a product contract one dim (``(layout, ids along it)``): its channels
+    are united; removing them is exact when one operand's masked channels are zero; an
+    operand of fixed size there pins the other's channels."""
+    (lx, kx), (ly, ky) = x, y
+    if kx is not None and ky is not None:
+        a.unify(kx, ky)
+        if not (lx.zero or ly.zero):
+            a.mark_inexact(kx, node, f"{what} contracts channels whose masked values are not zero")
+    elif kx is not None or ky is not None:
+        a.pin(kx if kx is not None else ky, node, f"{what} with a fixed-size operand on the contracted dim")
 
 
 def _product_zero(factors: Sequence[Factor], operands: Sequence[Layout]) -> bool:
@@ -1271,12 +1279,7 @@ def scaled_dot_product_attention(a: Analyzer, node: fx.Node) -> Any:
         a.pin_value(a.value(mask), node, "attention mask")
     rest_q, eq = a.drop_dim(lq, nd - 1)
     rest_k, ek = a.drop_dim(lk, nd - 1)
-    if eq is not None and ek is not None:
-        a.unify(eq, ek)
-        if not (lq.zero or lk.zero):
-            a.mark_inexact(eq, node, "attention scores contract channels whose masked values are not zero")
-    elif eq is not None or ek is not None:
-        a.pin(eq if eq is not None else ek, node, "attention with a fixed-size query or key head dim")
+    _contract(a, node, (lq, eq), (lk, ek), "attention scores")
     rest_v = _only_on(a, node, lv, set(range(nd)) - {nd - 2}, "the sequence dim of the values")
     rest_q = _only_on(a, node, rest_q, set(range(nd - 2)), "the sequence dim of the queries")
     rest_k = _only_on(a, node, rest_k, set(range(nd - 2)), "the sequence dim of the keys")
