@@ -48,11 +48,11 @@ def _sizes(state: RewriteState, node_sizes: Sequence[Any], new_sizes: Sequence[A
         if isinstance(s, int) and s != want:
             out[i] = want
         elif isinstance(s, fx.Node) and evaluate(s) != want:
-            out[i] = _rescaled(state, s, new_sizes[i], want, evaluate) or want
+            out[i] = _rescaled(s, new_sizes[i], want, evaluate) or want
     return out
 
 
-def _rescaled(state: RewriteState, size: fx.Node, copy: Any, want: int, evaluate: SizeValues) -> fx.Node | None:
+def _rescaled(size: fx.Node, copy: Any, want: int, evaluate: SizeValues) -> fx.Node | None:
     """``batch * heads`` (a run-time size times a literal, as attention computes the
     merged batch-and-heads dim) becomes ``batch * heads'``: the run-time factor stays
     dynamic instead of being frozen to the example's value."""

@@ -60,10 +60,11 @@ def dynamic_shapes_for(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[
             dims[1] = auto
         return dims or None
 
-    bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    signature = inspect.signature(model.forward)
+    bound = signature.bind(*args, **kwargs)
     out: dict[str, Any] = {}
     for name, value in bound.arguments.items():
-        kind = inspect.signature(model.forward).parameters[name].kind
+        kind = signature.parameters[name].kind
         if kind is inspect.Parameter.VAR_KEYWORD:
             out[name] = {k: pytree.tree_map(spec, v) for k, v in value.items()}
         elif kind is inspect.Parameter.VAR_POSITIONAL:
