@@ -25,6 +25,7 @@ thresholds (or local ratios) cheaply.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
@@ -36,7 +37,12 @@ from prunefx.analysis import ChannelGroup
 from prunefx.errors import MaskError
 from prunefx.graph import PruneGraph
 
-__all__ = ["Mask", "Selection", "Ranking", "select", "eligible_groups"]
+__all__ = ["Mask", "Selection", "Ranking", "select", "eligible_groups", "SelectionError"]
+
+
+class SelectionError(MaskError, ValueError):
+    """A bad selection option (ratio, scope, ...): a MaskError, and a ValueError as it was
+    before, so that ``except ValueError`` in existing code still catches it."""
 
 Mask = dict[str, torch.Tensor]
 
@@ -56,13 +62,17 @@ class Selection:
 
     def __post_init__(self) -> None:
         if self.scope not in ("local", "global"):
-            raise ValueError(f"scope must be 'local' or 'global', got {self.scope!r}")
+            raise SelectionError(f"scope must be 'local' or 'global', got {self.scope!r}")
         if self.normalize not in _NORMALIZE:
-            raise ValueError(f"normalize must be one of {_NORMALIZE}, got {self.normalize!r}")
+            raise SelectionError(f"normalize must be one of {_NORMALIZE}, got {self.normalize!r}")
+        for name in ("min_keep", "round_to"):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+                raise SelectionError(f"{name} must be an integer >= 1, got {value!r}")
         if self.min_keep < 1:
-            raise ValueError(f"min_keep must be >= 1, got {self.min_keep}")
+            raise SelectionError(f"min_keep must be >= 1, got {self.min_keep}")
         if self.round_to < 1:
-            raise ValueError(f"round_to must be >= 1, got {self.round_to}")
+            raise SelectionError(f"round_to must be >= 1, got {self.round_to}")
         if isinstance(self.protect, str):
             object.__setattr__(self, "protect", (self.protect,))
         else:
@@ -91,8 +101,25 @@ def _protected(graph: PruneGraph, names: tuple[str, ...]) -> set[str]:
 
 
 def _check_ratio(ratio: float) -> None:
-    if not 0.0 <= ratio < 1.0:
-        raise ValueError(f"ratio must be in [0, 1), got {ratio}")
+    """The fraction of channels to drop: a real number in [0, 1) (NaN, inf, 1.0 and
+    non-numbers are misuse, named in one line)."""
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0.0 <= float(ratio) < 1.0:
+        raise SelectionError(f"ratio must be a number in [0, 1) (the fraction of channels to drop), got {ratio!r}")
+
+
+def _score_array(group: ChannelGroup, s: object) -> np.ndarray:
+    """Scores as float64 on the CPU; a tensor without data (meta), a sparse or complex one,
+    or anything that is not numbers is a MaskError naming the group."""
+    what = f"scores for group '{group.name}'"
+    if isinstance(s, torch.Tensor):
+        if s.is_meta or s.layout != torch.strided or s.is_complex():
+            kind = "on the meta device (no values)" if s.is_meta else "complex" if s.is_complex() else f"a {s.layout} tensor"
+            raise MaskError(f"{what} are {kind}; pass a dense real tensor of shape ({group.size},)")
+        return s.detach().cpu().double().numpy()
+    try:
+        return np.asarray(s, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise MaskError(f"{what} are a {type(s).__name__}; pass a float tensor of shape ({group.size},)") from None
 
 
 @dataclass(frozen=True, eq=False)
@@ -110,8 +137,7 @@ class Ranking:
         groups = eligible_groups(graph, selection, scored=scores)
         arrays = []
         for g in groups:
-            s = scores[g.name]
-            s = s.detach().cpu().double().numpy() if isinstance(s, torch.Tensor) else np.asarray(s, dtype=np.float64)
+            s = _score_array(g, scores[g.name])
             if s.shape != (g.size,):
                 raise MaskError(f"scores for group '{g.name}' have shape {s.shape}; the group has {g.size} channels")
             if not np.isfinite(s).all():
