@@ -4,8 +4,11 @@ A user mask maps group names or module names to bool vectors (True = keep). Reso
 it into one keep flag per channel slot (union-find root), validating everything first:
 
 - an unknown key raises MaskError listing the closest names;
-- a value that is not a 1-D bool vector of the right length raises MaskError naming the
-  group or module and its size;
+- a value that is not a 1-D bool vector of the right length (or has no values: a meta
+  tensor; or is stored sparse) raises MaskError naming the group or module and its size;
+- a module called at several places on different channels (one ``nn.ReLU`` shared by two
+  layers) names no single set of channels: as a key it raises MaskError listing the call
+  sites (a module called twice on the same channels, a shared conv, is fine);
 - keys that land on the same slot are combined by ``policy``: "union" keeps a slot if any key
   keeps it (PruneTrain's channel union), "strict" raises when keys disagree;
 - removing a channel of a pinned group, or every channel of a group, raises MaskError.
@@ -21,7 +24,9 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.fx as fx
 
+from prunefx.analysis.propagate import _layouts_in
 from prunefx.errors import MaskError
 from prunefx.graph import PruneGraph, _closest
 
@@ -42,6 +47,10 @@ def _as_bool_vector(key: str, value: Any, size: int, what: str) -> np.ndarray:
     if isinstance(value, torch.Tensor):
         if value.dtype != torch.bool:
             raise MaskError(f"mask for {what} '{key}' has dtype {value.dtype}; expected a torch.bool tensor of shape ({size},) (True = keep), e.g. scores > threshold")
+        if value.is_meta:
+            raise MaskError(f"mask for {what} '{key}' is on the meta device, so it has no values; build it on the CPU (or the model's device)")
+        if value.layout != torch.strided:
+            raise MaskError(f"mask for {what} '{key}' is a {value.layout} tensor; pass a dense one (mask.to_dense())")
         arr = value.detach().cpu().numpy()
     elif isinstance(value, np.ndarray):
         if value.dtype != np.bool_:
@@ -102,8 +111,47 @@ def _key_channels(graph: PruneGraph, key: str, value: Any) -> tuple[np.ndarray, 
     if group is not None and (module is None or n == group.size or n != len(module)):
         return group.slots, "group"
     if module is not None:
+        _refuse_ambiguous(graph, key)
         return graph.output_channels(key), "module"
     raise MaskError(f"unknown mask key '{key}': no channel group or module of that name{_closest(key, graph.names())}")
+
+
+def _call_sites(graph: PruneGraph, name: str) -> list[tuple[fx.Node, frozenset[int]]]:
+    """Every call of module ``name`` with the channel classes of its output: fx graphs have
+    one call_module node per call; in export graphs a call is the nodes the module itself
+    computed under one ``nn_module_stack`` entry (``act``, ``act@1``), its output the last."""
+    traced = graph.traced
+    last: dict[Any, fx.Node] = {}
+    for node in traced.nodes():
+        if traced.frontend == "export":
+            stack = node.meta.get("nn_module_stack") or {}
+            if traced.owners.get(node) == name and stack:
+                last[(id(node.graph), next(reversed(stack)))] = node
+        elif node.op == "call_module" and node.target == name:
+            last[node] = node
+    uf, layouts = graph.analysis.uf, graph.analysis.layouts
+    sites = []
+    for node in last.values():
+        ids = [f.ids.ravel() for lay in _layouts_in(layouts.get(node)) for f in lay.factors]
+        sites.append((node, frozenset(uf.find(np.concatenate(ids)).tolist()) if ids else frozenset()))
+    return sites
+
+
+def _refuse_ambiguous(graph: PruneGraph, name: str) -> None:
+    sites = _call_sites(graph, name)
+    if len({channels for _, channels in sites}) <= 1:
+        return
+    groups = [_groups_text(graph, channels) for _, channels in sites]
+    listed = "; ".join(f"{graph.traced.where(node)} ({text})" for (node, _), text in zip(sites, groups, strict=True))
+    raise MaskError(
+        f"module '{name}' is called at {len(sites)} places on different channels, so as a mask key it names no single "
+        f"set of channels: {listed}. Use group names as keys instead"
+    )
+
+
+def _groups_text(graph: PruneGraph, channels: frozenset[int]) -> str:
+    names = dict.fromkeys(g.name for r in channels if (g := graph._table.group_of_root.get(r)) is not None)
+    return f"group {', '.join(repr(n) for n in names)}" if names else "channels of no group"
 
 
 def _validate(graph: PruneGraph, flags: np.ndarray, keyed: np.ndarray, allow_empty: bool) -> None:
