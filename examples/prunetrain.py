@@ -1,12 +1,15 @@
 """PruneTrain end to end on real data: dense baseline vs PruneTrain vs the final
 architecture trained from scratch, same epochs, one JSON report and one PNG plot.
 
-    .venv/bin/python examples/prunetrain.py                  # full run (docs/prunetrain.md)
+    .venv/bin/python examples/prunetrain.py --out docs/prunetrain   # the full run of docs/prunetrain.md
     .venv/bin/python examples/prunetrain.py --smoke          # < 1 minute, what CI runs
     .venv/bin/python examples/prunetrain.py --data-dir ~/cifar-10-batches-py
 
+The report goes to ``--out`` (default: ``prunefx-prunetrain`` in the system's temporary
+directory, so a run never writes into the working directory unasked).
+
 Data: scikit-learn's digits (1,797 8x8 images that ship with the package) upsampled to
-32x32, split 80/20 with a fixed seed; or CIFAR-10 from a local ``cifar-10-batches-py``
+16x16 (``--size``), split 80/20 with a fixed seed; or CIFAR-10 from a local ``cifar-10-batches-py``
 folder (nothing is downloaded). Model: a CIFAR-style ResNet (He et al. 2016, 6n+2 layers,
 16/32/64 channels, 1x1 projection shortcuts), written below.
 
@@ -32,6 +35,7 @@ import pickle
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,6 +47,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import prunefx
+
+DEFAULT_OUT = Path(tempfile.gettempdir()) / "prunefx-prunetrain"  # never the working directory unasked
 
 # ----------------------------------------------------------------------------- data
 
@@ -370,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timing-rounds", type=int, default=20, help="rounds of the side-by-side step timing at the end (0: skip it)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steady step times on a shared machine)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=Path("prunetrain_out"))
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                    help=f"directory for prunetrain.json and prunetrain.png (default: {DEFAULT_OUT})")
     args = ap.parse_args(argv)
     if args.smoke:  # a tiny net and a strong lasso, so that channels die within 4 epochs
         args.epochs, args.every, args.depth, args.width, args.size, args.stop_fraction = 4, 1, 8, 8, 16, 1.0
