@@ -19,6 +19,11 @@ works too: every rank applies rank 0's mask and ``pt.model`` is a new wrapper wi
 one's settings (``prunefx.distributed.reconfigure_ddp``); pass the same ``example_inputs``
 batch on every rank, since the folded constants are measured on it.
 
+The rest of the loop's state follows each reconfiguration (``prunefx.train.loop``): pass
+``extra_optimizers``, ``ema`` (``AveragedModel`` / ``ModelEmaV3``), ``schedulers`` and ``scaler``
+(``GradScaler``); a ``torch.compile``d model comes back compiled alike. A reconfiguration while
+gradients are being accumulated (a backward since the last ``optimizer.step()``) is refused.
+
 Reconfiguration stops after ``stop_after`` epochs (PruneTrain keeps the last part of
 training at a fixed architecture) and can start after ``start_after`` epochs.
 
@@ -30,7 +35,7 @@ compared to PruneTrain's 180 epochs (see docs/prunetrain.md for both on the same
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +46,7 @@ from torch.nn.parallel import DistributedDataParallel
 from prunefx.graph import trace
 from prunefx.masks.zeros import from_zeros
 from prunefx.train.lasso import GroupLasso
+from prunefx.train.loop import StepBoundary, unwrap_compiled
 from prunefx.train.shrink import ShrinkReport, shrink
 
 __all__ = ["PruneTrain", "Reconfiguration"]
@@ -74,6 +80,11 @@ class PruneTrain:
     verbose: bool = False
     history: list[Reconfiguration] = field(default_factory=list)
     on_change: list[Callable[[nn.Module, Reconfiguration], None]] = field(default_factory=list)
+    extra_optimizers: Sequence[torch.optim.Optimizer] = ()
+    ema: Sequence[nn.Module] = ()
+    schedulers: Sequence[Any] = ()
+    scaler: Any = None
+    boundary: StepBoundary | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.mode not in ("penalty", "proximal"):
@@ -82,11 +93,18 @@ class PruneTrain:
             raise ValueError(f"every is a number of epochs >= 1, got {self.every}")
         if self.lasso is None:
             self.lasso = GroupLasso(self.module, self.example_inputs, ratio=self.ratio)
+        if self.boundary is None:
+            self.boundary = StepBoundary(self.module, self.optimizers)
 
     @property
     def module(self) -> nn.Module:
-        """The model without its DistributedDataParallel wrapper."""
-        return self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
+        """The model without its DistributedDataParallel or torch.compile wrapper."""
+        model = self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
+        return unwrap_compiled(model)[0]
+
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.optimizer, *self.extra_optimizers]
 
     def regularize(self, loss: torch.Tensor) -> torch.Tensor:
         """``loss + lambda * R(W)`` (mode "penalty"); ``loss`` itself in mode "proximal",
@@ -122,13 +140,15 @@ class PruneTrain:
             return self.model
         return self.reconfigure(epoch, example_inputs)
 
-    def reconfigure(self, epoch: int = -1, example_inputs: Any = None) -> nn.Module:
-        """Reconfigure now (dead channels out), whatever the schedule says."""
+    def reconfigure(self, epoch: int = -1, example_inputs: Any = None, *, mask: Mapping[str, Any] | None = None) -> nn.Module:
+        """Reconfigure now (dead channels out), whatever the schedule says. ``mask``: the
+        channels to keep, when the caller decided them (default: ``from_zeros``)."""
         x = self.example_inputs if example_inputs is None else example_inputs
         if isinstance(self.model, DistributedDataParallel):
             small, report = self._reconfigure_ddp(x)
         else:
-            small, report = shrink(self.model, example_inputs=x, optimizer=self.optimizer, threshold=self.threshold)
+            small, report = shrink(self.model, mask, example_inputs=x, optimizer=self.optimizers, threshold=self.threshold,
+                                   **self._loop_state())
         event = Reconfiguration(epoch, report)
         self.history.append(event)
         if self.verbose:
@@ -137,6 +157,8 @@ class PruneTrain:
             self.model = small
             assert self.lasso is not None
             self.lasso = self.lasso.rebind(self.module, x)
+            assert self.boundary is not None
+            self.boundary.watch(self.module)
             for callback in self.on_change:
                 callback(small, event)
         return self.model
@@ -153,9 +175,14 @@ class PruneTrain:
             return self.model, ShrinkReport(changed=False)
         reports: list[ShrinkReport] = []
 
-        def rewrite(module: nn.Module, mask: Any, **kw: Any) -> nn.Module:
-            small, report = shrink(module, mask, threshold=self.threshold, graph=graph, **kw)
+        def rewrite(module: nn.Module, mask: Any, *, optimizer: Any = None, **kw: Any) -> nn.Module:
+            optimizers = None if optimizer is None else self.optimizers
+            small, report = shrink(module, mask, threshold=self.threshold, graph=graph, optimizer=optimizers,
+                                   **self._loop_state(), **kw)
             reports.append(report)
             return small
 
         return reconfigure_ddp(self.model, mask, example_inputs=x, optimizer=self.optimizer, rewrite=rewrite), reports[0]
+
+    def _loop_state(self) -> dict[str, Any]:
+        return {"ema": self.ema, "scaler": self.scaler, "schedulers": self.schedulers, "boundary": self.boundary}

@@ -10,6 +10,14 @@
 ``shrink`` edits ``model`` in place (the folds change biases and BatchNorm running means, so
 ``model`` itself must not be used afterwards) and returns the new model with a report.
 
+The rest of the training loop follows (``prunefx.train.loop``): every optimizer passed
+(re-pointed, state sliced), EMA copies (``ema=``: their ``.module`` is sliced alike),
+LR schedulers (``schedulers=``: checked to step one of those optimizers, which stay the same
+objects), a GradScaler (``scaler=``: refused between ``unscale_``/``step`` and ``update``),
+gradient accumulation (``boundary=``, a ``StepBoundary``: refused while gradients wait for a
+step), and a ``torch.compile``d model (the result is compiled with the same options).
+Every check runs before anything is edited.
+
 Example::
 
     >>> small, report = prunefx.train.shrink(model, example_inputs=x, optimizer=opt)
@@ -19,7 +27,7 @@ Example::
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +44,17 @@ from prunefx.masks.zeros import from_zeros
 from prunefx.reconfigure import reconfigure
 from prunefx.train.branches import BranchReport, remove_starved, starved_readers
 from prunefx.train.fold import FoldReport, fold_constants, readers_of_dropped
+from prunefx.train.loop import (
+    StepBoundary,
+    check_scaler,
+    check_schedulers,
+    fold_delta,
+    fold_snapshot,
+    follow_ema,
+    follow_optimizer,
+    rewrap_compiled,
+    unwrap_compiled,
+)
 
 __all__ = ["ShrinkReport", "shrink"]
 
@@ -78,34 +97,51 @@ def shrink(
     mask: Mapping[str, Any] | None = None,
     *,
     example_inputs: Any,
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
     threshold: float = 1e-4,
     policy: str = "union",
     graph: PruneGraph | None = None,
+    ema: nn.Module | Iterable[nn.Module] = (),
+    scaler: Any = None,
+    schedulers: Iterable[Any] = (),
+    boundary: StepBoundary | None = None,
 ) -> tuple[nn.Module, ShrinkReport]:
     """Remove the channels ``mask`` drops (default: ``from_zeros(model, threshold)``),
     folding their constants and removing starved branches; returns ``(new model, report)``.
-    ``example_inputs`` should be a real batch: the folds are measured on it."""
+    ``example_inputs`` should be a real batch: the folds are measured on it. ``optimizer``
+    may be a list (all re-pointed); ``ema``, ``scaler``, ``schedulers``, ``boundary``: see
+    the module docstring. A ``torch.compile``d model comes back compiled alike."""
     start = time.perf_counter()
     x = example_inputs
+    optimizers = [] if optimizer is None else [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else list(optimizer)
+    emas = [ema] if isinstance(ema, nn.Module) else list(ema)
+    if boundary is not None:
+        boundary.check()
+    check_scaler(scaler, optimizers)
+    check_schedulers(schedulers, optimizers)
+    compiled_model = model
+    model, compiled = unwrap_compiled(model)
     graph = trace(model, x) if graph is None else graph
     mask = from_zeros(graph, threshold) if mask is None else mask
     if not mask:
-        return model, ShrinkReport(changed=False)
+        return compiled_model, ShrinkReport(changed=False)
     keep = resolve_mask(graph, mask, policy, allow_empty=True)
     kept_back: list[str] = []
     keep = _keep_unfoldable(model, graph, keep, x, kept_back)
     keep = _keep_unremovable(model, graph, keep, x, kept_back)
     if keep.flags.all():
-        return model, ShrinkReport(changed=False, kept_back=tuple(kept_back))
+        return compiled_model, ShrinkReport(changed=False, kept_back=tuple(kept_back))
     before = {g.name: g.size for g in graph.groups if g.prunable}
     params0, flops0 = count_params(model), count_flops(model, x)
 
+    snapshot = fold_snapshot(model) if emas else {}
     fold = fold_constants(model, graph, keep, x)
-    _add_to_optimizer(optimizer, model, fold)
+    for opt in optimizers:
+        _add_to_optimizer(opt, model, fold)
+    primary = optimizers[0] if optimizers else None
     gm, branches = remove_starved(model, graph, keep, x)
     if gm is not None:
-        _drop_from_optimizer(optimizer, model, gm)
+        _drop_from_optimizer(primary, model, gm)
         target, new_graph = gm, trace(gm, x)
         new_mask = _mask_by_tensor(graph, new_graph, keep)
     elif fold.new_parameters:  # a new bias must be sliced with its layer's outputs: trace again to see it
@@ -114,9 +150,14 @@ def shrink(
     else:
         target, new_graph = model, graph
         new_mask = {g.name: torch.from_numpy(keep.of(g.slots)) for g in graph.groups if not keep.of(g.slots).all()}
-    small = reconfigure(target, new_mask, example_inputs=x, optimizer=optimizer, policy=policy, graph=new_graph)
+    small = reconfigure(target, new_mask, example_inputs=x, optimizer=primary, policy=policy, graph=new_graph)
+    for opt in optimizers[1:]:  # by tensor name, through the layouts: the rewrite re-points one optimizer
+        follow_optimizer(opt, model, small)
+    delta = fold_delta(model, snapshot) if emas else {}
+    for e in emas:
+        follow_ema(e, model, small, delta)
     after = {g.name: int(keep.of(g.slots).sum()) for g in graph.groups if g.prunable}
-    return small, ShrinkReport(
+    return rewrap_compiled(small, compiled), ShrinkReport(
         changed=True,
         channels={n: (before[n], after[n]) for n in before},
         params=(params0, count_params(small)),
@@ -183,7 +224,9 @@ def _mask_by_tensor(old: PruneGraph, new: PruneGraph, keep: Keep) -> dict[str, t
 
 
 def _add_to_optimizer(optimizer: torch.optim.Optimizer | None, model: nn.Module, fold: FoldReport) -> None:
-    """New biases train with the hyper-parameters of their layer's weight."""
+    """New biases train with the hyper-parameters of their layer's weight, and come right
+    after it in its group: the order ``module.parameters()`` gives, so an optimizer state_dict
+    saved after the shrink loads into an optimizer built afresh on the rebuilt model."""
     if optimizer is None or not fold.new_parameters:
         return
     modules = dict(model.named_modules())
@@ -191,7 +234,8 @@ def _add_to_optimizer(optimizer: torch.optim.Optimizer | None, model: nn.Module,
         weight = modules[name.rpartition(".")[0]].weight
         group = next((g for g in optimizer.param_groups if any(q is weight for q in g["params"])), None)
         if group is not None:
-            group["params"].append(p)
+            at = next(i for i, q in enumerate(group["params"]) if q is weight)
+            group["params"].insert(at + 1, p)
 
 
 def _drop_from_optimizer(optimizer: torch.optim.Optimizer | None, model: nn.Module, gm: nn.Module) -> None:
