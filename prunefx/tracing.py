@@ -5,6 +5,11 @@ The tracer records, for every node it creates, the user source line that created
 made tracing ResNet-50 several times slower here), so that
 every reason and error can name the line of model code responsible.
 
+The graph is what ``model(x)`` runs, not only ``forward``: the model's own forward
+(pre-)hooks are traced around it, hooks of leaf modules pin the channels they see, custom
+autograd Functions stay one opaque call, and what cannot be kept (re-parametrised weights,
+hooks acting only by side effects) is refused; see ``prunefx.guards`` for the rule per kind.
+
 Example::
 
     >>> import torch, prunefx
@@ -29,6 +34,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from prunefx import guards
 from prunefx.errors import TraceError
 
 __all__ = ["SourceLoc", "Traced", "symbolic_trace", "describe_node", "guess_example_inputs"]
@@ -115,7 +121,7 @@ class Traced:
 
 
 def describe_node(node: fx.Node, loc: SourceLoc | None) -> str:
-    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    target = node.target if isinstance(node.target, str) else getattr(node.target, "prunefx_label", None) or getattr(node.target, "__name__", str(node.target))
     text = f"node '{node.name}' ({node.op} {target})"
     return f"{text} at {loc}" if loc is not None else text
 
@@ -145,6 +151,45 @@ class _Tracer(fx.Tracer):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
+    def trace(self, root: Any, concrete_args: Any = None) -> fx.Graph:
+        """fx's trace, with custom autograd Functions kept opaque and the hooks of traced
+        modules watched; TraceError for what cannot be kept (``prunefx.guards``)."""
+        if isinstance(root, nn.Module):
+            guards.refuse_reparametrized(root)
+            guards.refuse_traced_backward_hooks(root, self.is_leaf_module)
+        with guards.watch_hooks(root, self.is_leaf_module) as watch, guards.custom_functions_opaque():
+            graph = super().trace(root, concrete_args)
+        watch.check()
+        return graph
+
+    def create_args_for_root(self, root_fn: Any, is_module: bool, concrete_args: Any = None) -> tuple[Any, list[Any]]:
+        """The model's own forward (pre-)hooks, which fx does not run, around its forward."""
+        fn, args = super().create_args_for_root(root_fn, is_module, concrete_args)
+        root = self.root
+        if not is_module or not (root._forward_pre_hooks or root._forward_hooks):
+            return fn, args
+        if fn is not root_fn:
+            raise TraceError(
+                f"{type(root).__name__} has forward hooks and a forward taking *args/**kwargs (or nested concrete_args), "
+                "which prunefx cannot trace the hooks around; remove the hooks (handle.remove()) before pruning and "
+                "register them on the result"
+            )
+
+        def hooked(self_: nn.Module, *inputs: Any) -> Any:
+            return guards.run_with_hooks(root, lambda *a, **k: fn(self_, *a, **k), inputs, {})
+
+        return hooked, args
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """A leaf module whose call runs hooks: the channels they see are pinned."""
+        name = self.path_of_module(m)
+        hooks = guards.hooks_within(m) if self.is_leaf_module(m, name) else []
+        if not hooks:
+            return super().call_module(m, forward, args, kwargs)
+        marker = guards.HookedChannels(name, hooks)
+        out = super().call_module(m, forward, marker.mark(self, args), marker.mark(self, kwargs))
+        return marker.mark(self, out) if marker.sees_output else out
+
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):  # type: ignore[override]
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
         loc = _user_frame(sys._getframe(1))
@@ -172,6 +217,8 @@ def symbolic_trace(
     tracer = _Tracer(leaves)
     try:
         graph = tracer.trace(model, concrete_args=concrete_args)
+    except TraceError:
+        raise  # a guard's refusal names its module and hook already
     except Exception as exc:  # fx raises many types; all mean "cannot trace"
         raise _trace_error(model, tracer, exc) from exc
     _default_concrete(graph, concrete_args)

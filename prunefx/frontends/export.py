@@ -36,6 +36,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 from torch.utils import _pytree as pytree
 
+from prunefx import guards
 from prunefx.errors import TraceError
 from prunefx.tracing import _TORCH_DIR, SourceLoc, Traced
 
@@ -79,12 +80,26 @@ def export_trace(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, A
     (parameters as ``get_attr`` of their qualified names) and the flat inputs its
     placeholders take, in order."""
     kwargs = dict(kwargs or {})
-    ep = _capture(model, args, kwargs)
+    ep = _guarded_capture(model, args, kwargs)
     gm, owners = _graph_module(model, ep)
     sources = {n: loc for n in gm.graph.nodes if (loc := _source_of(n)) is not None}
     flat = tuple(pytree.tree_leaves((tuple(args), kwargs)))
     traced = Traced(gm, sources, None, model.training, frontend="export", owners=owners)
     return traced, flat
+
+
+def _guarded_capture(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.export.ExportedProgram:
+    """``_capture`` with what torch.export would silently lose refused (``prunefx.guards``):
+    re-parametrised weights, backward hooks, forward hooks acting only by side effects
+    (export runs every module's hooks and keeps what they return), custom autograd
+    Functions (export inlines their forward and drops their backward)."""
+    never_leaf = lambda m, name: False  # noqa: E731 - export traces every module's forward
+    guards.refuse_reparametrized(model)
+    guards.refuse_traced_backward_hooks(model, never_leaf, frontend="export")
+    with guards.watch_hooks(model, never_leaf, frontend="export") as watch, guards.custom_functions_refused(model):
+        ep = _capture(model, args, kwargs)
+    watch.check()
+    return ep
 
 
 def _capture(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.export.ExportedProgram:

@@ -1,0 +1,397 @@
+"""What the trace cannot see, and what capture does about it, per kind.
+
+A traced graph is what a module's ``forward`` computes. Python around it, which
+``model(x)`` also runs, is handled at capture (``prunefx.tracing`` for torch.fx,
+``prunefx.frontends.export`` for torch.export), so that a reconfigured model never silently
+lacks it:
+
+=============================================  ===============================================
+forward (pre-)hook of a module whose forward   run by the trace on symbolic values: what the
+is traced (the model itself; with fx every     hook returns is part of the graph, analysed and
+non-leaf module; with torch.export every       rewritten like forward's own code. A hook that
+module)                                        returns nothing, or its input unchanged, acts
+                                               only by side effects, which the reconfigured
+                                               model would never run: ``TraceError``.
+forward (pre-)hook or backward hook of a leaf  kept: the reconfigured model calls a copy of
+module (fx ``call_module``)                    the module, hooks included. The channels the
+                                               hooks see (the call's inputs and output) are
+                                               pinned by an identity node the analysis has no
+                                               rule for (``HookedChannels``): a hook may close
+                                               over a channel-sized tensor, and prunefx cannot
+                                               know what it does with the channels.
+backward hook of a traced module               no module call is left to run it on:
+                                               ``TraceError``.
+re-parametrised weight                         the weight is computed from ``original0/1``
+(``parametrize.register_parametrization``:     (``weight_g/v``, ``weight_orig``, ``u``, ``v``)
+``weight_norm``, ``spectral_norm``, ...; the   by norms over every channel, so slicing them is
+old ``torch.nn.utils.weight_norm`` and         not the masked function: ``TraceError`` saying
+``spectral_norm`` hooks)                       how to bake the weight first.
+custom ``torch.autograd.Function`` (a class    fx: one opaque call of ``Fn.apply``
+outside torch)                                 (``OpaqueFunction``), so its backward is kept;
+                                               the channels through it are pinned. torch.export
+                                               inlines its forward and drops its backward:
+                                               ``TraceError`` naming it and its line.
+``torch.nn.utils.prune`` hooks                 left to ``reconfigure``'s own refusal (the
+                                               masks interop reads them through the trace).
+=============================================  ===============================================
+
+Example::
+
+    >>> import torch, prunefx
+    >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 4, 3))
+    >>> _ = model[0].register_forward_hook(lambda m, i, o: print(o.shape))
+    >>> g = prunefx.trace(model, torch.randn(1, 3, 8, 8))
+    >>> g.group_of("0").prunable      # the hook sees all 8 channels of '0' at run time
+    False
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.node import map_aggregate
+from torch.nn.utils import parametrize
+
+from prunefx.errors import MaskError, TraceError
+
+__all__ = [
+    "CaptureRefused", "refuse_foreign_graph", "refuse_reparametrized", "refuse_traced_backward_hooks", "watch_hooks", "HookWatch", "run_with_hooks",
+    "hooks_within", "HookedChannels", "OpaqueFunction", "custom_functions_opaque", "custom_functions_refused",
+]
+
+IsLeaf = Callable[[nn.Module, str], bool]
+
+
+class CaptureRefused(TraceError):
+    """The model holds something no front-end can keep (a hook acting by side effects, a
+    re-parametrised weight, a backward hook on a traced module): trying the other front-end
+    would not help."""
+
+
+_FORWARD = (("_forward_pre_hooks", "forward pre-hook"), ("_forward_hooks", "forward hook"))
+_BACKWARD = (("_backward_pre_hooks", "backward pre-hook"), ("_backward_hooks", "backward hook"))
+
+
+# ---- naming ------------------------------------------------------------------------------
+
+def hook_text(hook: Any) -> str:
+    """The hook's name in backquotes and where it is defined, for messages."""
+    inner = hook.hook if isinstance(hook, _Watched) else hook
+    while isinstance(inner, functools.partial):
+        inner = inner.func
+    func = getattr(inner, "__func__", inner)  # a bound method
+    call = type(inner).__dict__.get("__call__")  # a callable object
+    code = getattr(func, "__code__", None) or getattr(call, "__code__", None)
+    name = (getattr(func, "__qualname__", None) or type(inner).__qualname__).rsplit(".<locals>.", 1)[-1]
+    if code is None:
+        return f"`{name}`"
+    from prunefx.tracing import _short  # tracing imports this module
+
+    return f"`{name}` ({_short(code.co_filename)}:{code.co_firstlineno})"
+
+
+def _module_text(name: str, model: nn.Module) -> str:
+    return f"module '{name}'" if name else f"the model itself ({type(model).__name__})"
+
+
+def _own_hooks(m: nn.Module, kinds: tuple[tuple[str, str], ...]) -> list[tuple[str, Any]]:
+    """(kind, hook) of ``m``'s own hooks of these kinds; torch.nn.utils.prune's are not ours
+    to judge (``reconfigure`` refuses them, the masks interop reads them)."""
+    from torch.nn.utils.prune import BasePruningMethod
+
+    return [
+        (kind, h) for attr, kind in kinds for h in getattr(m, attr, {}).values()
+        if not isinstance(h, BasePruningMethod) and not isinstance(getattr(h, "hook", None), BasePruningMethod)
+    ]
+
+
+def _traced_modules(model: nn.Module, is_leaf: IsLeaf) -> Iterator[tuple[str, nn.Module]]:
+    """Modules whose forward the trace runs: the model, and every module not inside a leaf."""
+    def walk(prefix: str, m: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+        yield prefix, m
+        for child_name, child in m.named_children():
+            name = f"{prefix}.{child_name}" if prefix else child_name
+            if not is_leaf(child, name):
+                yield from walk(name, child)
+
+    yield from walk("", model)
+
+
+# ---- a graph passed in ------------------------------------------------------------------
+
+def refuse_foreign_graph(model: nn.Module, graph: Any) -> None:
+    """MaskError unless every parameter and buffer ``graph`` (a PruneGraph) computes with is
+    the very tensor of ``model`` at that name: a graph traced from another instance (or
+    before the model's tensors were replaced) would build the result from other weights."""
+    if getattr(graph, "model_inputs", None) is not None:
+        return  # a surrogate's graph (detection models): its names are not the model's
+    own = dict((*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)))
+    for gm in graph.traced.graphs:
+        for name, t in (*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)):
+            if name.startswith(("_tensor_constant", "_prunefx_constants")) or own.get(name) is t:
+                continue
+            why = "has no tensor of that name" if name not in own else "holds another tensor there"
+            raise MaskError(
+                f"graph= was not traced from this model: it computes with '{name}', and {type(model).__name__} {why} "
+                "(another instance, or its tensors were replaced since); trace this model (prunefx.trace(model, x)) "
+                "or omit graph="
+            )
+
+
+# ---- re-parametrised weights --------------------------------------------------------------
+
+def refuse_reparametrized(model: nn.Module) -> None:
+    """TraceError for the first module whose weight is computed from other tensors."""
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    for name, m in model.named_modules():
+        if parametrize.is_parametrized(m):
+            tensor, plist = next(iter(m.parametrizations.items()))
+            kinds = ", ".join(type(p).__name__ for p in plist)
+            raise CaptureRefused(
+                f"{_module_text(name, model)} has a parametrization ({kinds}) on '{tensor}', computed from "
+                f"{', '.join(n for n, _ in plist.named_parameters())}: prunefx cannot slice those alike; bake it first with "
+                f"torch.nn.utils.parametrize.remove_parametrizations(module, '{tensor}') and apply it again to the result"
+            )
+        for hook in m._forward_pre_hooks.values():
+            if isinstance(hook, (WeightNorm, SpectralNorm)):
+                undo = "remove_weight_norm" if isinstance(hook, WeightNorm) else "remove_spectral_norm"
+                raise CaptureRefused(
+                    f"{_module_text(name, model)} has torch.nn.utils.{undo[7:]} on '{hook.name}' (computed from "
+                    f"{hook.name}_g/_v or {hook.name}_orig): prunefx cannot slice those alike; bake it first with "
+                    f"torch.nn.utils.{undo}(module) and apply it again to the result"
+                )
+
+
+# ---- hooks of traced modules ---------------------------------------------------------------
+
+def refuse_traced_backward_hooks(model: nn.Module, is_leaf: IsLeaf, frontend: str = "fx") -> None:
+    for name, m in _traced_modules(model, is_leaf):
+        for kind, hook in _own_hooks(m, _BACKWARD):
+            raise CaptureRefused(
+                f"{_module_text(name, model)} has a {kind} {hook_text(hook)}, but its forward is traced, so the reconfigured "
+                f"model has no call of it to run the hook on; {_what_to_do(name, frontend)}"
+            )
+
+
+def _what_to_do(name: str, frontend: str) -> str:
+    if not name:
+        return "remove it (handle.remove()) before pruning and register it on the result"
+    if frontend == "fx":
+        return (f"remove it (handle.remove()) before pruning, or keep '{name}' whole with "
+                f"prunefx.trace(..., leaf_modules=['{name}']) (its hooks are kept, its channels pinned)")
+    return (f"remove it (handle.remove()) before pruning, or use frontend='fx' with leaf_modules=['{name}'] "
+            "(its hooks are kept, its channels pinned)")
+
+
+@dataclass
+class HookWatch:
+    """Hooks of traced modules that acted only by side effects during a capture."""
+
+    model: nn.Module
+    frontend: str
+    observers: list[tuple[str, str, Any]] = field(default_factory=list)  # (module name, kind, hook)
+
+    def check(self) -> None:
+        if not self.observers:
+            return
+        name, kind, hook = self.observers[0]
+        raise CaptureRefused(
+            f"{_module_text(name, self.model)} has a {kind} {hook_text(hook)} that returns nothing (or its input unchanged): "
+            "the trace keeps what a hook returns, not what it does, so it would never run in the reconfigured model; "
+            f"{_what_to_do(name, self.frontend)}"
+        )
+
+
+class _Watched:
+    """A hook that records, in its HookWatch, a call whose result leaves the values alone."""
+
+    def __init__(self, hook: Any, name: str, kind: str, watch: HookWatch) -> None:
+        self.hook, self.name, self.kind, self.watch = hook, name, kind, watch
+
+    def __call__(self, *args: Any) -> Any:
+        result = self.hook(*args)
+        if _leaves_alone(result, args, self.kind) and not any(w[2] is self.hook for w in self.watch.observers):
+            self.watch.observers.append((self.name, self.kind, self.hook))
+        return result
+
+
+def _leaves_alone(result: Any, args: tuple[Any, ...], kind: str) -> bool:
+    if result is None:
+        return True
+    if kind == "forward hook":
+        return result is args[-1]
+    given = args[1:]  # (inputs,) or (inputs, kwargs)
+    if len(given) == 2 and isinstance(result, tuple) and len(result) == 2:
+        return result[0] is given[0] and result[1] is given[1]
+    inputs = given[0]
+    result = result if isinstance(result, tuple) else (result,)
+    return len(result) == len(inputs) and all(r is x for r, x in zip(result, inputs, strict=True))
+
+
+@contextlib.contextmanager
+def watch_hooks(model: nn.Module, is_leaf: IsLeaf, frontend: str = "fx") -> Iterator[HookWatch]:
+    """For the duration of a capture, the forward (pre-)hooks of every traced module report
+    calls that leave the values alone. The hook dicts are swapped, never edited, and put
+    back as they were, also when the capture fails."""
+    watch = HookWatch(model, frontend)
+    swapped: list[tuple[nn.Module, str, Any]] = []
+    try:
+        for name, m in _traced_modules(model, is_leaf):
+            for attr, kind in _FORWARD:
+                hooks = getattr(m, attr)
+                ours = {id(h) for _, h in _own_hooks(m, ((attr, kind),))}
+                if ours:
+                    swapped.append((m, attr, hooks))
+                    setattr(m, attr, type(hooks)((k, _Watched(h, name, kind, watch) if id(h) in ours else h) for k, h in hooks.items()))
+        yield watch
+    finally:
+        for m, attr, hooks in reversed(swapped):
+            setattr(m, attr, hooks)
+
+
+def run_with_hooks(module: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """``forward(*args, **kwargs)`` with ``module``'s forward pre-hooks and hooks around it, in
+    the order ``nn.Module.__call__`` runs them (for the model itself, whose forward fx calls
+    directly)."""
+    for hook_id, hook in module._forward_pre_hooks.items():
+        if hook_id in module._forward_pre_hooks_with_kwargs:
+            result = hook(module, args, kwargs)
+            if result is not None:
+                args, kwargs = result
+        else:
+            result = hook(module, args)
+            if result is not None:
+                args = result if isinstance(result, tuple) else (result,)
+    out = forward(*args, **kwargs)
+    for hook_id, hook in module._forward_hooks.items():
+        if hook_id in module._forward_hooks_with_kwargs:
+            result = hook(module, args, kwargs, out)
+        else:
+            result = hook(module, args, out)
+        if result is not None:
+            out = result
+    return out
+
+
+# ---- hooks of leaf modules ----------------------------------------------------------------
+
+def hooks_within(m: nn.Module) -> list[tuple[str, str, Any]]:
+    """(submodule name, kind, hook) of every hook a call of leaf ``m`` runs, its own first."""
+    return [(name, kind, h) for name, sub in m.named_modules() for kind, h in _own_hooks(sub, (*_FORWARD, *_BACKWARD))]
+
+
+class HookedChannels:
+    """Identity at run time. To the channel analysis it is an op without a rule, so the
+    channels it carries are pinned, with its ``__name__`` as the reason. It marks the call's
+    inputs, and its output unless only forward pre-hooks (which see the inputs) are run."""
+
+    def __init__(self, module_name: str, hooks: list[tuple[str, str, Any]]) -> None:
+        sub, kind, hook = hooks[0]
+        self.sees_output = any(k != "forward pre-hook" for _, k, _ in hooks)
+        self.prunefx_label = f"hooks of '{module_name}'"
+        where = f"'{module_name}.{sub}'" if sub else f"'{module_name}'"
+        more = f" and {len(hooks) - 1} more" if len(hooks) > 1 else ""
+        self.__name__ = (
+            f"the {kind} {hook_text(hook)}{more} of module {where}, which sees these channels at run time "
+            "(remove the hook to prune them)"
+        )
+        self.__module__ = __name__
+        self.module_name = module_name
+
+    def __call__(self, x: Any) -> Any:
+        return x
+
+    def mark(self, tracer: fx.Tracer, value: Any) -> Any:
+        """``value`` with every proxy in it passed through this identity."""
+        def one(v: Any) -> Any:
+            if isinstance(v, fx.Proxy):
+                return tracer.create_proxy("call_function", self, (v,), {}, name=f"{self.module_name.replace('.', '_')}_hooked")
+            return v
+
+        return map_aggregate(value, one)
+
+
+# ---- custom autograd Functions ------------------------------------------------------------
+
+def _user_function(cls: type) -> bool:
+    return not cls.__module__.startswith("torch.")
+
+
+class OpaqueFunction:
+    """``Fn.apply`` as one call_function target: run as it is, backward included."""
+
+    def __init__(self, fn: type[torch.autograd.Function]) -> None:
+        self.fn = fn
+        self.__name__ = f"{fn.__qualname__}.apply"
+        self.__module__ = fn.__module__
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn.apply(*args, **kwargs)
+
+
+_ORIGINAL_APPLY = torch.autograd.Function.__dict__["apply"]
+
+
+def _original_apply(cls: type, *args: Any, **kwargs: Any) -> Any:
+    return _ORIGINAL_APPLY.__get__(None, cls)(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _apply_patched(apply: Callable[..., Any]) -> Iterator[None]:
+    """``torch.autograd.Function.apply`` is ``apply(cls, *args, **kwargs)`` for the duration
+    (as fx patches ``nn.Module.__call__`` while it traces); put back also on failure."""
+    Function = torch.autograd.Function
+    original = Function.__dict__["apply"]
+    type.__setattr__(Function, "apply", classmethod(apply))
+    try:
+        yield
+    finally:
+        type.__setattr__(Function, "apply", original)
+
+
+@contextlib.contextmanager
+def custom_functions_opaque() -> Iterator[None]:
+    """fx: ``Fn.apply`` on proxies becomes one opaque node instead of its inlined forward."""
+    def apply(cls: type, *args: Any, **kwargs: Any) -> Any:
+        proxies: list[fx.Proxy] = []
+        map_aggregate((args, kwargs), lambda v: proxies.append(v) if isinstance(v, fx.Proxy) else None)
+        if proxies and _user_function(cls):
+            return proxies[0].tracer.create_proxy("call_function", OpaqueFunction(cls), args, kwargs)
+        return _original_apply(cls, *args, **kwargs)
+
+    with _apply_patched(apply):
+        yield
+
+
+@contextlib.contextmanager
+def custom_functions_refused(model: nn.Module) -> Iterator[None]:
+    """torch.export: TraceError after the capture if it went through a custom Function."""
+    seen: list[tuple[type, str]] = []
+
+    def apply(cls: type, *args: Any, **kwargs: Any) -> Any:
+        if _user_function(cls) and not seen:
+            from prunefx.tracing import _user_frame
+
+            seen.append((cls, str(_user_frame(sys._getframe(1)) or "")))
+        return _original_apply(cls, *args, **kwargs)
+
+    with _apply_patched(apply):
+        yield
+    if seen:
+        cls, where = seen[0]
+        at = f" at {where}" if where else ""
+        raise TraceError(
+            f"{type(model).__name__} calls the custom autograd Function {cls.__module__}.{cls.__qualname__}{at}: torch.export "
+            "inlines its forward and drops its backward, so the reconfigured model would train differently; use "
+            "frontend='fx', which keeps it as one opaque call (its channels pinned)"
+        )
