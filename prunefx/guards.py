@@ -39,7 +39,8 @@ Example::
 
     >>> import torch, prunefx
     >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 4, 3))
-    >>> _ = model[0].register_forward_hook(lambda m, i, o: print(o.shape))
+    >>> seen = []
+    >>> _ = model[0].register_forward_hook(lambda m, i, o: seen.append(o.shape))
     >>> g = prunefx.trace(model, torch.randn(1, 3, 8, 8))
     >>> g.group_of("0").prunable      # the hook sees all 8 channels of '0' at run time
     False
