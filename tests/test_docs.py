@@ -1,0 +1,313 @@
+"""The documentation runs: every Python block of README.md and docs/*.md, and the ``>>>``
+examples in prunefx's docstrings, are executed and the output they show is checked.
+
+The convention for pages (README.md, "Documentation", says it for writers):
+
+- Every fenced block has a label. ```` ```python ```` runs. An ```` ```output ```` block right
+  after it (only blank lines between) is what the Python block prints, compared as doctest
+  compares (ELLIPSIS: ``...`` matches anything; NORMALIZE_WHITESPACE: runs of whitespace
+  compare equal). A Python block without an output block must print nothing.
+- A ```` ```python ```` or ```` ```pycon ```` block whose first line starts with ``>>>`` is a
+  doctest, run by ``doctest`` with the same two flags.
+- Blocks that are not meant to run say so: ```` ```python norun ```` (pseudo-code, or code
+  that needs what a page cannot give: a GPU, a process group, a data set), ```` ```sh ````,
+  ```` ```console ````, ```` ```text ```` (signatures, diagrams, file trees). A fence without a
+  label, or with another one, and an output block that follows no Python block, fail
+  ``test_every_block_is_labelled``: nothing is skipped silently.
+- The blocks of one page share one namespace and run in order, in one fresh temporary working
+  directory (files a page writes land there), after ``torch.manual_seed(0)``. A block is
+  compiled at its own lines of the page, so tracebacks, and the source lines prunefx quotes,
+  point into the page (``docs/api.md:597``).
+
+One test per block, named after its page and the line of its opening fence
+(``docs/api.md:120``). A block runs the blocks before it first, so any one of them can be run
+alone (``pytest tests/test_docs.py -k "api.md:120"``); a page's blocks stay on one xdist
+worker (``xdist_group``). Docstring examples run in their module's namespace plus ``torch``
+and ``prunefx``; the few that are fragments are listed in ``DOCSTRINGS_NOT_RUN`` with why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import doctest
+import gc
+import importlib
+import io
+import linecache
+import pkgutil
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
+RUN = {"python", "pycon"}
+NOT_RUN = {"python norun", "sh", "console", "text"}
+OUTPUT = "output"
+_FENCE = re.compile(r"^(\s*)(```+|~~~+)\s*(.*?)\s*$")
+
+
+@dataclass(frozen=True)
+class Block:
+    path: Path
+    line: int  # 1-based line of the opening fence
+    label: str
+    code: str
+    output: str | None = None  # the ```output block that follows, if any
+
+    @property
+    def id(self) -> str:
+        return f"{self.path.relative_to(ROOT)}:{self.line}"
+
+    @property
+    def doctest(self) -> bool:
+        return self.code.lstrip().startswith(">>>")
+
+
+def fences(path: Path) -> list[tuple[int, str, str]]:
+    """(line of the opening fence, label, body) of every fenced block of a Markdown file."""
+    lines = path.read_text().splitlines()
+    out, i = [], 0
+    while i < len(lines):
+        m = _FENCE.match(lines[i])
+        if not m:
+            i += 1
+            continue
+        indent, marker, label = m.groups()
+        start, body = i, []
+        i += 1
+        while i < len(lines) and not (lines[i].strip().startswith(marker) and lines[i].strip().strip(marker[0]) == ""):
+            body.append(lines[i][len(indent):] if lines[i].startswith(indent) else lines[i].lstrip())
+            i += 1
+        out.append((start + 1, label, "\n".join(body) + "\n"))
+        i += 1
+    return out
+
+
+def blocks(path: Path) -> list[Block]:
+    """The blocks of ``path`` that run, each with the output block that follows it."""
+    text = path.read_text().splitlines()
+    found: list[Block] = []
+    previous_end = -1  # line index after the last closed runnable block
+    for line, label, body in fences(path):
+        if label == OUTPUT:
+            between = text[previous_end:line - 1] if found else ["x"]
+            if found and found[-1].output is None and all(not s.strip() for s in between):
+                found[-1] = Block(path, found[-1].line, found[-1].label, found[-1].code, body)
+            continue  # a misplaced output block is reported by test_every_block_is_labelled
+        if label in RUN:
+            found.append(Block(path, line, label, body))
+            previous_end = line + body.count("\n") + 1  # index of the line after the closing fence
+    return found
+
+
+ALL_BLOCKS = [b for p in DOC_FILES for b in blocks(p)]
+
+
+# ----------------------------------------------------------------------------- running
+
+
+@dataclass
+class Session:
+    """One file's namespace and how far its blocks have run."""
+
+    cwd: str
+    namespace: dict = field(default_factory=dict)
+    done: int = 0  # blocks of the file run so far
+    failed: str | None = None  # id of the first block that failed
+
+
+_SESSIONS: dict[Path, Session] = {}
+_FAILURES = (Exception, pytest.fail.Exception)  # pytest.fail raises a BaseException
+
+
+def _session(path: Path, tmp_root: Path) -> Session:
+    if path not in _SESSIONS:
+        cwd = tempfile.mkdtemp(prefix=path.stem + "-", dir=tmp_root)
+        _SESSIONS[path] = Session(cwd, {"__name__": "__main__"})
+    return _SESSIONS[path]
+
+
+def _run_python(block: Block, namespace: dict) -> str:
+    """Execute a plain block; returns what it printed."""
+    out = io.StringIO()
+    # compiled at the block's own lines of the Markdown file: tracebacks and the source lines
+    # prunefx quotes in its messages point into the page
+    name = str(block.path.relative_to(ROOT))
+    linecache.cache[name] = (0, None, block.path.read_text().splitlines(True), name)  # no mtime: kept
+    code = compile("\n" * block.line + block.code, name, "exec")
+    with contextlib.redirect_stdout(out):
+        exec(code, namespace)
+    return out.getvalue()
+
+
+def _check_output(block: Block, got: str) -> None:
+    want = block.output or ""
+    if not block.output and got.strip():
+        pytest.fail(f"{block.id} prints output the page does not show; add an ```output block after it:\n{got}")
+    checker = doctest.OutputChecker()
+    if not checker.check_output(want, got, FLAGS):
+        example = doctest.Example(source=block.code, want=want)
+        diff = checker.output_difference(example, got, FLAGS | doctest.REPORT_UDIFF)
+        pytest.fail(f"{block.id}: the output shown differs from what the block prints.\n{diff}")
+
+
+def _run_doctest(block: Block, namespace: dict) -> None:
+    test = doctest.DocTestParser().get_doctest(block.code, namespace, block.id, str(block.path), block.line)
+    runner = doctest.DocTestRunner(optionflags=FLAGS | doctest.REPORT_UDIFF)
+    out = io.StringIO()
+    result = runner.run(test, out=out.write, clear_globs=False)
+    if result.failed:
+        pytest.fail(f"{block.id}: doctest failed\n{out.getvalue()}")
+
+
+def _run(block: Block) -> None:
+    session = _SESSIONS[block.path]
+    if block.doctest:
+        _run_doctest(block, session.namespace)
+    else:
+        _check_output(block, _run_python(block, session.namespace))
+
+
+@pytest.fixture(scope="session")
+def _docs_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("docs")
+
+
+@pytest.fixture(autouse=True)
+def _release_cycles():
+    """Overrides conftest's collection after every test (about 2 s each in a process that has
+    imported transformers and torchvision): a page's namespace lives until its last block,
+    then it is dropped and collected once (test_doc_block)."""
+    yield
+
+
+@pytest.mark.parametrize(
+    "block", [pytest.param(b, id=b.id, marks=pytest.mark.xdist_group(f"docs:{b.path.name}")) for b in ALL_BLOCKS]
+)
+def test_doc_block(block: Block, _docs_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    mine = [b for b in ALL_BLOCKS if b.path == block.path]
+    index = mine.index(block)
+    session = _session(block.path, _docs_tmp)
+    if session.done > index:  # run again in the same process: start the page over
+        del _SESSIONS[block.path]
+        session = _session(block.path, _docs_tmp)
+    monkeypatch.chdir(session.cwd)
+    if session.done == 0:
+        torch.manual_seed(0)
+    for earlier in mine[session.done:index]:  # run alone: the blocks it builds on first
+        with contextlib.suppress(*_FAILURES):
+            _run(earlier)  # its own test reports its failure
+        session.done += 1
+    session.done = index + 1
+    try:
+        _run(block)
+    except _FAILURES as exc:
+        if session.failed is None:
+            session.failed = block.id
+            raise
+        raise AssertionError(f"{block.id} failed after {session.failed} had failed: {type(exc).__name__}: {exc}") from exc
+    finally:
+        if index == len(mine) - 1:  # the page is done: free its models
+            _SESSIONS.pop(block.path, None)
+            gc.collect()
+
+
+def test_every_block_is_labelled() -> None:
+    """Every fence says whether it runs; every output block follows a Python block."""
+    problems = []
+    for path in DOC_FILES:
+        attached = sum(b.output is not None for b in blocks(path))
+        outputs = 0
+        for line, label, _body in fences(path):
+            if label == OUTPUT:
+                outputs += 1
+            elif label not in RUN | NOT_RUN:
+                problems.append(f"{path.relative_to(ROOT)}:{line}: fence labelled {label!r}; "
+                                f"use one of {sorted(RUN | NOT_RUN | {OUTPUT})}")
+        if outputs != attached:
+            problems.append(f"{path.relative_to(ROOT)}: {outputs - attached} ```output block(s) do not directly "
+                            "follow a ```python block")
+    assert not problems, "\n".join(problems)
+
+
+def test_docs_have_blocks() -> None:
+    assert len(ALL_BLOCKS) > 40, [b.id for b in ALL_BLOCKS]
+
+
+# ----------------------------------------------------------------------------- docstrings
+
+# Docstring examples that are fragments of a larger program (they use a `model`, a process
+# group, a training loop the docstring does not build), or that do not run as written in a
+# module docs do not own. Each is listed with why; everything else runs.
+DOCSTRINGS_NOT_RUN = {
+    "prunefx.distributed": "a fragment: needs a DistributedDataParallel model and a process group "
+                           "(docs/api.md runs the same on one gloo rank)",
+    "prunefx.masks": "a fragment: `model` and `x` come from the reader (docs/masks.md runs the same)",
+    "prunefx.masks.cost": "a fragment: `graph` comes from the reader",
+    "prunefx.train.branches": "a fragment: `model`, `graph`, `keep` come from the reader",
+    "prunefx.train.lasso": "a fragment of a training loop",
+    "prunefx.train.shrink": "a fragment: `model`, `x`, `opt` come from the reader",
+    "prunefx.reconfigure": "does not run as written: `prunefx.apply_mask(ref, ...)` returns the model, "
+                           "so the example prints its repr (fix: `_ = prunefx.apply_mask(...)`)",
+}
+
+
+def _docstring_tests() -> list[doctest.DocTest | str]:
+    """Every docstring with ``>>>`` examples in prunefx (a module that cannot be imported is
+    returned as its name, and fails its test)."""
+    import prunefx
+
+    finder = doctest.DocTestFinder(exclude_empty=True)
+    found: list[doctest.DocTest | str] = []
+    for info in pkgutil.walk_packages(prunefx.__path__, "prunefx."):
+        try:
+            module = importlib.import_module(info.name)
+        except Exception:  # reported by its test, not at collection
+            found.append(info.name)
+            continue
+        for test in finder.find(module):
+            if test.examples and test.filename and Path(test.filename).is_relative_to(ROOT):
+                found.append(test)
+    return sorted(found, key=lambda t: t if isinstance(t, str) else t.name)
+
+
+DOCSTRING_TESTS = _docstring_tests()
+
+
+def _docstring_id(test: doctest.DocTest | str) -> str:
+    if isinstance(test, str):
+        return test
+    return f"{Path(test.filename).relative_to(ROOT)}:{(test.lineno or 0) + 1}"
+
+
+@pytest.mark.parametrize(
+    "test",
+    [pytest.param(t, id=_docstring_id(t)) for t in DOCSTRING_TESTS
+     if isinstance(t, str) or t.name not in DOCSTRINGS_NOT_RUN],
+)
+def test_docstring_example(test: doctest.DocTest | str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The module's namespace plus ``torch`` and ``prunefx``, in a temporary directory."""
+    if isinstance(test, str):
+        importlib.import_module(test)  # raises the import error
+    import prunefx
+
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    test.globs = {**test.globs, "torch": torch, "prunefx": prunefx}
+    runner = doctest.DocTestRunner(optionflags=FLAGS | doctest.REPORT_UDIFF)
+    out = io.StringIO()
+    if runner.run(test, out=out.write).failed:
+        pytest.fail(f"{test.name}: docstring example failed\n{out.getvalue()}")
+
+
+def test_docstrings_not_run_are_listed_with_a_reason() -> None:
+    names = {t.name for t in DOCSTRING_TESTS if not isinstance(t, str)}
+    stale = sorted(set(DOCSTRINGS_NOT_RUN) - names)
+    assert not stale, f"DOCSTRINGS_NOT_RUN names docstrings without examples (remove them): {stale}"
+    assert len(names) - len(DOCSTRINGS_NOT_RUN) >= 10
