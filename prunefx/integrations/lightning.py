@@ -186,6 +186,10 @@ class PruneTrainCallback(pl.Callback):
         first = loss.detach().float() * trainer.accumulate_grad_batches  # Lightning divided it
         if scaler is not None:
             first = first / scaler.get_scale()
+        if trainer.world_size > 1 and torch.distributed.is_initialized():
+            # one lambda on every rank (the mean first loss), or the proximal steps would differ and the replicas drift
+            torch.distributed.all_reduce(first)
+            first = first / trainer.world_size
         with torch.no_grad():
             pt.lasso(first)
 

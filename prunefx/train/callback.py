@@ -114,8 +114,17 @@ class PruneTrain:
             return loss + self.lasso(loss)
         if self.lasso.lam is None:
             with torch.no_grad():
-                self.lasso(loss)
+                self.lasso(self._mean_over_ranks(loss.detach()))
         return loss
+
+    def _mean_over_ranks(self, loss: torch.Tensor) -> torch.Tensor:
+        """Under DDP, the mean first loss of all ranks: lambda must be the same on every rank,
+        or the proximal steps differ and the replicas drift apart."""
+        if not isinstance(self.model, DistributedDataParallel):
+            return loss
+        loss = loss.clone()
+        torch.distributed.all_reduce(loss, group=self.model.process_group)
+        return loss / torch.distributed.get_world_size(self.model.process_group)
 
     def after_step(self) -> None:
         """Mode "proximal": the lasso's proximal step, ``lr / (1 - momentum) * lambda`` (SGD
