@@ -164,7 +164,8 @@ def export_onnx(
                     stage.save(proto, external_data)
                     _check(stage.file)  # onnx.checker, full shape inference
                     timings["save+check"] = time.perf_counter() - t
-                    diffs, providers = (None, ())
+                    diffs: tuple[float, float] | None = None
+                    providers: list[str] = []
                     if verify:
                         t = time.perf_counter()
                         diffs, providers = _verify(stage.file, batches, out_names, rtol, atol, device)  # ORT vs PyTorch

@@ -36,12 +36,13 @@ def _exporter_failure(exporter: str, exc: BaseException, model: nn.Module) -> st
 
 def _summary(exc: BaseException) -> str:
     """The innermost useful message: the dynamo exporter wraps the real error twice."""
-    chain, e = [], exc
+    chain: list[BaseException] = []
+    e: BaseException | None = exc
     while e is not None and len(chain) < 8:
         chain.append(e)
         e = e.__cause__ or e.__context__
-    for e in reversed(chain):
-        msg = str(e).strip()
+    for link in reversed(chain):
+        msg = str(link).strip()
         if msg and "Refer to the full stack trace" not in msg:
             first = " ".join(msg.split("\n\n")[0].split())
             return first if len(first) < 600 else first[:600] + " ..."
