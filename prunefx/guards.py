@@ -220,7 +220,17 @@ class _Watched:
         self.hook, self.name, self.kind, self.watch = hook, name, kind, watch
 
     def __call__(self, *args: Any) -> Any:
-        result = self.hook(*args)
+        try:
+            result = self.hook(*args)
+        except CaptureRefused:
+            raise
+        except Exception as exc:  # noqa: BLE001 - whatever a hook raises on symbolic values
+            cause = (str(exc).strip().splitlines() or [""])[0].split(". ")[0]
+            raise CaptureRefused(
+                f"{_module_text(self.name, self.watch.model)} has a {self.kind} {hook_text(self.hook)} that fails on the "
+                f"trace's symbolic values ({type(exc).__name__}: {cause}): the hooks of a traced module become part of "
+                f"its graph; {_what_to_do(self.name, self.watch.frontend)}"
+            ) from exc
         if _leaves_alone(result, args, self.kind) and not any(w[2] is self.hook for w in self.watch.observers):
             self.watch.observers.append((self.name, self.kind, self.hook))
         return result
