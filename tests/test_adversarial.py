@@ -7,12 +7,17 @@ optimizer and the files on disk exactly as before; or a correct result, checked 
 result, a half-done change or a raw ``RuntimeError``/``KeyError``/``TypeError`` traceback.
 
 Sections: command line; checkpoints; ONNX export; ``torch.return_types``; error text;
-failing traces leave the model alone; masks.
+failing traces leave the model alone; masks: values and keys (meta and sparse masks, a
+module shared by several call sites); mask sources' options; hooks (of the model, of traced
+and of leaf modules: kept, pinned or refused, per ``prunefx.guards``); custom autograd
+Functions; re-parametrised weights; optimizer state (Adafactor's factored moments); a
+``graph=`` traced from another instance.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import subprocess
 import sys
@@ -736,3 +741,626 @@ def test_real_run_fallback_never_changes_the_model(how, traces: bool, entry: str
             model.bn.num_batches_tracked, before["bn.num_batches_tracked"])
     if entry != "reconfigure" or not traces:
         assert str(opt.state_dict()) == str(opt_before)
+
+
+# ============================================================================= masks: values and keys
+
+MASK_BAD_VALUES: list[tuple[str, Any, tuple[str, ...]]] = [
+    ("meta", lambda: torch.ones(8, dtype=torch.bool, device="meta"), ("'conv1'", "meta device")),
+    ("sparse-coo", lambda: bools(1, 0, 1, 1, 0, 1, 0, 1).to_sparse(), ("'conv1'", "sparse_coo", "to_dense")),
+    ("sparse-csr-2d", lambda: bools(1, 0, 1, 1, 0, 1, 0, 1)[None].to_sparse_csr(), ("'conv1'", "sparse_csr")),
+    ("meta-float", lambda: torch.ones(8, device="meta"), ("'conv1'", "torch.float32")),
+]
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support")
+@pytest.mark.parametrize("entry", ["reconfigure", "apply_mask"])
+@pytest.mark.parametrize("value, words", [pytest.param(v, w, id=i) for i, v, w in MASK_BAD_VALUES])
+def test_mask_value_without_data_is_one_line(value, words, entry: str) -> None:
+    model = make().train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(X).square().mean().backward()
+    opt.step()
+    before, opt_before = state_copy(model), copy.deepcopy(opt.state_dict())
+    mask = {"conv1": value()}
+    with pytest.raises(prunefx.MaskError) as info:
+        if entry == "reconfigure":
+            prunefx.reconfigure(model, mask, example_inputs=X, optimizer=opt)
+        else:
+            prunefx.apply_mask(model, mask, example_inputs=X)
+    msg = str(info.value)
+    assert "\n" not in msg and all(w in msg for w in words), msg
+    assert unchanged(model, before) and str(opt.state_dict()) == str(opt_before)
+
+
+class _SharedAct(nn.Module):
+    """One ReLU module after two convs of different widths; one conv applied to two inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.bn_a = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.b, self.bn_b = nn.Conv2d(8, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self.bn_a(self.a(x)))
+        y = self.act(self.bn_b(self.b(y)))
+        return self.fc(y.mean((2, 3)))
+
+
+class _SharedConv(nn.Module):
+    """One conv called on two inputs (the same channels both times), one BN after both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 3, 1)
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self.bn(self.conv(x))) + self.act(self.bn(self.conv(self.stem(x))))
+        return self.fc(y.mean((2, 3)))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("entry", ["reconfigure", "apply_mask"])
+def test_shared_module_on_different_channels_is_no_mask_key(frontend: str, entry: str) -> None:
+    torch.manual_seed(0)
+    model = randomize_norms(_SharedAct()).eval()
+    before = state_copy(model)
+    call = prunefx.reconfigure if entry == "reconfigure" else prunefx.apply_mask
+    with pytest.raises(prunefx.MaskError) as info:
+        call(model, {"act": bools(1, 0, 1, 1, 0, 1, 0, 1)}, example_inputs=X, frontend=frontend)
+    msg = str(info.value)
+    assert "\n" not in msg and "module 'act' is called at 2 places" in msg, msg
+    assert "group 'a'" in msg and "group 'b'" in msg and msg.count("test_adversarial.py:") == 2, msg
+    assert unchanged(model, before)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("factory, key, bits", [
+    pytest.param(_SharedAct, "a", (1, 0, 1, 1, 0, 1, 0, 1), id="shared-act-by-group-a"),
+    pytest.param(_SharedAct, "b", (0, 1, 1, 0, 1, 1), id="shared-act-by-group-b"),
+    pytest.param(_SharedConv, "conv", (1, 0, 1, 1, 0, 1, 0, 1), id="shared-conv-by-name"),
+    pytest.param(_SharedConv, "act", (1, 0, 1, 1, 0, 1, 0, 1), id="shared-act-same-channels"),
+    pytest.param(_SharedConv, "bn", (0, 1, 1, 0, 1, 1, 1, 0), id="shared-bn"),
+])
+def test_shared_module_keys_that_name_one_set(factory, key: str, bits: tuple[int, ...], frontend: str) -> None:
+    torch.manual_seed(0)
+    model = randomize_norms(factory()).eval()
+    before = state_copy(model)
+    mask = {key: bools(*bits)}
+    small = prunefx.reconfigure(model, mask, example_inputs=X, frontend=frontend)
+    ref = copy.deepcopy(model)
+    prunefx.apply_mask(ref, mask, example_inputs=X, frontend=frontend)
+    with torch.no_grad():
+        assert max_rel_diff(small(X), ref(X)) < 1e-5
+    assert unchanged(model, before)
+
+
+# ============================================================================= mask sources: bad options
+
+def _net_graph() -> prunefx.PruneGraph:
+    return prunefx.trace(make(), X)
+
+
+def _magnitude_at(ratio: Any) -> Any:
+    return lambda g: prunefx.masks.magnitude(g, ratio)
+
+
+# (id, call(graph), words)
+SELECT_BAD: list[tuple[str, Any, tuple[str, ...]]] = [
+    *[(f"ratio-{name}", _magnitude_at(r), ("ratio", "[0, 1)", repr(r)))
+      for name, r in [("1.5", 1.5), ("1.0", 1.0), ("negative", -0.1), ("nan", math.nan), ("inf", math.inf),
+                      ("a-string", "0.5"), ("none", None), ("bool", True)]],
+    ("select-ratio-2", lambda g: prunefx.masks.select(g, {"conv1": torch.rand(8)}, 2.0), ("ratio", "2.0")),
+    ("random-ratio-1", lambda g: prunefx.masks.random(g, 1.0), ("ratio", "1.0")),
+    ("scope-bogus", lambda g: prunefx.masks.magnitude(g, 0.5, scope="layer"), ("scope", "'layer'")),
+    ("normalize-bogus", lambda g: prunefx.masks.select(g, {"conv1": torch.rand(8)}, 0.5, normalize="sum"), ("normalize", "'sum'")),
+    ("min-keep-0", lambda g: prunefx.masks.magnitude(g, 0.5, min_keep=0), ("min_keep", "0")),
+    ("min-keep-float", lambda g: prunefx.masks.magnitude(g, 0.5, min_keep=1.5), ("min_keep", "1.5")),
+    ("round-to-0", lambda g: prunefx.masks.magnitude(g, 0.5, round_to=0), ("round_to", "0")),
+    ("scores-meta", lambda g: prunefx.masks.select(g, {"conv1": torch.rand(8, device="meta")}, 0.5), ("'conv1'", "meta")),
+    ("scores-sparse", lambda g: prunefx.masks.select(g, {"conv1": torch.rand(8).to_sparse()}, 0.5), ("'conv1'", "sparse")),
+    ("scores-strings", lambda g: prunefx.masks.select(g, {"conv1": ["a"] * 8}, 0.5), ("'conv1'", "list")),
+    ("scores-complex", lambda g: prunefx.masks.select(g, {"conv1": torch.rand(8, dtype=torch.complex64)}, 0.5), ("'conv1'", "complex")),
+]
+
+
+@pytest.mark.parametrize("call, words", [pytest.param(c, w, id=i) for i, c, w in SELECT_BAD])
+def test_mask_source_bad_option_is_one_line_mask_error(call, words) -> None:
+    graph = _net_graph()
+    with pytest.raises(prunefx.MaskError) as info:
+        call(graph)
+    msg = str(info.value)
+    assert "\n" not in msg and all(w in msg for w in words), msg
+
+
+def test_mask_source_option_error_is_still_a_value_error() -> None:
+    with pytest.raises(ValueError, match="ratio"):  # code written against the old ValueError keeps working
+        prunefx.masks.magnitude(_net_graph(), 1.5)
+
+
+# ============================================================================= hooks
+
+class _Hooked(nn.Module):
+    """A traced block (conv-bn-relu), then a leaf conv-bn and a pooled head: groups
+    'block.conv' (8) and 'conv2' (6)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.conv2, self.bn2 = nn.Conv2d(8, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.relu(self.bn2(self.conv2(self.block(x)))).mean((2, 3)))
+
+
+HOOK_MASK = {"block.0": bools(1, 0, 1, 1, 0, 1, 0, 1), "conv2": bools(0, 1, 1, 0, 1, 1)}
+CALLS: list[tuple[int, ...]] = []  # shapes the observer hooks saw
+
+
+def _gain(n: int, seed: int = 3) -> torch.Tensor:
+    return torch.randn(n, 1, 1, generator=torch.Generator().manual_seed(seed))
+
+
+def scale_by_gain(n: int) -> Any:
+    gain = _gain(n)
+
+    def scale(m: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
+        return out * gain  # a channel-sized tensor the hook closes over
+
+    return scale
+
+
+def shift_input(m: nn.Module, args: tuple[Any, ...]) -> tuple[torch.Tensor]:
+    return (args[0] * 0.5 + 0.25,)
+
+
+def shift_input_kwargs(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    return (args[0] - 0.1,), kwargs
+
+
+def double_output(m: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
+    return out * 2 + 1
+
+
+def double_output_kwargs(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: torch.Tensor) -> torch.Tensor:
+    return out.tanh()
+
+
+def record_shape(m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+    CALLS.append(tuple(out.shape))
+
+
+def record_pre(m: nn.Module, args: tuple[Any, ...]) -> None:
+    CALLS.append(tuple(args[0].shape))
+
+
+def pass_through(m: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
+    CALLS.append(1)
+    return out
+
+
+def count_calls(m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+    CALLS.append(1)
+
+
+def grad_hook(m: nn.Module, grad_in: Any, grad_out: Any) -> None:
+    CALLS.append(tuple(grad_out[0].shape))
+
+
+class _Scaler:
+    """A hook that is an object: multiplies by a per-channel gain."""
+
+    def __init__(self, n: int) -> None:
+        self.gain = _gain(n, 5)
+
+    def __call__(self, m: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
+        return out * self.gain
+
+
+def _hook(where: str, kind: str, fn: Any, **kw: Any) -> Any:
+    def setup(model: nn.Module) -> None:
+        m = model.get_submodule(where)
+        {"pre": m.register_forward_pre_hook, "fwd": m.register_forward_hook, "bwd": m.register_full_backward_hook,
+         "bwd-pre": m.register_full_backward_pre_hook}[kind](fn, **kw)
+
+    return setup
+
+
+# (id, setup, front-ends, expectation, words). Expectations: "exact" (HOOK_MASK reconfigures and
+# matches apply_mask on a copy, hooks included), "pinned:<group>,..." (the channels the hook
+# sees are pinned: masking any of those groups is a MaskError with the words; the rest of
+# HOOK_MASK, and the empty mask, are exact), "refused" (a TraceError with the words).
+HOOKS: list[tuple[str, Any, tuple[str, ...], str, tuple[str, ...]]] = [
+    # the model itself: its hooks are traced around forward (fx did not run them at all)
+    ("root-forward-hook", _hook("", "fwd", double_output), ("fx", "export"), "exact", ()),
+    ("root-pre-hook", _hook("", "pre", shift_input), ("fx", "export"), "exact", ()),
+    ("root-pre-hook-kwargs", _hook("", "pre", shift_input_kwargs, with_kwargs=True), ("fx", "export"), "exact", ()),
+    ("root-forward-hook-kwargs", _hook("", "fwd", double_output_kwargs, with_kwargs=True), ("fx", "export"), "exact", ()),
+    ("root-forward-hook-always-call", _hook("", "fwd", double_output, always_call=True), ("fx", "export"), "exact", ()),
+    ("root-hook-an-object", _hook("", "fwd", functools.partial(double_output)), ("fx", "export"), "exact", ()),
+    ("root-observer", _hook("", "fwd", count_calls), ("fx", "export"), "refused", ("the model itself (_Hooked)", "`count_calls`", "returns nothing", "register it on the result")),
+    ("root-observer-reads-values", _hook("", "fwd", record_shape), ("fx",), "refused", ("the model itself (_Hooked)", "`record_shape`", "fails on the trace's symbolic values", "Proxy")),
+    ("root-observer-reads-values", _hook("", "fwd", record_shape), ("export",), "refused", ("the model itself (_Hooked)", "`record_shape`", "returns nothing")),
+    ("root-pre-observer", _hook("", "pre", record_pre), ("fx", "export"), "refused", ("the model itself", "forward pre-hook `record_pre`")),
+    ("root-returns-output-unchanged", _hook("", "fwd", pass_through), ("fx", "export"), "refused", ("`pass_through`", "its input unchanged")),
+    ("root-backward-hook", _hook("", "bwd", grad_hook), ("fx", "export"), "refused", ("the model itself", "backward hook `grad_hook`")),
+    # a traced submodule: its hooks are inlined by the trace
+    ("block-hook-closes-over-gain", _hook("block", "fwd", scale_by_gain(8)), ("fx",), "exact", ()),
+    ("block-hook-closes-over-gain", _hook("block", "fwd", scale_by_gain(8)), ("export",), "pinned:block.0", ("fixed-size", "'block'")),
+    ("block-pre-hook", _hook("block", "pre", shift_input), ("fx", "export"), "exact", ()),
+    ("block-hook-object", _hook("block", "fwd", _Scaler(8)), ("fx",), "exact", ()),
+    ("block-observer", _hook("block", "fwd", count_calls), ("fx", "export"), "refused", ("module 'block'", "`count_calls`", "leaf_modules=['block']")),
+    ("block-observer-item", _hook("block", "fwd", lambda m, a, o: CALLS.append(o.mean().item())), ("fx", "export"), "refused", ("module 'block'", "`<lambda>`", "returns nothing")),
+    ("block-backward-hook", _hook("block", "bwd", grad_hook), ("fx", "export"), "refused", ("module 'block'", "backward hook `grad_hook`")),
+    ("block-backward-pre-hook", _hook("block", "bwd-pre", lambda m, g: None), ("fx", "export"), "refused", ("module 'block'", "backward pre-hook")),
+    # a leaf module: the reconfigured model calls its copy, hooks included; what they see is pinned
+    ("leaf-hook-closes-over-gain", _hook("conv2", "fwd", scale_by_gain(6)), ("fx",), "pinned:conv2,block.0", ("forward hook `scale`", "module 'conv2'", "remove the hook")),
+    ("leaf-hook-closes-over-gain", _hook("conv2", "fwd", scale_by_gain(6)), ("export",), "pinned:conv2", ("fixed-size", "'conv2'")),
+    ("leaf-hook-object", _hook("conv2", "fwd", _Scaler(6)), ("fx",), "pinned:conv2,block.0", ("forward hook `_Scaler`", "'conv2'")),
+    ("leaf-observer", _hook("conv2", "fwd", record_shape), ("fx",), "pinned:conv2,block.0", ("forward hook `record_shape`", "'conv2'")),
+    ("leaf-observer-on-bn", _hook("bn2", "fwd", record_shape), ("fx",), "pinned:conv2", ("forward hook `record_shape`", "'bn2'")),
+    ("leaf-observer", _hook("conv2", "fwd", record_shape), ("export",), "refused", ("module 'conv2'", "`record_shape`", "frontend='fx'")),
+    ("leaf-pre-hook-pins-its-input", _hook("conv2", "pre", shift_input), ("fx",), "pinned:block.0", ("forward pre-hook `shift_input`", "'conv2'")),
+    ("leaf-pre-hook-closes-over-gain", _hook("conv2", "pre", lambda m, a: (a[0] * _gain(8),)), ("fx",), "pinned:block.0", ("forward pre-hook", "'conv2'")),
+    ("leaf-backward-hook", _hook("conv2", "bwd", grad_hook), ("fx",), "pinned:conv2,block.0", ("backward hook `grad_hook`", "'conv2'")),
+    ("leaf-backward-pre-hook", _hook("bn2", "bwd-pre", lambda m, g: None), ("fx",), "pinned:conv2", ("backward pre-hook `<lambda>`", "'bn2'")),
+    ("leaf-backward-hook", _hook("conv2", "bwd", grad_hook), ("export",), "refused", ("module 'conv2'", "backward hook")),
+    ("leaf-in-block-hook", _hook("block.0", "fwd", scale_by_gain(8)), ("fx",), "pinned:block.0", ("forward hook `scale`", "'block.0'")),
+]
+
+
+def _hook_dicts(model: nn.Module) -> list[tuple[str, str, int, list[Any]]]:
+    attrs = ("_forward_pre_hooks", "_forward_hooks", "_backward_hooks", "_backward_pre_hooks")
+    return [(n, a, id(getattr(m, a)), list(getattr(m, a).items())) for n, m in model.named_modules() for a in attrs]
+
+
+def _reconfigure_exact(model: nn.Module, mask: dict[str, Any], frontend: str) -> nn.Module:
+    """Reconfigure, check against apply_mask on a copy (hooks included), return the result."""
+    small = prunefx.reconfigure(model, mask, example_inputs=X, frontend=frontend)
+    ref = copy.deepcopy(model)
+    prunefx.apply_mask(ref, mask, example_inputs=X, frontend=frontend)
+    with torch.no_grad():
+        assert max_rel_diff(small(X), ref(X)) < 1e-5
+    return small
+
+
+@pytest.mark.parametrize("setup, frontend, expect, words", [
+    pytest.param(s, fe, e, w, id=f"{i}-{fe}") for i, s, fes, e, w in HOOKS for fe in fes
+])
+def test_hooks_are_kept_or_refused(setup, frontend: str, expect: str, words: tuple[str, ...]) -> None:
+    torch.manual_seed(0)
+    model = randomize_norms(_Hooked()).eval()
+    setup(model)
+    before, hooks = state_copy(model), _hook_dicts(model)
+    try:
+        if expect == "refused":
+            with pytest.raises(prunefx.TraceError) as info:
+                prunefx.reconfigure(model, HOOK_MASK, example_inputs=X, frontend=frontend)
+            msg = str(info.value)
+            assert "\n" not in msg and all(w in msg for w in words), msg
+        elif expect == "exact":
+            _reconfigure_exact(model, HOOK_MASK, frontend)
+            _reconfigure_exact(model, {}, frontend)  # an empty mask: the result is the model, hooks included
+        else:
+            pinned = expect.split(":")[1].split(",")
+            for group in pinned:
+                with pytest.raises(prunefx.MaskError) as info:
+                    prunefx.reconfigure(model, {group: HOOK_MASK[group]}, example_inputs=X, frontend=frontend)
+                msg = str(info.value)
+                assert "\n" not in msg and f"group '{group}'" in msg and "pinned" in msg and all(w in msg for w in words), msg
+            _reconfigure_exact(model, {k: v for k, v in HOOK_MASK.items() if k not in pinned}, frontend)
+            _reconfigure_exact(model, {}, frontend)
+    finally:
+        CALLS.clear()
+    assert unchanged(model, before)
+    assert _hook_dicts(model) == hooks  # the same hook dicts, holding the same hooks
+
+
+def test_leaf_hooks_run_in_the_reconfigured_model() -> None:
+    """A leaf module's observer and gradient hooks keep running, at the width they were
+    written for, in the reconfigured model."""
+    torch.manual_seed(0)
+    model = randomize_norms(_Hooked()).eval()
+    model.bn2.register_forward_hook(record_shape)
+    model.bn2.register_full_backward_hook(grad_hook)
+    small = _reconfigure_exact(model, {"block.0": HOOK_MASK["block.0"]}, "fx")
+    CALLS.clear()
+    try:
+        small(X.clone().requires_grad_()).sum().backward()
+        assert CALLS == [(2, 6, 8, 8), (2, 6, 8, 8)]  # forward hook, then the backward hook
+    finally:
+        CALLS.clear()
+
+
+def test_hooks_on_the_model_are_traced_for_inspect_and_trace() -> None:
+    torch.manual_seed(0)
+    model = randomize_norms(_Hooked()).eval()
+    model.register_forward_hook(double_output)
+    graph = prunefx.trace(model, X)
+    assert all(g.prunable and g.exact for g in graph.groups if g.name in HOOK_MASK)
+    assert any(loc.code == "return out * 2 + 1" for loc in graph.traced.sources.values())  # the hook's own line
+    assert "prunable" in str(prunefx.inspect(model, X))
+
+
+# ============================================================================= custom autograd Functions
+
+class _CubeGrad(torch.autograd.Function):
+    """Forward x * x, backward 3 * x * g: a custom backward that is not the forward's
+    derivative (a straight-through estimator, say)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        ctx.scale = scale
+        return x * x * scale
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (x,) = ctx.saved_tensors
+        return g * 3 * x * ctx.scale, None
+
+
+class _WithFunction(nn.Module):
+    def __init__(self, where: str) -> None:
+        super().__init__()
+        self.where = where
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn1(self.conv1(x))
+        if self.where == "middle":
+            y = _CubeGrad.apply(y, 0.5)
+        y = F.relu(self.bn2(self.conv2(y)))
+        if self.where == "head":
+            y = _CubeGrad.apply(y)
+        if self.where == "checkpoint":  # torch's own Function (reentrant checkpoint): same gradients inlined
+            y = torch.utils.checkpoint.checkpoint(torch.tanh, y, use_reentrant=True)
+        return self.fc(y.mean((2, 3)))
+
+
+def _grads(model: nn.Module) -> tuple[torch.Tensor, ...]:
+    x = X.clone().requires_grad_()
+    model(x).square().sum().backward()
+    return (x.grad,)
+
+
+@pytest.mark.parametrize("where, pinned, free", [
+    pytest.param("middle", "conv1", "conv2", id="between-two-convs"),
+    pytest.param("head", "conv2", "conv1", id="before-the-head"),
+])
+def test_custom_function_stays_opaque_with_fx(where: str, pinned: str, free: str) -> None:
+    torch.manual_seed(0)
+    model = randomize_norms(_WithFunction(where)).eval()
+    before = state_copy(model)
+    graph = prunefx.trace(model, X, frontend="fx")
+    group = graph.group_of(pinned)
+    assert not group.prunable and "_CubeGrad.apply" in group.reason and "test_adversarial.py" in group.reason, group.reason
+    with pytest.raises(prunefx.MaskError, match="_CubeGrad.apply"):
+        prunefx.reconfigure(model, {pinned: torch.ones(graph.group(pinned).size, dtype=torch.bool).index_fill(0, torch.tensor([1]), False)}, example_inputs=X)
+    mask = {free: torch.arange(graph.group(free).size) % 3 != 1}
+    small = prunefx.reconfigure(model, mask, example_inputs=X, frontend="fx")
+    ref = copy.deepcopy(model)
+    prunefx.apply_mask(ref, mask, example_inputs=X, frontend="fx")
+    with torch.no_grad():
+        assert max_rel_diff(small(X), ref(X)) < 1e-5
+    (g_small,), (g_ref,) = _grads(small), _grads(ref)
+    assert max_rel_diff(g_small, g_ref) < 1e-5  # the custom backward ran in both
+    assert unchanged(model, before)
+
+
+@pytest.mark.parametrize("where", ["middle", "head"])
+def test_custom_function_is_refused_by_export(where: str) -> None:
+    torch.manual_seed(0)
+    model = randomize_norms(_WithFunction(where)).eval()
+    before, original = state_copy(model), torch.autograd.Function.__dict__["apply"]
+    with pytest.raises(prunefx.TraceError) as info:
+        prunefx.trace(model, X, frontend="export")
+    msg = str(info.value)
+    assert "\n" not in msg and "_CubeGrad" in msg and "test_adversarial.py:" in msg and "frontend='fx'" in msg, msg
+    assert unchanged(model, before)
+    assert torch.autograd.Function.__dict__["apply"] is original
+
+
+@pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad")
+def test_torch_internal_function_is_inlined_exactly() -> None:
+    torch.manual_seed(0)
+    model = randomize_norms(_WithFunction("checkpoint")).eval()
+    mask = {"conv2": bools(0, 1, 1, 0, 1, 1), "conv1": bools(1, 0, 1, 1, 0, 1, 0, 1)}
+    small = _reconfigure_exact(model, mask, "fx")
+    ref = copy.deepcopy(model)
+    prunefx.apply_mask(ref, mask, example_inputs=X)
+    assert max_rel_diff(_grads(small)[0], _grads(ref)[0]) < 1e-5
+
+
+def test_function_apply_is_restored_after_a_failing_trace() -> None:
+    original = torch.autograd.Function.__dict__["apply"]
+
+    class Broken(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return _CubeGrad.apply(x) if x.sum() > 0 else x  # control flow on a proxy: fx cannot trace it
+
+    with pytest.raises(prunefx.TraceError):
+        prunefx.trace(Broken(), X, frontend="fx")
+    assert torch.autograd.Function.__dict__["apply"] is original
+    assert torch.equal(_CubeGrad.apply(torch.ones(2)), torch.ones(2))
+
+
+# ============================================================================= re-parametrised weights
+
+def _reparam(how: str) -> Any:
+    from torch.nn.utils import parametrizations
+
+    return {
+        "weight-norm": lambda m: parametrizations.weight_norm(m.conv2),
+        "spectral-norm": lambda m: parametrizations.spectral_norm(m.conv2),
+        "orthogonal-fc": lambda m: parametrizations.orthogonal(m.fc),
+        "weight-norm-in-block": lambda m: parametrizations.weight_norm(m.block[0]),
+        "old-weight-norm": lambda m: torch.nn.utils.weight_norm(m.conv2),
+        "old-spectral-norm": lambda m: torch.nn.utils.spectral_norm(m.conv2),
+    }[how]
+
+
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated")
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("how, words", [
+    pytest.param("weight-norm", ("module 'conv2'", "_WeightNorm", "'weight'", "remove_parametrizations"), id="weight-norm"),
+    pytest.param("spectral-norm", ("module 'conv2'", "_SpectralNorm", "remove_parametrizations"), id="spectral-norm"),
+    pytest.param("orthogonal-fc", ("module 'fc'", "_Orthogonal"), id="orthogonal"),
+    pytest.param("weight-norm-in-block", ("module 'block.0'", "_WeightNorm"), id="weight-norm-in-a-block"),
+    pytest.param("old-weight-norm", ("module 'conv2'", "remove_weight_norm"), id="old-weight-norm"),
+    pytest.param("old-spectral-norm", ("module 'conv2'", "remove_spectral_norm"), id="old-spectral-norm"),
+])
+@pytest.mark.parametrize("entry", ["trace", "reconfigure"])
+def test_reparametrized_weight_is_refused(how: str, words: tuple[str, ...], frontend: str, entry: str) -> None:
+    torch.manual_seed(0)
+    model = randomize_norms(_Hooked()).eval()
+    _reparam(how)(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    before, opt_before = state_copy(model), copy.deepcopy(opt.state_dict())
+    with pytest.raises(prunefx.TraceError) as info:
+        if entry == "trace":
+            prunefx.trace(model, X, frontend=frontend)
+        else:
+            prunefx.reconfigure(model, HOOK_MASK, example_inputs=X, frontend=frontend, optimizer=opt)
+    msg = str(info.value)
+    assert "\n" not in msg and all(w in msg for w in words), msg
+    assert unchanged(model, before) and str(opt.state_dict()) == str(opt_before)
+
+
+def test_baked_weight_norm_prunes() -> None:
+    """What the refusal says to do works: bake the weight, reconfigure, apply it again."""
+    from torch.nn.utils import parametrizations, parametrize
+
+    torch.manual_seed(0)
+    model = randomize_norms(_Hooked()).eval()
+    parametrizations.weight_norm(model.conv2)
+    parametrize.remove_parametrizations(model.conv2, "weight")
+    small = _reconfigure_exact(model, HOOK_MASK, "fx")
+    parametrizations.weight_norm(small.conv2)
+    with torch.no_grad():
+        assert small(X).shape == (2, 4)
+
+
+# ============================================================================= optimizers
+
+class _FlatState(torch.optim.Optimizer):
+    """SGD keeping its momentum flattened: state no channel can index."""
+
+    def __init__(self, params: Any) -> None:
+        super().__init__(params, {"lr": 0.1})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                st["flat"] = st.get("flat", torch.zeros(p.numel())) * 0.9 + p.grad.flatten()
+                p.sub_(g["lr"] * st["flat"].view_as(p))
+
+
+OPTIMIZERS: list[tuple[str, Any]] = [
+    ("adafactor", lambda ps: torch.optim.Adafactor(ps, lr=0.01)),
+    ("adafactor-weight-decay", lambda ps: torch.optim.Adafactor(ps, lr=0.01, weight_decay=0.1)),
+    ("adam", lambda ps: torch.optim.Adam(ps, lr=0.01)),
+    ("sgd-momentum", lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.9)),
+    ("rmsprop", lambda ps: torch.optim.RMSprop(ps, lr=0.01)),
+]
+
+
+def _trained(make_opt: Any) -> tuple[nn.Module, torch.optim.Optimizer]:
+    model = make().train()
+    opt = make_opt(model.parameters())
+    for _ in range(2):
+        opt.zero_grad()
+        model(X).square().mean().backward()
+        opt.step()
+    return model, opt
+
+
+@pytest.mark.parametrize("make_opt", [pytest.param(o, id=i) for i, o in OPTIMIZERS])
+def test_optimizer_state_follows_and_the_next_step_runs(make_opt) -> None:
+    model, opt = _trained(make_opt)
+    old = {n: {k: v.clone() for k, v in opt.state[p].items() if isinstance(v, torch.Tensor)} for n, p in model.named_parameters()}
+    small = prunefx.reconfigure(model, CKPT_MASK, example_inputs=X, optimizer=opt)
+    check_against_apply_mask(model.eval(), small.eval(), CKPT_MASK, X)
+    small.train()
+    kept = torch.nonzero(CKPT_MASK["conv1"]).flatten()
+    state = opt.state[small.get_parameter("conv1.weight")]
+    for k, v in old["conv1.weight"].items():  # sliced along the output channels, or reduced there and kept
+        if v.dim() and v.shape[0] == 8:
+            assert torch.equal(state[k], v[kept]), k
+    opt.zero_grad()
+    small(X).square().mean().backward()
+    opt.step()  # shapes fit: the step runs
+    assert all(p.isfinite().all() for p in small.parameters())
+
+
+@pytest.mark.parametrize("case", ["flat-state", "another-model"])
+def test_optimizer_that_cannot_follow_is_refused_unchanged(case: str) -> None:
+    if case == "flat-state":
+        model, opt = _trained(_FlatState)
+        words: tuple[str, ...] = ("_FlatState", "'flat'", "conv1.weight", "optimizer=")
+    else:
+        model, _ = _trained(lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9))
+        _, opt = _trained(lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9))
+        words = ("SGD", "none of the reconfigured model's parameters")
+    before, opt_before = state_copy(model), copy.deepcopy(opt.state_dict())
+    params_before = [list(g["params"]) for g in opt.param_groups]
+    with pytest.raises(prunefx.PruneFxError) as info:
+        prunefx.reconfigure(model, CKPT_MASK, example_inputs=X, optimizer=opt)
+    msg = str(info.value)
+    assert "\n" not in msg and all(w in msg for w in words), msg
+    assert unchanged(model, before) and str(opt.state_dict()) == str(opt_before)
+    assert [list(g["params"]) for g in opt.param_groups] == params_before
+
+
+# ============================================================================= graph= of another model
+
+def test_foreign_graph_is_refused_by_the_guard() -> None:
+    from prunefx.guards import refuse_foreign_graph
+
+    model, other = make(), make()
+    graph = prunefx.trace(other, X)
+    refuse_foreign_graph(other, graph)  # its own graph: fine
+    with pytest.raises(prunefx.MaskError) as info:
+        refuse_foreign_graph(model, graph)
+    msg = str(info.value)
+    assert "\n" not in msg and "graph= was not traced from this model" in msg and "'conv1.weight'" in msg, msg
+    with pytest.raises(prunefx.MaskError, match="has no tensor of that name"):
+        refuse_foreign_graph(nn.Sequential(nn.Conv2d(3, 8, 3)), graph)
+
+
+def test_foreign_graph_with_its_optimizer_is_refused_unchanged() -> None:
+    model, opt = _trained(lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9))
+    graph = prunefx.trace(make(), X)
+    before, opt_before = state_copy(model), copy.deepcopy(opt.state_dict())
+    with pytest.raises(prunefx.PruneFxError) as info:
+        prunefx.reconfigure(model, CKPT_MASK, graph=graph, optimizer=opt)
+    assert "none of the reconfigured model's parameters" in str(info.value)
+    assert unchanged(model, before) and str(opt.state_dict()) == str(opt_before)
+
+
+@pytest.mark.xfail(strict=True, reason="needs reconfigure._graph_for / apply_mask to call prunefx.guards.refuse_foreign_graph "
+                   "(prunefx/reconfigure.py is not this module's owner's file)")
+@pytest.mark.parametrize("entry", ["reconfigure", "apply_mask"])
+def test_foreign_graph_is_refused(entry: str) -> None:
+    model = make()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # other weights than the instance the graph was traced from
+    graph = prunefx.trace(make(), X)
+    before = state_copy(model)
+    call = prunefx.reconfigure if entry == "reconfigure" else prunefx.apply_mask
+    with pytest.raises(prunefx.MaskError, match="graph= was not traced from this model"):
+        call(model, CKPT_MASK, graph=graph)
+    assert unchanged(model, before)
