@@ -236,6 +236,23 @@ def test_every_block_is_labelled() -> None:
     assert not problems, "\n".join(problems)
 
 
+_CITED = re.compile(r"((?:prunefx|passes|tests|examples|benchmarks|docs)/[\w/.-]*\.(?:py|md|json|png))(?:::(\w+))?")
+
+
+def test_files_and_tests_the_pages_cite_exist() -> None:
+    """`prunefx/masks/cost.py`, `tests/test_modes.py::test_compile_of_a_reconfigured_model`:
+    a page that cites a file or a test names one that exists."""
+    missing = []
+    for path in DOC_FILES:
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            for m in _CITED.finditer(line):
+                cited, test = m.groups()
+                file = next((f for f in (ROOT / cited, path.parent / cited) if f.exists()), None)
+                if file is None or (test and not re.search(rf"def {test}\b", file.read_text())):
+                    missing.append(f"{path.relative_to(ROOT)}:{number}: {m.group(0)}")
+    assert not missing, "\n".join(missing)
+
+
 def test_docs_have_blocks() -> None:
     assert len(ALL_BLOCKS) > 40, [b.id for b in ALL_BLOCKS]
 
