@@ -13,6 +13,7 @@ matrix runs with it by ``PRUNEFX_TEST_EXPORTER=auto pytest tests/test_export.py`
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -356,3 +357,16 @@ def test_cli_errors_are_one_line_and_exit_1(tmp_path: Path, capsys: pytest.Captu
 def test_console_entry_point() -> None:
     out = subprocess.run([sys.executable, "-m", "prunefx", "export", "--help"], capture_output=True, text=True, check=True, timeout=120)
     assert "--mask" in out.stdout and "--fp16" in out.stdout
+
+
+def test_only_the_export_package_imports_onnx() -> None:
+    """STYLE.md rule 6: onnx, onnxruntime and torch.onnx are imported in prunefx/export/ only."""
+    root = Path(__file__).resolve().parents[1]
+    importing = re.compile(r"^\s*(import|from)\s+(onnx|onnxruntime|onnxscript|torch\.onnx)\b", re.M)
+    offenders = [
+        str(f.relative_to(root))
+        for f in (*sorted((root / "prunefx").rglob("*.py")), *sorted((root / "passes").rglob("*.py")))
+        if importing.search(f.read_text()) and (root / "prunefx" / "export") not in f.parents
+    ]
+    assert not offenders, offenders
+    assert {f.name for f in (root / "prunefx" / "export").glob("*.py")} >= {"__init__.py", "capture.py", "verify.py", "staging.py"}
