@@ -311,7 +311,13 @@ def _docstring_id(test: doctest.DocTest | str) -> str:
 def test_docstring_example(test: doctest.DocTest | str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The module's namespace plus ``torch`` and ``prunefx``, in a temporary directory."""
     if isinstance(test, str):
-        importlib.import_module(test)  # raises the import error
+        try:
+            importlib.import_module(test)
+        except ModuleNotFoundError as exc:  # an optional dependency (lightning, timm): said, not hidden
+            if exc.name and not exc.name.startswith("prunefx"):
+                pytest.skip(f"{test} needs {exc.name}, which is not installed")
+            raise
+        raise AssertionError(f"{test} imports now; run the docs test again")
     import prunefx
 
     monkeypatch.chdir(tmp_path)
