@@ -282,7 +282,7 @@ def _docstring_tests() -> list[doctest.DocTest | str]:
 
     finder = doctest.DocTestFinder(exclude_empty=True)
     found: list[doctest.DocTest | str] = []
-    for info in pkgutil.walk_packages(prunefx.__path__, "prunefx."):
+    for info in pkgutil.walk_packages(prunefx.__path__, "prunefx.", onerror=found.append):  # a package that fails
         try:
             module = importlib.import_module(info.name)
         except Exception:  # reported by its test, not at collection
@@ -291,7 +291,8 @@ def _docstring_tests() -> list[doctest.DocTest | str]:
         for test in finder.find(module):
             if test.examples and test.filename and Path(test.filename).is_relative_to(ROOT):
                 found.append(test)
-    return sorted(found, key=lambda t: t if isinstance(t, str) else t.name)
+    unique = {t if isinstance(t, str) else id(t): t for t in found}.values()  # a failing package is named twice
+    return sorted(unique, key=lambda t: t if isinstance(t, str) else t.name)
 
 
 DOCSTRING_TESTS = _docstring_tests()
