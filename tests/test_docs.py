@@ -253,6 +253,75 @@ def test_files_and_tests_the_pages_cite_exist() -> None:
     assert not missing, "\n".join(missing)
 
 
+_SIGNATURE = re.compile(r"^(prunefx(?:\.\w+)+)\(")
+
+
+def _signatures(path: Path) -> list[tuple[int, str, str]]:
+    """(line, dotted name, parameter list) of each ``prunefx.name(params) -> result`` line (and
+    its continuation lines) in the ```text blocks of a page."""
+    found = []
+    for line, label, body in fences(path):
+        lines = body.splitlines()
+        i = 0
+        while i < len(lines):
+            m = _SIGNATURE.match(lines[i])
+            if not m:
+                i += 1
+                continue
+            text, j = lines[i], i
+            while text.count("(") > text.count(")") and j + 1 < len(lines):
+                j += 1
+                text += " " + lines[j].strip()
+            depth, end = 1, m.end()
+            while end < len(text) and depth:  # the parenthesis that closes the parameter list
+                depth += {"(": 1, ")": -1}.get(text[end], 0)
+                end += 1
+            params = text[m.end():end - 1]
+            if label == "text" and "..." not in params:
+                found.append((line + 1 + i, m.group(1), params))
+            i = j + 1
+    return found
+
+
+def _resolve(dotted: str):
+    import prunefx
+
+    obj = prunefx
+    for part in dotted.split(".")[1:]:
+        obj = getattr(obj, part)
+    return obj
+
+
+def test_signatures_shown_are_the_real_ones() -> None:
+    """A signature a page shows (``prunefx.trace(model, example_inputs=None, *, ...)``) has the
+    function's parameters, in order, of the same kind, with the same literal defaults."""
+    import ast
+    import inspect
+
+    wrong = []
+    for path in DOC_FILES:
+        for line, name, params in _signatures(path):
+            shown = ast.parse(f"def f({params}): pass").body[0].args  # type: ignore[attr-defined]
+            real = inspect.signature(_resolve(name)).parameters
+            pos = [*shown.posonlyargs, *shown.args]
+            names = [a.arg for a in pos] + ([f"*{shown.vararg.arg}"] if shown.vararg else []) + \
+                    [a.arg for a in shown.kwonlyargs] + ([f"**{shown.kwarg.arg}"] if shown.kwarg else [])
+            actual = [("*" if p.kind is p.VAR_POSITIONAL else "**" if p.kind is p.VAR_KEYWORD else "") + n
+                      for n, p in real.items()]
+            defaults = dict(zip([a.arg for a in pos][len(pos) - len(shown.defaults):], shown.defaults, strict=True))
+            defaults.update({a.arg: d for a, d in zip(shown.kwonlyargs, shown.kw_defaults, strict=True) if d is not None})
+            problems = [] if names == actual else [f"parameters {names}, the function has {actual}"]
+            for arg, node in defaults.items():
+                with contextlib.suppress(ValueError):
+                    value = ast.literal_eval(node)
+                    if arg in real and real[arg].default != value:
+                        problems.append(f"{arg}={value!r}, the default is {real[arg].default!r}")
+            kw_only = {a.arg for a in shown.kwonlyargs}
+            problems += [f"{n} is shown keyword-only" for n in kw_only if n in real and real[n].kind is not real[n].KEYWORD_ONLY]
+            wrong += [f"{path.relative_to(ROOT)}:{line}: {name}: {p}" for p in problems]
+    assert not wrong, "\n".join(wrong)
+
+
 def test_docs_have_blocks() -> None:
     assert len(ALL_BLOCKS) > 40, [b.id for b in ALL_BLOCKS]
 
