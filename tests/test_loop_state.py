@@ -285,3 +285,23 @@ def test_compiled_model_follows() -> None:
 
     pt = PruneTrain(torch.compile(_cnn(), backend="aot_eager"), torch.optim.SGD(_cnn().parameters(), lr=0.1), example_inputs=X)
     assert isinstance(pt.module, nn.Sequential)  # the lasso and the shrink see through the wrapper
+
+
+def test_stale_ema_refused_before_anything_changes() -> None:
+    """An EMA left behind by an earlier shrink (not passed to it) no longer matches the model:
+    the next shrink refuses it before touching the model or the optimizer."""
+    net = _cnn()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    _step(net, [opt])
+    stale = AveragedModel(net)
+    _kill(net, [0], [0])
+    small, _ = shrink(net, example_inputs=X, optimizer=opt)
+    _step(small, [opt])
+    with torch.no_grad():
+        for name in ("0.weight", "1.weight", "1.bias"):
+            small.get_parameter(name)[1] = 0
+    params = [p for g in opt.param_groups for p in g["params"]]
+    with pytest.raises(prunefx.PruneFxError, match="left behind by an earlier shrink"):
+        shrink(small, example_inputs=X, optimizer=opt, ema=stale)
+    assert [p for g in opt.param_groups for p in g["params"]] == params
+    assert small.get_parameter("1.weight").shape == (5,)

@@ -155,6 +155,11 @@ class PruneTrainCallback(pl.Callback):
     # ---------------------------------------------------------------- training
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+        if not isinstance(trainer.strategy, (DDPStrategy, SingleDeviceStrategy)):
+            raise PruneFxError(f"PruneTrainCallback runs under a single device or the DDP strategy, not "
+                               f"{type(trainer.strategy).__name__} (its model wrapping is not rebuilt after a shrink)")
         net = pl_module.get_submodule(self.submodule)
         own = {id(p) for p in net.parameters()}
         holding = [o for o in trainer.optimizers if any(id(p) in own for g in o.param_groups for p in g["params"])]

@@ -38,8 +38,8 @@ from prunefx.errors import PruneFxError
 from prunefx.passes.slice_tensors import slice_tensor
 from prunefx.provenance import layout_of
 
-__all__ = ["StepBoundary", "tensor_index", "follow_optimizer", "follow_ema", "check_scaler", "check_schedulers",
-           "unwrap_compiled", "rewrap_compiled"]
+__all__ = ["StepBoundary", "tensor_index", "follow_optimizer", "follow_ema", "check_ema", "check_scaler",
+           "check_schedulers", "unwrap_compiled", "rewrap_compiled"]
 
 
 class StepBoundary:
@@ -162,16 +162,9 @@ def follow_ema(ema: nn.Module, old: nn.Module, new: nn.Module, fold_delta: Mappi
     added to the averages before slicing, so an EMA equal to the model stays equal to it.
     Tensors ``new`` has and ``old`` had not (folded biases, branch constants) start from
     ``new``'s values."""
-    copy_of = getattr(ema, "module", None)
-    if not isinstance(copy_of, nn.Module):
-        raise PruneFxError(f"{type(ema).__name__} has no '.module' copy of the model to slice "
-                           "(expected torch.optim.swa_utils.AveragedModel or timm's ModelEmaV3)")
+    check_ema(ema, old)
+    copy_of = ema.module
     averaged = dict(copy_of.named_parameters()) | dict(copy_of.named_buffers())
-    live = dict(old.named_parameters()) | dict(old.named_buffers())
-    strays = sorted(set(averaged) - set(live))
-    if strays:
-        raise PruneFxError(f"the EMA copy's tensor '{strays[0]}' is not a tensor of the model being shrunk: "
-                           "build the EMA from the model passed to shrink (unwrapped, not from a DDP/compiled wrapper)")
     fold_delta = fold_delta or {}
     replacement = copy.deepcopy(new)
     replacement.requires_grad_(False)  # as the averaged copy was
@@ -179,8 +172,6 @@ def follow_ema(ema: nn.Module, old: nn.Module, new: nn.Module, fold_delta: Mappi
         src = averaged.get(name)
         if src is None:
             continue  # new in this shrink: starts from the model's value
-        if src.shape != live[name].shape:
-            raise PruneFxError(f"the EMA copy's '{name}' has shape {list(src.shape)}, the model's {list(live[name].shape)}")
         with torch.no_grad():
             value = src.detach()
             delta = fold_delta.get(name)
@@ -189,6 +180,23 @@ def follow_ema(ema: nn.Module, old: nn.Module, new: nn.Module, fold_delta: Mappi
             t.data = _sliced(old, new, name, value).to(src.device).data
     replacement.train(copy_of.training)
     ema.module = replacement
+
+
+def check_ema(ema: nn.Module, model: nn.Module) -> None:
+    """``ema.module`` is a copy of ``model``: the same tensor names and shapes (checked before
+    a shrink edits anything)."""
+    copy_of = getattr(ema, "module", None)
+    if not isinstance(copy_of, nn.Module):
+        raise PruneFxError(f"{type(ema).__name__} has no '.module' copy of the model to slice "
+                           "(expected torch.optim.swa_utils.AveragedModel or timm's ModelEmaV3)")
+    live = dict(model.named_parameters()) | dict(model.named_buffers())
+    for name, t in (*copy_of.named_parameters(), *copy_of.named_buffers()):
+        if name not in live:
+            raise PruneFxError(f"the EMA copy's tensor '{name}' is not a tensor of the model being shrunk: "
+                               "build the EMA from the model passed to shrink (unwrapped, not from a DDP/compiled wrapper)")
+        if t.shape != live[name].shape:
+            raise PruneFxError(f"the EMA copy's '{name}' has shape {list(t.shape)}, the model's {list(live[name].shape)}: "
+                               "was the EMA left behind by an earlier shrink? pass it to every shrink")
 
 
 def fold_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -46,6 +46,7 @@ from prunefx.train.branches import BranchReport, remove_starved, starved_readers
 from prunefx.train.fold import FoldReport, fold_constants, readers_of_dropped
 from prunefx.train.loop import (
     StepBoundary,
+    check_ema,
     check_scaler,
     check_schedulers,
     fold_delta,
@@ -121,6 +122,8 @@ def shrink(
     check_schedulers(schedulers, optimizers)
     compiled_model = model
     model, compiled = unwrap_compiled(model)
+    for e in emas:
+        check_ema(e, model)
     graph = trace(model, x) if graph is None else graph
     mask = from_zeros(graph, threshold) if mask is None else mask
     if not mask:
