@@ -322,6 +322,42 @@ def test_signatures_shown_are_the_real_ones() -> None:
     assert not wrong, "\n".join(wrong)
 
 
+_COMMAND = re.compile(r"(`?)prunefx (prune|export|inspect)\b")
+
+
+def test_command_lines_shown_use_real_flags() -> None:
+    """Every ``prunefx prune|export|inspect ...`` a page shows (in a block or in backticks) uses
+    flags, and --criterion / --exporter values, that the command line accepts."""
+    import argparse
+
+    from prunefx.__main__ import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    wrong = []
+    for path in DOC_FILES:
+        text = path.read_text()
+        for m in _COMMAND.finditer(text):
+            rest = text[m.end():]
+            rest = rest[:rest.index("`")] if "`" in rest else rest
+            if not m.group(1):  # a command line in a block: it ends at a line without a trailing backslash
+                rest = re.split(r"(?<!\\)\n", rest, maxsplit=1)[0]
+            parser = commands[m.group(2)]
+            options = {o: a for a in parser._actions for o in a.option_strings}
+            where = f"{path.relative_to(ROOT)}:{text.count(chr(10), 0, m.start()) + 1}"
+            words = rest.split()
+            for i, word in enumerate(words):
+                flag = word.strip("[].,;:()")
+                if not flag.startswith("-") or flag in ("-", "--"):
+                    continue
+                action = options.get(flag)
+                if action is None:
+                    wrong.append(f"{where}: prunefx {m.group(2)} has no option {flag}")
+                elif action.choices and i + 1 < len(words) and words[i + 1].strip("[].,;:()") not in action.choices \
+                        and words[i + 1].isidentifier():
+                    wrong.append(f"{where}: {flag} {words[i + 1]} is not one of {sorted(action.choices)}")
+    assert not wrong, "\n".join(wrong)
+
+
 def test_docs_have_blocks() -> None:
     assert len(ALL_BLOCKS) > 40, [b.id for b in ALL_BLOCKS]
 
