@@ -26,6 +26,7 @@ from torch.utils import _pytree as pytree
 
 from prunefx.analysis import ChannelAnalysis, ChannelGroup, analyze, build_groups
 from prunefx.errors import MaskError, TraceError
+from prunefx.frontends.detection import detection_leaves, is_detection, surrogate, surrogate_inputs
 from prunefx.nn import LEAF_MODULES
 from prunefx.provenance import layout_of
 from prunefx.shapes import Shapes, propagate_shapes
@@ -39,9 +40,12 @@ class PruneGraph:
 
     def __init__(
         self, traced: Traced, shapes: Shapes, analysis: ChannelAnalysis, example_inputs: tuple[Any, ...], origin: dict | None = None,
-        example_kwargs: dict[str, Any] | None = None,
+        example_kwargs: dict[str, Any] | None = None, model_inputs: Any = None,
     ) -> None:
         self.traced = traced
+        # the example inputs in the model's own calling convention, when the graph is of a
+        # surrogate (a torchvision detection model: its list of images)
+        self.model_inputs = model_inputs
         self.example_kwargs = dict(example_kwargs or {})  # keyword inputs of forward (export front-end)
         self.origin = origin  # channel layout of a model that was reconfigured before
         self.shapes = shapes
@@ -174,6 +178,8 @@ def trace(
     if frontend not in FRONTENDS:
         raise TraceError(f"frontend must be one of {', '.join(map(repr, FRONTENDS))}, got {frontend!r}")
     kwargs = dict(example_kwargs or {})
+    if is_detection(model):
+        return _trace_detection(model, example_inputs, kwargs, frontend, leaf_modules)
     if frontend == "fx" and kwargs:
         raise TraceError("the fx front-end takes positional example inputs only; pass frontend='export' (or 'auto') for example_kwargs")
     if frontend == "export" or (frontend == "auto" and kwargs):
@@ -190,6 +196,22 @@ def trace(
         warnings.warn(f"prunefx: {str(fx_error).splitlines()[0]}; captured with torch.export instead (frontend='export')", stacklevel=2)
         return graph
     return _trace_fx(model, traced, example_inputs)
+
+
+def _trace_detection(model: nn.Module, example_inputs: Any, kwargs: dict[str, Any], frontend: str, leaf_modules: Iterable[Any]) -> PruneGraph:
+    """A torchvision detection model: its channel-carrying parts, as one surrogate module
+    (``prunefx.frontends.detection``), on the model's transformed example images."""
+    if kwargs:
+        raise TraceError(f"{type(model).__name__} takes no keyword example inputs (example_kwargs): pass example_inputs=[image, ...]")
+    sur = surrogate(model)
+    inputs = surrogate_inputs(model, example_inputs)
+    if frontend == "export":
+        graph = _trace_export(sur, inputs, {})
+    else:
+        leaves = (*leaf_modules, *LEAF_MODULES, *detection_leaves())
+        graph = _trace_fx(sur, symbolic_trace(sur, leaf_modules=leaves), inputs)
+    graph.model_inputs = example_inputs
+    return graph
 
 
 def _trace_export(model: nn.Module, args: tuple[Any, ...] | None, kwargs: dict[str, Any]) -> PruneGraph:

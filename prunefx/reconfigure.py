@@ -28,9 +28,10 @@ import torch
 from torch import nn
 
 from prunefx.analysis.propagate import Role
-from prunefx.errors import MaskError
+from prunefx.errors import MaskError, ReconfigureError
+from prunefx.frontends.detection import emit_detection, is_detection
 from prunefx.graph import PruneGraph, trace
-from prunefx.mask import resolve_mask
+from prunefx.mask import Keep, resolve_mask
 from prunefx.passes import DEFAULT_PIPELINE, Pipeline, RewriteState
 from prunefx.plan import make_plan
 
@@ -83,8 +84,9 @@ def reconfigure(
     ``emit="graph"`` returns a GraphModule whose submodule names match ``model``'s;
     ``emit="module"`` a copy of ``model`` of the same class with every size attribute
     updated (checked against the graph result; ``ReconfigureError`` names what cannot be
-    expressed); ``emit="auto"`` the module for a transformers ``PreTrainedModel``, the graph
-    otherwise. ``example_kwargs`` and ``frontend`` are passed to ``prunefx.trace``. ``model``
+    expressed); ``emit="auto"`` the module for a transformers ``PreTrainedModel`` and a
+    torchvision detection model (checked against the masked model through its detection API),
+    the graph otherwise. ``example_kwargs`` and ``frontend`` are passed to ``prunefx.trace``. ``model``
     is never modified. Pass ``graph=prunefx.trace(model, x)`` to reuse an analysis. With
     ``optimizer``, its param_groups and per-parameter state are re-pointed to the new
     parameters and sliced alike, in place. On any error nothing is changed.
@@ -95,7 +97,9 @@ def reconfigure(
     plan = make_plan(g.analysis, keep)  # kept indices and new shapes
     state = pipeline.run(RewriteState.start(plan, g.origin, g.example_inputs))  # slice, rebuild, fix args, DCE, assemble, record
     assert state.result is not None
-    if emit == "module":  # the same class as `model`, holding the sliced tensors; checked before it is returned
+    if emit == "module" and is_detection(model):  # the emitted backbone and heads, put back into the detection model
+        state.result = emit_detection(model, g, state)
+    elif emit == "module":  # the same class as `model`, holding the sliced tensors; checked before it is returned
         from prunefx.emit import emit_module
 
         state.result = emit_module(model, g, state)
@@ -108,9 +112,17 @@ def reconfigure(
 
 def _emitter(model: nn.Module, emit: str) -> str:
     """``emit="auto"``: the module emitter for a Hugging Face ``PreTrainedModel`` (a pruned
-    transformers model must stay one), the graph emitter otherwise."""
+    transformers model must stay one) and a torchvision detection model (only ever a
+    module), the graph emitter otherwise."""
     if emit not in ("auto", "graph", "module"):
         raise MaskError(f"emit must be 'auto', 'graph' or 'module', got {emit!r}")
+    if is_detection(model):
+        if emit == "graph":
+            raise ReconfigureError(
+                f"{type(model).__name__} is a torchvision detection model: it is reconfigured into a copy of its own class "
+                "(emit='module' or 'auto'), since its image list, anchors and NMS are not a graph"
+            )
+        return "module"
     if emit != "auto":
         return emit
     return "module" if any(c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers") for c in type(model).__mro__) else "graph"
@@ -131,7 +143,13 @@ def apply_mask(
     """Zero, in place, every parameter that writes a channel ``mask`` drops ("soft
     pruning"); returns ``model``."""
     g = _graph_for(model, graph, example_inputs, leaf_modules, concrete_args, example_kwargs, frontend)
-    keep = resolve_mask(g, mask, policy)
+    zero_dropped(model, g, resolve_mask(g, mask, policy))
+    return model
+
+
+def zero_dropped(model: nn.Module, g: PruneGraph, keep: Keep) -> None:
+    """Zero, in place, every parameter/buffer slice of ``model`` that writes a channel
+    ``keep`` drops (``g`` is ``model``'s graph)."""
     state = dict((*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)))
     with torch.no_grad():
         for m in g.analysis.members:
@@ -141,4 +159,3 @@ def apply_mask(
             if dropped.size:
                 t = state[m.tensor]
                 t.index_fill_(m.dim, torch.as_tensor(dropped, device=t.device), 0)
-    return model

@@ -815,6 +815,18 @@ def batchnorm_module(a: Analyzer, node: fx.Node) -> Any:
     return lay.with_zero(lay.zero and instance_stats)
 
 
+def frozen_batchnorm_module(a: Analyzer, node: fx.Node) -> Any:
+    """torchvision's ``FrozenBatchNorm2d``: an evaluation-mode BatchNorm whose ``weight`` and
+    ``bias`` are buffers. They write the channel as a BatchNorm's parameters do."""
+    x = node.args[0]
+    ids = a.axis_ids(a.value(x), 1)
+    if ids is None:
+        return unknown(a, node)
+    for pname, role in (("weight", Role.WRITE), ("bias", Role.WRITE), ("running_mean", Role.STAT), ("running_var", Role.STAT)):
+        a.member(f"{node.target}.{pname}", 0, ids, role, node)
+    return a.value(x).with_zero(True)
+
+
 F_BATCH_NORM_ARGS = ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias"))
 ATEN_BATCH_NORM_ARGS = ((3, "running_mean"), (4, "running_var"), (1, "weight"), (2, "bias"))
 

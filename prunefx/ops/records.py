@@ -38,6 +38,24 @@ def _aten(*names: str) -> tuple[Any, ...]:
     return tuple(out)
 
 
+def _roi_align() -> tuple[Any, ...]:
+    """torchvision's RoI pooling (detection heads), when torchvision is installed."""
+    try:
+        from torchvision.ops import roi_align
+    except ImportError:
+        return ()
+    return (roi_align, torch.ops.torchvision.roi_align.default)
+
+
+def _frozen_batchnorm() -> tuple[type, ...]:
+    """torchvision's FrozenBatchNorm2d (detection backbones with pretrained weights)."""
+    try:
+        from torchvision.ops.misc import FrozenBatchNorm2d
+    except ImportError:
+        return ()
+    return (FrozenBatchNorm2d,)
+
+
 _ZERO_PRESERVING_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish,
     nn.Hardswish, nn.Hardtanh, nn.Tanh, nn.Softshrink, nn.Hardshrink, nn.Tanhshrink, nn.Identity,
@@ -175,6 +193,7 @@ SPECS: tuple[OpSpec, ...] = (
                "upsample_nearest1d.vec", "upsample_nearest2d.vec", "upsample_nearest3d.vec", "upsample_bilinear2d.vec",
                "upsample_linear1d.vec", "upsample_trilinear3d.vec", "upsample_bicubic2d.vec"),
     ), modules=_POOLS),
+    OpSpec("roi_align", r.spatial(2), functions=_roi_align()),  # per channel: boxes replace the batch dim
     OpSpec("pad", r.pad, functions=(F.pad, *_aten("pad.default", "constant_pad_nd.default")), empty_ok=True),
     OpSpec("softmax", r.softmax, functions=(
         F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, *_aten("softmax.int", "log_softmax.int", "_softmax.default"),
@@ -201,6 +220,7 @@ SPECS: tuple[OpSpec, ...] = (
     ), fix=fix.attention_scale),
     OpSpec("batch_norm", r.batchnorm_call(r.F_BATCH_NORM_ARGS), functions=(F.batch_norm, F.instance_norm)),
     OpSpec("aten.batch_norm", r.batchnorm_call(r.ATEN_BATCH_NORM_ARGS), functions=_aten("batch_norm.default")),
+    OpSpec("FrozenBatchNorm2d", r.frozen_batchnorm_module, modules=_frozen_batchnorm()),
     OpSpec("nn.BatchNorm", r.batchnorm_module, modules=(nn.modules.batchnorm._NormBase,)),  # also SyncBatchNorm, InstanceNorm*
     OpSpec("group_norm", r.groupnorm_function, functions=(F.group_norm, *_aten("group_norm.default")), fix=fix.group_norm),
     OpSpec("nn.GroupNorm", r.groupnorm_module, modules=(nn.GroupNorm,)),
