@@ -305,3 +305,38 @@ def test_stale_ema_refused_before_anything_changes() -> None:
         shrink(small, example_inputs=X, optimizer=opt, ema=stale)
     assert [p for g in opt.param_groups for p in g["params"]] == params
     assert small.get_parameter("1.weight").shape == (5,)
+
+
+def test_folded_bias_joins_the_optimizer_in_module_order() -> None:
+    """A constant fold that gives a bias-less layer a bias puts it right after that layer's
+    weight in its param group: the optimizer's order is the model's, so its state_dict loads
+    into an optimizer built afresh on the shrunk model (what a resumed Lightning run does)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU(),
+                        nn.Conv2d(6, 4, 1, bias=False), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 4))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    _step(net, [opt])
+    with torch.no_grad():  # channel 2: a constant relu(0.7), folded into conv 3, which has no bias
+        net[0].weight[2] = 0
+        net[1].weight[2] = 0
+        net[1].bias[2] = 0.7
+    small, report = shrink(net, example_inputs=X, optimizer=opt)
+    assert [n for n, _ in report.fold.new_parameters] == ["3.bias"]
+    assert [id(p) for p in opt.param_groups[0]["params"]] == [id(p) for p in small.parameters()]
+    fresh = torch.optim.SGD(small.parameters(), lr=0.1, momentum=0.9)
+    fresh.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for p in small.parameters():
+        if p in opt.state:
+            assert fresh.state[p]["momentum_buffer"].shape == p.shape
+    _step(small, [fresh])
+
+
+def test_inductor_compiles_the_shrunk_model() -> None:
+    """The default backend (inductor) compiles the shrunk model; same outputs as eager."""
+    net = _cnn().eval()
+    _kill(net, [0, 3], [2])
+    compiled = torch.compile(net)
+    with torch.no_grad():
+        compiled(X)
+        small, _ = shrink(compiled, example_inputs=X)
+        assert torch.allclose(small(X), small._orig_mod(X), atol=1e-5)
