@@ -340,3 +340,40 @@ def test_inductor_compiles_the_shrunk_model() -> None:
         compiled(X)
         small, _ = shrink(compiled, example_inputs=X)
         assert torch.allclose(small(X), small._orig_mod(X), atol=1e-5)
+
+
+def test_folded_bias_is_recorded_against_the_original_model() -> None:
+    """A bias a fold creates after an earlier shrink pruned its layer is recorded like the
+    layer's weight (original size, original indices), so a checkpoint rebuilds from a fresh
+    original model once ``add_folded_biases`` gives it the bias; a third shrink composes."""
+    from prunefx.train.fold import add_folded_biases
+
+    def make() -> nn.Sequential:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU(),
+                             nn.Conv2d(6, 4, 1, bias=False), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 4))
+
+    net = make()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    _step(net, [opt])
+    with torch.no_grad():
+        net[3].weight[0] = 0  # shrink 1: output 0 of conv 3 is dead (no bias, no BN: exactly zero)
+    small, report = shrink(net, example_inputs=X, optimizer=opt)
+    assert report.channels["3"] == (4, 3)
+    _step(small, [opt])
+    with torch.no_grad():  # shrink 2: channel 2 of group "0" becomes relu(0.7), folded into a new bias of conv 3
+        small.get_parameter("0.weight")[2] = 0
+        small.get_parameter("1.weight")[2] = 0
+        small.get_parameter("1.bias")[2] = 0.7
+    smaller, report = shrink(small, example_inputs=X, optimizer=opt)
+    assert [n for n, _ in report.fold.new_parameters] == ["3.bias"]
+    entry = prunefx.provenance.layout_of(smaller)["tensors"]["3.bias"]
+    assert entry["shape"] == [4] and entry["kept"][0].tolist() == [1, 2, 3]
+
+    for model in (smaller, shrink(smaller, {"3": torch.tensor([True, False, True])}, example_inputs=X, optimizer=opt)[0]):
+        state = prunefx.state_dict(model)
+        fresh = make()
+        assert add_folded_biases(fresh, state["prunefx"]) == ["3.bias"]
+        rebuilt = prunefx.load_state_dict(fresh, state)
+        model.eval(), rebuilt.eval()
+        assert torch.equal(rebuilt(X), model(X))

@@ -51,6 +51,7 @@ from prunefx.graph import trace
 from prunefx.masks.zeros import from_zeros
 from prunefx.provenance import layout_of
 from prunefx.train.callback import PruneTrain, Reconfiguration
+from prunefx.train.fold import add_folded_biases
 
 __all__ = ["PruneTrainCallback"]
 
@@ -124,6 +125,7 @@ class PruneTrainCallback(pl.Callback):
                                "load the checkpoint into a freshly built LightningModule")
         prefix = self.submodule + "."
         weights = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        add_folded_biases(current, layout)  # biases the constant folds created, which the original lacks
         small = load_layout_state_dict(current, {"state_dict": weights, "prunefx": dict(layout)})
         _set_submodule(pl_module, self.submodule, small)
         for path in self.ema:

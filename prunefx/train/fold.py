@@ -19,6 +19,10 @@ map). The residual is the largest deviation from it. A reader without a bias get
 constant subtracted from the running mean of the BatchNorm right after it (exact in eval
 mode; in training mode the batch mean absorbs a constant anyway), or a new bias parameter.
 
+A new bias is recorded in the channel layout like its layer's weight's output dim (the
+original size, the same kept indices), so ``add_folded_biases(fresh_model, layout)`` can give
+a fresh model of the original architecture the bias before a checkpoint rebuilds it.
+
 ``fold_constants`` edits ``model`` in place and returns a ``FoldReport``; run it right before
 ``reconfigure`` with the same mask (``prunefx.train.shrink`` does both). Readers that are not
 Conv1d/2d/3d or Linear modules, or that run more than once per forward, cannot be folded:
@@ -41,7 +45,7 @@ from prunefx.analysis.propagate import Role
 from prunefx.graph import PruneGraph
 from prunefx.mask import Keep
 
-__all__ = ["Fold", "FoldReport", "fold_constants", "readers_of_dropped"]
+__all__ = ["Fold", "FoldReport", "fold_constants", "readers_of_dropped", "record_new_biases", "add_folded_biases"]
 
 _FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -208,3 +212,33 @@ def _fold_into(model: nn.Module, modules: Mapping[str, nn.Module], users: Mappin
     new_params.append((f"{name}.bias", m.bias))
     return "new bias"
 
+
+def record_new_biases(layout: dict[str, Any] | None, report: FoldReport) -> None:
+    """Record each bias the fold created like its layer's weight's output dim: the original
+    size and the weight's kept indices (the rewrite records a new tensor relative to the model
+    it was created on, which after an earlier shrink is not the original)."""
+    if not layout or not report.new_parameters:
+        return
+    tensors = layout.get("tensors", {})
+    for name, _ in report.new_parameters:
+        weight = tensors.get(name.rpartition(".")[0] + ".weight")
+        if weight is None or name not in tensors:
+            continue
+        kept = weight["kept"].get(0)
+        tensors[name] = {"shape": [weight["shape"][0]], "kept": {} if kept is None else {0: kept.clone() if isinstance(kept, torch.Tensor) else kept}}
+
+
+def add_folded_biases(model: nn.Module, layout: Mapping[str, Any] | None) -> list[str]:
+    """Give ``model`` (the original architecture, never reconfigured) a zero bias wherever the
+    layout records one its layer does not have (a bias a constant fold created), so the
+    checkpoint's weights fit the rebuilt model. Returns the names added."""
+    added = []
+    modules = dict(model.named_modules())
+    for name, entry in ((layout or {}).get("tensors") or {}).items():
+        owner, _, leaf = name.rpartition(".")
+        m = modules.get(owner)
+        if leaf != "bias" or m is None or getattr(m, "bias", 0) is not None or not isinstance(getattr(m, "weight", None), torch.Tensor):
+            continue
+        m.bias = nn.Parameter(torch.zeros(entry["shape"], dtype=m.weight.dtype, device=m.weight.device))
+        added.append(name)
+    return added

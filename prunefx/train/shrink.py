@@ -41,9 +41,10 @@ from prunefx.graph import PruneGraph, trace
 from prunefx.mask import Keep, resolve_mask
 from prunefx.masks.criteria import magnitude_scores
 from prunefx.masks.zeros import from_zeros
+from prunefx.provenance import layout_of
 from prunefx.reconfigure import reconfigure
 from prunefx.train.branches import BranchReport, remove_starved, starved_readers
-from prunefx.train.fold import FoldReport, fold_constants, readers_of_dropped
+from prunefx.train.fold import FoldReport, fold_constants, readers_of_dropped, record_new_biases
 from prunefx.train.loop import (
     StepBoundary,
     check_ema,
@@ -159,6 +160,7 @@ def shrink(
     delta = fold_delta(model, snapshot) if emas else {}
     for e in emas:
         follow_ema(e, model, small, delta)
+    record_new_biases(layout_of(small), fold)  # after the followers: they index the tensors as the rewrite saw them
     after = {g.name: int(keep.of(g.slots).sum()) for g in graph.groups if g.prunable}
     return rewrap_compiled(small, compiled), ShrinkReport(
         changed=True,
