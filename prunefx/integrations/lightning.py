@@ -107,7 +107,10 @@ class PruneTrainCallback(pl.Callback):
 
     def _rebuild_before_load(self, module: nn.Module, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
         """Runs as Lightning loads a checkpoint's weights into the LightningModule: a
-        checkpoint from after a shrink rebuilds the submodule to its layout first."""
+        checkpoint from after a shrink rebuilds the submodule to its layout first. Lightning
+        restores callback states only *after* the weights, so the layout is read from the
+        checkpoint Lightning has loaded (its connector's ``_loaded_checkpoint``, internal to
+        Lightning 2.x: the only place the checkpoint is reachable at this point)."""
         trainer = self._trainer() if self._trainer is not None else None
         checkpoint = getattr(getattr(trainer, "_checkpoint_connector", None), "_loaded_checkpoint", None)
         if prefix or not isinstance(checkpoint, Mapping):
