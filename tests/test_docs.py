@@ -62,11 +62,15 @@ class Block:
 
     @property
     def id(self) -> str:
-        return f"{self.path.relative_to(ROOT)}:{self.line}"
+        return f"{_rel(self.path)}:{self.line}"
 
     @property
     def doctest(self) -> bool:
         return self.code.lstrip().startswith(">>>")
+
+
+def _rel(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def fences(path: Path) -> list[tuple[int, str, str]]:
@@ -138,7 +142,7 @@ def _run_python(block: Block, namespace: dict) -> str:
     out = io.StringIO()
     # compiled at the block's own lines of the Markdown file: tracebacks and the source lines
     # prunefx quotes in its messages point into the page
-    name = str(block.path.relative_to(ROOT))
+    name = _rel(block.path)
     linecache.cache[name] = (0, None, block.path.read_text().splitlines(True), name)  # no mtime: kept
     code = compile("\n" * block.line + block.code, name, "exec")
     with contextlib.redirect_stdout(out):
@@ -356,6 +360,30 @@ def test_command_lines_shown_use_real_flags() -> None:
                         and words[i + 1].isidentifier():
                     wrong.append(f"{where}: {flag} {words[i + 1]} is not one of {sorted(action.choices)}")
     assert not wrong, "\n".join(wrong)
+
+
+def test_the_runner_itself(tmp_path: Path) -> None:
+    """The conventions on a page made up for the purpose: outputs attach, doctests run, a
+    wrong output and a stray print fail, a misplaced output block is not attached."""
+    page = tmp_path / "page.md"
+    page.write_text(
+        "```python\nx = 6 * 7\nprint(x, [x] * 20)\n```\n\n```output\n42 [42, 42, ...]\n```\n"
+        "```pycon\n>>> x + 1\n43\n```\n"
+        "```python\nprint('stray')\n```\n"
+        "```python\nprint(x)\n```\n```output\n41\n```\n"
+        "```text\nnot run\n```\n```output\norphan\n```\n"
+    )
+    first, doc, stray, wrong = blocks(page)
+    assert first.output == "42 [42, 42, ...]\n" and doc.doctest and stray.output is None
+    namespace: dict = {}
+    _check_output(first, _run_python(first, namespace))
+    _run_doctest(doc, namespace)
+    for block in (stray, wrong):
+        with pytest.raises(pytest.fail.Exception):
+            _check_output(block, _run_python(block, namespace))
+    with pytest.raises(pytest.fail.Exception):
+        _run_doctest(Block(page, 1, "pycon", ">>> x\n41\n"), namespace)
+    assert [label for _, label, _ in fences(page)].count("output") == 3
 
 
 def test_docs_have_blocks() -> None:
