@@ -133,18 +133,19 @@ class PruneTrainCallback(pl.Callback):
         _set_submodule(pl_module, self.submodule, small)
         for path in self.ema:
             ema = pl_module.get_submodule(path)
-            ema.module = copy.deepcopy(small).requires_grad_(False).train(ema.module.training)
+            training = bool(getattr(ema.module, "training", False))
+            ema.module = copy.deepcopy(small).requires_grad_(False).train(training)
 
     def restore(self, pl_module: pl.LightningModule, checkpoint: str | Mapping[str, Any]) -> pl.LightningModule:
         """Load a checkpoint this callback wrote into a freshly built ``pl_module`` outside
         a Trainer (e.g. for inference): the submodule is rebuilt to the recorded layout, then
         every weight is loaded. Returns ``pl_module``."""
-        if not isinstance(checkpoint, Mapping):
-            checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        state = checkpoint.get("callbacks", {}).get(self.state_key) or {}
+        loaded: Mapping[str, Any] = (checkpoint if isinstance(checkpoint, Mapping)
+                                     else torch.load(checkpoint, map_location="cpu", weights_only=True))
+        state = loaded.get("callbacks", {}).get(self.state_key) or {}
         if state.get("layout"):
-            self._rebuild(pl_module, checkpoint["state_dict"], state["layout"])
-        pl_module.load_state_dict(checkpoint["state_dict"])
+            self._rebuild(pl_module, loaded["state_dict"], state["layout"])
+        pl_module.load_state_dict(loaded["state_dict"])
         return pl_module
 
     def state_dict(self) -> dict[str, Any]:
@@ -237,8 +238,8 @@ class PruneTrainCallback(pl.Callback):
             return None
         from prunefx.distributed import _broadcast_decision
 
-        mask = from_zeros(trace(pt.module, pt.example_inputs), pt.threshold) if trainer.is_global_zero else {}
-        mask, _ = _broadcast_decision(mask, "union", 0, None)
+        mine = from_zeros(trace(pt.module, pt.example_inputs), pt.threshold) if trainer.is_global_zero else {}
+        mask, _ = _broadcast_decision(mine, "union", 0, None)
         return {k: torch.as_tensor(v) for k, v in mask.items()}
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

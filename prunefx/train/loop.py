@@ -164,6 +164,7 @@ def follow_ema(ema: nn.Module, old: nn.Module, new: nn.Module, fold_delta: Mappi
     ``new``'s values."""
     check_ema(ema, old)
     copy_of = ema.module
+    assert isinstance(copy_of, nn.Module)  # check_ema raised otherwise
     averaged = dict(copy_of.named_parameters()) | dict(copy_of.named_buffers())
     fold_delta = fold_delta or {}
     replacement = copy.deepcopy(new)
