@@ -11,7 +11,7 @@ is traced (the model itself; with fx every     hook returns is part of the graph
 non-leaf module; with torch.export every       rewritten like forward's own code. A hook that
 module)                                        returns nothing, or its input unchanged, acts
                                                only by side effects, which the reconfigured
-                                               model would never run: ``TraceError``.
+                                               model would never run: refused.
 forward (pre-)hook or backward hook of a leaf  kept: the reconfigured model calls a copy of
 module (fx ``call_module``)                    the module, hooks included. The channels the
                                                hooks see (the call's inputs and output) are
@@ -19,8 +19,7 @@ module (fx ``call_module``)                    the module, hooks included. The c
                                                rule for (``HookedChannels``): a hook may close
                                                over a channel-sized tensor, and prunefx cannot
                                                know what it does with the channels.
-backward hook of a traced module               no module call is left to run it on:
-                                               ``TraceError``.
+backward hook of a traced module               no module call is left to run it on: refused.
 re-parametrised weight                         the weight is computed from ``original0/1``
 (``parametrize.register_parametrization``:     (``weight_g/v``, ``weight_orig``, ``u``, ``v``)
 ``weight_norm``, ``spectral_norm``, ...; the   by norms over every channel, so slicing them is
@@ -34,6 +33,16 @@ outside torch)                                 (``OpaqueFunction``), so its back
 ``torch.nn.utils.prune`` hooks                 left to ``reconfigure``'s own refusal (the
                                                masks interop reads them through the trace).
 =============================================  ===============================================
+
+A refusal is a one-line ``CaptureRefused`` (a PruneFxError, not a TraceError: the model may
+trace, and the other front-end would refuse it too) naming the module, the hook or
+parametrization and where it is defined, and saying what to do; the hook dicts are swapped
+only for the duration of a capture and put back as they were. A hook that fails on the
+trace's symbolic values is a TraceError (torch.export's fake tensors may suit it).
+
+A reconfigured GraphModule that calls ``HookedChannels`` or ``OpaqueFunction`` objects
+copies (``copy.deepcopy``) and checkpoints (``prunefx.state_dict``) like any other, but
+cannot be pickled whole: fx pickles a graph by the import names of what it calls.
 
 Example::
 
@@ -61,7 +70,7 @@ from torch import nn
 from torch.fx.node import map_aggregate
 from torch.nn.utils import parametrize
 
-from prunefx.errors import MaskError, TraceError
+from prunefx.errors import MaskError, PruneFxError, TraceError
 
 __all__ = [
     "CaptureRefused", "refuse_foreign_graph", "refuse_reparametrized", "refuse_traced_backward_hooks", "watch_hooks", "HookWatch", "run_with_hooks",
@@ -71,10 +80,11 @@ __all__ = [
 IsLeaf = Callable[[nn.Module, str], bool]
 
 
-class CaptureRefused(TraceError):
+class CaptureRefused(PruneFxError):
     """The model holds something no front-end can keep (a hook acting by side effects, a
-    re-parametrised weight, a backward hook on a traced module): trying the other front-end
-    would not help."""
+    re-parametrised weight, a backward hook on a traced module). Not a TraceError on
+    purpose: the model may trace well, and ``trace(frontend="auto")`` must not try the other
+    front-end, which would refuse it too (and turn one line into two)."""
 
 
 _FORWARD = (("_forward_pre_hooks", "forward pre-hook"), ("_forward_hooks", "forward hook"))
@@ -222,11 +232,12 @@ class _Watched:
     def __call__(self, *args: Any) -> Any:
         try:
             result = self.hook(*args)
-        except CaptureRefused:
+        except PruneFxError:
             raise
         except Exception as exc:  # noqa: BLE001 - whatever a hook raises on symbolic values
+            # a TraceError: the other front-end's values (fake tensors, not proxies) may suit it
             cause = (str(exc).strip().splitlines() or [""])[0].split(". ")[0]
-            raise CaptureRefused(
+            raise TraceError(
                 f"{_module_text(self.name, self.watch.model)} has a {self.kind} {hook_text(self.hook)} that fails on the "
                 f"trace's symbolic values ({type(exc).__name__}: {cause}): the hooks of a traced module become part of "
                 f"its graph; {_what_to_do(self.name, self.watch.frontend)}"

@@ -217,7 +217,7 @@ def symbolic_trace(
     tracer = _Tracer(leaves)
     try:
         graph = tracer.trace(model, concrete_args=concrete_args)
-    except TraceError:
+    except (TraceError, guards.CaptureRefused):
         raise  # a guard's refusal names its module and hook already
     except Exception as exc:  # fx raises many types; all mean "cannot trace"
         raise _trace_error(model, tracer, exc) from exc

@@ -109,8 +109,8 @@ def _capture(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
         raise TraceError(f"the example inputs do not fit {type(model).__name__}.forward: {exc}") from None
     try:
         return torch.export.export(model, tuple(args), kwargs, dynamic_shapes=dynamic, strict=False)
-    except guards.CaptureRefused:
-        raise  # a hook or Function the guards refuse: the static retry would refuse it too
+    except (guards.CaptureRefused, TraceError):
+        raise  # a guard's refusal (a hook, a Function): the static retry would refuse it too
     except Exception as first:  # noqa: BLE001 - export raises many types; retry with static shapes
         try:
             ep = torch.export.export(model, tuple(args), kwargs, strict=False)
