@@ -984,7 +984,7 @@ HOOKS: list[tuple[str, Any, tuple[str, ...], str, tuple[str, ...]]] = [
     ("root-forward-hook-kwargs", _hook("", "fwd", double_output_kwargs, with_kwargs=True), ("fx", "export"), "exact", ()),
     ("root-forward-hook-always-call", _hook("", "fwd", double_output, always_call=True), ("fx", "export"), "exact", ()),
     ("root-hook-an-object", _hook("", "fwd", functools.partial(double_output)), ("fx", "export"), "exact", ()),
-    ("root-observer", _hook("", "fwd", count_calls), ("fx", "export"), "refused", ("the model itself (_Hooked)", "`count_calls`", "returns nothing", "register it on the result")),
+    ("root-observer", _hook("", "fwd", count_calls), ("fx", "export", "auto"), "refused", ("the model itself (_Hooked)", "`count_calls`", "returns nothing", "register it on the result")),
     ("root-observer-reads-values", _hook("", "fwd", record_shape), ("fx",), "refused", ("the model itself (_Hooked)", "`record_shape`", "fails on the trace's symbolic values", "Proxy")),
     ("root-observer-reads-values", _hook("", "fwd", record_shape), ("export",), "refused", ("the model itself (_Hooked)", "`record_shape`", "returns nothing")),
     ("root-pre-observer", _hook("", "pre", record_pre), ("fx", "export"), "refused", ("the model itself", "forward pre-hook `record_pre`")),
@@ -995,9 +995,9 @@ HOOKS: list[tuple[str, Any, tuple[str, ...], str, tuple[str, ...]]] = [
     ("block-hook-closes-over-gain", _hook("block", "fwd", scale_by_gain(8)), ("export",), "pinned:block.0", ("fixed-size", "'block'")),
     ("block-pre-hook", _hook("block", "pre", shift_input), ("fx", "export"), "exact", ()),
     ("block-hook-object", _hook("block", "fwd", _Scaler(8)), ("fx",), "exact", ()),
-    ("block-observer", _hook("block", "fwd", count_calls), ("fx", "export"), "refused", ("module 'block'", "`count_calls`", "leaf_modules=['block']")),
+    ("block-observer", _hook("block", "fwd", count_calls), ("fx", "export", "auto"), "refused", ("module 'block'", "`count_calls`", "leaf_modules=['block']")),
     ("block-observer-item", _hook("block", "fwd", lambda m, a, o: CALLS.append(o.mean().item())), ("fx", "export"), "refused", ("module 'block'", "`<lambda>`", "returns nothing")),
-    ("block-backward-hook", _hook("block", "bwd", grad_hook), ("fx", "export"), "refused", ("module 'block'", "backward hook `grad_hook`")),
+    ("block-backward-hook", _hook("block", "bwd", grad_hook), ("fx", "export", "auto"), "refused", ("module 'block'", "backward hook `grad_hook`")),
     ("block-backward-pre-hook", _hook("block", "bwd-pre", lambda m, g: None), ("fx", "export"), "refused", ("module 'block'", "backward pre-hook")),
     # a leaf module: the reconfigured model calls its copy, hooks included; what they see is pinned
     ("leaf-hook-closes-over-gain", _hook("conv2", "fwd", scale_by_gain(6)), ("fx",), "pinned:conv2,block.0", ("forward hook `scale`", "module 'conv2'", "remove the hook")),
@@ -1040,7 +1040,7 @@ def test_hooks_are_kept_or_refused(setup, frontend: str, expect: str, words: tup
     before, hooks = state_copy(model), _hook_dicts(model)
     try:
         if expect == "refused":
-            with pytest.raises(prunefx.TraceError) as info:
+            with pytest.raises(prunefx.PruneFxError) as info:
                 prunefx.reconfigure(model, HOOK_MASK, example_inputs=X, frontend=frontend)
             msg = str(info.value)
             assert "\n" not in msg and all(w in msg for w in words), msg
@@ -1209,7 +1209,7 @@ def _reparam(how: str) -> Any:
 
 
 @pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated")
-@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("frontend", ["fx", "export", "auto"])
 @pytest.mark.parametrize("how, words", [
     pytest.param("weight-norm", ("module 'conv2'", "_WeightNorm", "'weight'", "remove_parametrizations"), id="weight-norm"),
     pytest.param("spectral-norm", ("module 'conv2'", "_SpectralNorm", "remove_parametrizations"), id="spectral-norm"),
@@ -1225,7 +1225,7 @@ def test_reparametrized_weight_is_refused(how: str, words: tuple[str, ...], fron
     _reparam(how)(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     before, opt_before = state_copy(model), copy.deepcopy(opt.state_dict())
-    with pytest.raises(prunefx.TraceError) as info:
+    with pytest.raises(prunefx.PruneFxError) as info:
         if entry == "trace":
             prunefx.trace(model, X, frontend=frontend)
         else:
@@ -1233,6 +1233,32 @@ def test_reparametrized_weight_is_refused(how: str, words: tuple[str, ...], fron
     msg = str(info.value)
     assert "\n" not in msg and all(w in msg for w in words), msg
     assert unchanged(model, before) and str(opt.state_dict()) == str(opt_before)
+
+
+@pytest.mark.parametrize("case", ["leaf-hook", "custom-function"])
+def test_kept_hooks_and_functions_survive_checkpoint_and_copy(case: str) -> None:
+    """The reconfigured model holds hook markers or opaque Functions: prunefx.state_dict and
+    load_state_dict rebuild it, and deepcopy copies it (pickling it whole does not work: its
+    graph calls objects that are not importable by name)."""
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        if case == "leaf-hook":
+            model = randomize_norms(_Hooked()).eval()
+            model.bn2.register_forward_hook(double_output)
+            return model
+        return randomize_norms(_WithFunction("middle")).eval()
+
+    import io
+
+    mask = {"block.0": HOOK_MASK["block.0"]} if case == "leaf-hook" else {"conv2": bools(0, 1, 1, 0, 1, 1)}
+    small = _reconfigure_exact(build(), mask, "fx")
+    buf = io.BytesIO()
+    torch.save(prunefx.state_dict(small), buf)
+    buf.seek(0)
+    rebuilt = prunefx.load_state_dict(build(), torch.load(buf, weights_only=True)).eval()
+    with torch.no_grad():
+        assert torch.equal(rebuilt(X), small(X))
+        assert torch.equal(copy.deepcopy(small)(X), small(X))
 
 
 def test_baked_weight_norm_prunes() -> None:
