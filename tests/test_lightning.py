@@ -215,3 +215,23 @@ def test_penalty_mode_with_accumulation_matches_hand_loop(tmp_path: Path) -> Non
     assert prune.prunetrain.lasso.lam == pytest.approx(lasso.lam, rel=1e-6)
     for (name, p), q in zip(lit.net.named_parameters(), net.parameters(), strict=True):
         assert torch.allclose(p, q, atol=1e-6), name
+
+
+def test_gradscaler_of_the_precision_plugin(tmp_path: Path) -> None:
+    """Under a MixedPrecision plugin with a GradScaler (injected: Lightning's CPU path has
+    none), lambda is set from the unscaled loss, the scaler is passed to every shrink (which
+    checks it is between steps) and the run shrinks."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    runs = {}
+    for name, plugins in (("fp32", []), ("scaled", [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**10))])):
+        prune = _callback()
+        trainer = L.Trainer(max_epochs=4, accelerator="cpu", devices=1, callbacks=[prune], logger=False, plugins=plugins,
+                            enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                            default_root_dir=tmp_path)
+        trainer.fit(LitCNN(), _loader())
+        runs[name] = prune
+    scaled, fp32 = runs["scaled"].prunetrain, runs["fp32"].prunetrain
+    assert scaled.scaler is not None and scaled.scaler.get_scale() >= 1.0
+    assert scaled.lasso.lam == pytest.approx(fp32.lasso.lam, rel=1e-3)  # not 1024 times it
+    assert sum(h["changed"] for h in runs["scaled"].history) >= 1  # (fp16 rounding may move a channel's death by a step)
