@@ -2,8 +2,10 @@
 
 A small CNN shrinks at least twice; the optimizer state after each shrink is the state before
 it sliced by hand; a ModelCheckpoint written after a shrink resumes into a fresh Trainer and
-LightningModule and continues with the same losses; the example's --smoke mode runs under
-the DDP strategy with two CPU processes (gloo). docs/integrations.md runs in tests/test_docs.py."""
+LightningModule and continues with the same losses (and ends bit-identical, EMA included);
+mode "penalty" with gradient accumulation equals a hand loop; a MixedPrecision plugin's
+GradScaler is followed; the example's --smoke mode runs under the DDP strategy with two CPU
+processes (gloo). docs/integrations.md runs in tests/test_docs.py."""
 
 from __future__ import annotations
 
