@@ -281,11 +281,20 @@ def watch_hooks(model: nn.Module, is_leaf: IsLeaf, frontend: str = "fx") -> Iter
             setattr(m, attr, hooks)
 
 
+def forward_hooks_of(module: nn.Module) -> list[tuple[str, Any]]:
+    """(kind, hook) of the module's own forward pre-hooks and hooks (not torch.nn.utils.prune's)."""
+    return _own_hooks(module, _FORWARD)
+
+
 def run_with_hooks(module: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """``forward(*args, **kwargs)`` with ``module``'s forward pre-hooks and hooks around it, in
     the order ``nn.Module.__call__`` runs them (for the model itself, whose forward fx calls
-    directly)."""
+    directly; torch.nn.utils.prune's hooks are left out, as fx always left them)."""
+    from torch.nn.utils.prune import BasePruningMethod
+
     for hook_id, hook in module._forward_pre_hooks.items():
+        if isinstance(hook, BasePruningMethod):
+            continue
         if hook_id in module._forward_pre_hooks_with_kwargs:
             result = hook(module, args, kwargs)
             if result is not None:

@@ -153,7 +153,7 @@ class _Tracer(fx.Tracer):
 
     def trace(self, root: Any, concrete_args: Any = None) -> fx.Graph:
         """fx's trace, with custom autograd Functions kept opaque and the hooks of traced
-        modules watched; TraceError for what cannot be kept (``prunefx.guards``)."""
+        modules watched; what cannot be kept is refused (``prunefx.guards``)."""
         if isinstance(root, nn.Module):
             guards.refuse_reparametrized(root)
             guards.refuse_traced_backward_hooks(root, self.is_leaf_module)
@@ -166,7 +166,7 @@ class _Tracer(fx.Tracer):
         """The model's own forward (pre-)hooks, which fx does not run, around its forward."""
         fn, args = super().create_args_for_root(root_fn, is_module, concrete_args)
         root = self.root
-        if not is_module or not (root._forward_pre_hooks or root._forward_hooks):
+        if not is_module or not guards.forward_hooks_of(root):
             return fn, args
         if fn is not root_fn:
             raise TraceError(
