@@ -1078,6 +1078,23 @@ def test_leaf_hooks_run_in_the_reconfigured_model() -> None:
         CALLS.clear()
 
 
+@pytest.mark.parametrize("where", ["conv2", "block.0", "fc"])
+def test_torch_prune_hooks_are_left_to_their_own_refusal(where: str) -> None:
+    """torch.nn.utils.prune's forward pre-hooks neither pin channels nor are traced: the
+    masks interop reads them through the trace, and reconfigure refuses them by name."""
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    model = randomize_norms(_Hooked()).eval()
+    prune.l1_unstructured(model.get_submodule(where), "weight", amount=0.3)
+    graph = prunefx.trace(model, X)
+    assert all(g.prunable for g in graph.groups if g.name in HOOK_MASK)
+    before = state_copy(model)
+    with pytest.raises(prunefx.MaskError, match="torch.nn.utils.prune"):
+        prunefx.reconfigure(model, HOOK_MASK, example_inputs=X)
+    assert unchanged(model, before)
+
+
 def test_hooks_on_the_model_are_traced_for_inspect_and_trace() -> None:
     torch.manual_seed(0)
     model = randomize_norms(_Hooked()).eval()
