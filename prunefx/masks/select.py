@@ -25,6 +25,7 @@ thresholds (or local ratios) cheaply.
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -100,11 +101,16 @@ def _protected(graph: PruneGraph, names: tuple[str, ...]) -> set[str]:
     return out
 
 
-def _check_ratio(ratio: float) -> None:
+def _check_ratio(ratio: float) -> float:
     """The fraction of channels to drop: a real number in [0, 1) (NaN, inf, 1.0 and
     non-numbers are misuse, named in one line)."""
-    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0.0 <= float(ratio) < 1.0:
+    try:
+        value = float(ratio) if not isinstance(ratio, (str, bytes, bool)) else math.nan  # a 0-d tensor is fine
+    except (TypeError, ValueError, RuntimeError):
+        value = math.nan
+    if not 0.0 <= value < 1.0:
         raise SelectionError(f"ratio must be a number in [0, 1) (the fraction of channels to drop), got {ratio!r}")
+    return value
 
 
 def _score_array(group: ChannelGroup, s: object) -> np.ndarray:
@@ -180,7 +186,7 @@ class Ranking:
         return self._adjust(self.sizes - dropped)
 
     def counts(self, ratio: float) -> np.ndarray:
-        _check_ratio(ratio)
+        ratio = _check_ratio(ratio)
         if self.selection.scope == "local":
             return self.counts_local(ratio)
         return self.counts_global(round(ratio * self.total))
@@ -229,6 +235,6 @@ def select(
 ) -> Mask:
     """Keep-mask from per-channel ``scores`` (group name -> float vector, higher = keep)."""
     selection = Selection(scope, normalize, min_keep, round_to, protect, exact_only)  # type: ignore[arg-type]
-    _check_ratio(ratio)
+    ratio = _check_ratio(ratio)
     ranking = Ranking.build(graph, scores, selection)
     return ranking.mask(ranking.counts(ratio))
