@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -855,6 +856,7 @@ SELECT_BAD: list[tuple[str, Any, tuple[str, ...]]] = [
     *[(f"ratio-{name}", _magnitude_at(r), ("ratio", "[0, 1)", repr(r)))
       for name, r in [("1.5", 1.5), ("1.0", 1.0), ("negative", -0.1), ("nan", math.nan), ("inf", math.inf),
                       ("a-string", "0.5"), ("none", None), ("bool", True)]],
+    ("ratio-a-vector", lambda g: prunefx.masks.magnitude(g, torch.tensor([0.5, 0.2])), ("ratio", "tensor([0.5000, 0.2000])")),
     ("select-ratio-2", lambda g: prunefx.masks.select(g, {"conv1": torch.rand(8)}, 2.0), ("ratio", "2.0")),
     ("random-ratio-1", lambda g: prunefx.masks.random(g, 1.0), ("ratio", "1.0")),
     ("scope-bogus", lambda g: prunefx.masks.magnitude(g, 0.5, scope="layer"), ("scope", "'layer'")),
@@ -876,6 +878,13 @@ def test_mask_source_bad_option_is_one_line_mask_error(call, words) -> None:
         call(graph)
     msg = str(info.value)
     assert "\n" not in msg and all(w in msg for w in words), msg
+
+
+@pytest.mark.parametrize("ratio", [pytest.param(torch.tensor(0.5), id="0-d-tensor"), pytest.param(np.float32(0.5), id="numpy-float")])
+def test_mask_source_ratio_any_real_number(ratio: Any) -> None:
+    graph = _net_graph()
+    got, want = prunefx.masks.magnitude(graph, ratio), prunefx.masks.magnitude(graph, 0.5)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
 
 
 def test_mask_source_option_error_is_still_a_value_error() -> None:
