@@ -14,10 +14,7 @@ from zoo import max_rel_diff, randomize_norms
 
 # name -> image side
 MODELS = {"eva02_tiny_patch14_224": 224, "maxvit_nano_rw_256": 256}
-KNOWN_FAILURES = {
-    "maxvit_nano_rw_256": "with approximate groups masked, an in-place add of the relative position bias meets "
-                          "attention scores whose heads were pruned (output [128, 1, 64, 64] vs [128, 2, 64, 64])",
-}
+KNOWN_FAILURES: dict[str, str] = {}  # name -> reason (strict xfail); empty: every model passes
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")

@@ -1286,9 +1286,6 @@ def scaled_dot_product_attention(a: Analyzer, node: fx.Node) -> Any:
     if not all(isinstance(t, Layout) for t in (lq, lk, lv)) or not len(sq) == len(sk) == len(sv) >= 3:
         return unknown(a, node)
     nd = len(sq)
-    mask = _arg(node, 3, "attn_mask")
-    if isinstance(mask, fx.Node):
-        a.pin_value(a.value(mask), node, "attention mask")
     rest_q, eq = a.drop_dim(lq, nd - 1)
     rest_k, ek = a.drop_dim(lk, nd - 1)
     _contract(a, node, (lq, eq), (lk, ek), "attention scores")
@@ -1300,7 +1297,16 @@ def scaled_dot_product_attention(a: Analyzer, node: fx.Node) -> Any:
         rest_k, rest_v = (_repeat_dim(t, nd - 3, hq // hk) for t in (rest_k, rest_v))
     batch = tuple(sq[: nd - 2])
     out_shape = a.shape(node)
-    factors = a.broadcast(node, [(rest_q, (*batch, sq[nd - 2], 1)), (rest_k, (*batch, 1, 1)), (rest_v, (*batch, 1, sv[nd - 1]))], out_shape)
+    operands = [(rest_q, (*batch, sq[nd - 2], 1)), (rest_k, (*batch, 1, 1)), (rest_v, (*batch, 1, sv[nd - 1]))]
+    mask = _arg(node, 3, "attn_mask")
+    if isinstance(mask, fx.Node):  # added to the scores (..., heads, L, S): a per-head bias (relative positions) follows the heads
+        lm, sm = a.value(mask), a.shape(mask)
+        if isinstance(lm, Layout) and isinstance(sm, torch.Size) and len(sm) >= 2:
+            lm = _only_on(a, node, lm, set(range(len(sm) - 2)), "the sequence dims of an attention mask")
+            operands.append((lm, (*sm[:-2], 1, 1)))
+        else:
+            a.pin_value(lm, node, "attention mask")
+    factors = a.broadcast(node, operands, out_shape)
     return Layout(factors, _product_zero(factors, (rest_v,)))
 
 
