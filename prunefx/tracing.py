@@ -154,9 +154,10 @@ class _Tracer(fx.Tracer):
     def trace(self, root: Any, concrete_args: Any = None) -> fx.Graph:
         """fx's trace, with custom autograd Functions kept opaque and the hooks of traced
         modules watched; what cannot be kept is refused (``prunefx.guards``)."""
-        if isinstance(root, nn.Module):
-            guards.refuse_reparametrized(root)
-            guards.refuse_traced_backward_hooks(root, self.is_leaf_module)
+        if not isinstance(root, nn.Module):
+            return super().trace(root, concrete_args)
+        guards.refuse_reparametrized(root)
+        guards.refuse_traced_backward_hooks(root, self.is_leaf_module)
         with guards.watch_hooks(root, self.is_leaf_module) as watch, guards.custom_functions_opaque():
             graph = super().trace(root, concrete_args)
         watch.check()
