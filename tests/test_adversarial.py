@@ -1087,6 +1087,32 @@ def test_leaf_hooks_run_in_the_reconfigured_model() -> None:
         CALLS.clear()
 
 
+@pytest.mark.parametrize("where, hook, kind, mask, exact", [
+    pytest.param("", double_output, "fwd", HOOK_MASK, True, id="model-hook"),
+    pytest.param("block", shift_input, "pre", HOOK_MASK, True, id="block-pre-hook"),
+    pytest.param("bn2", double_output, "fwd", {"block.0": HOOK_MASK["block.0"]}, True, id="leaf-hook"),
+    pytest.param("block", scale_by_gain(8), "fwd", HOOK_MASK, False, id="block-hook-closes-over-gain"),
+])
+def test_hooks_with_the_module_emitter(where: str, hook: Any, kind: str, mask: dict[str, Any], exact: bool) -> None:
+    """emit="module" copies the model with its hooks, which then run on the pruned tensors:
+    exact where the graph says so; a copied hook that cannot follow (a channel-sized tensor
+    it closes over) is the emitter's ReconfigureError, naming the line."""
+    torch.manual_seed(0)
+    model = randomize_norms(_Hooked()).eval()
+    m = model.get_submodule(where)
+    (m.register_forward_hook if kind == "fwd" else m.register_forward_pre_hook)(hook)
+    before = state_copy(model)
+    if exact:
+        small = prunefx.reconfigure(model, mask, example_inputs=X, emit="module")
+        assert type(small) is _Hooked
+        check_against_apply_mask(model, small, mask, X)
+    else:
+        with pytest.raises(prunefx.ReconfigureError) as info:
+            prunefx.reconfigure(model, mask, example_inputs=X, emit="module")
+        assert "out * gain" in str(info.value), str(info.value)
+    assert unchanged(model, before)
+
+
 @pytest.mark.parametrize("where", ["conv2", "block.0", "fc"])
 def test_torch_prune_hooks_are_left_to_their_own_refusal(where: str) -> None:
     """torch.nn.utils.prune's forward pre-hooks neither pin channels nor are traced: the
