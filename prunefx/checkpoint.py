@@ -21,6 +21,8 @@ failure leaves ``model`` as it was.
 
 from __future__ import annotations
 
+import copy
+
 from collections.abc import Mapping
 from typing import Any
 
@@ -71,6 +73,7 @@ def load_state_dict(model: nn.Module, state: dict[str, Any], *, strict: bool = T
     from prunefx.reconfigure import reconfigure
 
     _check_sizes(model, layout)
+    model = _with_folded_biases(model, layout)
     inputs = tuple(torch.empty(x["shape"], dtype=getattr(torch, x["dtype"]), device="meta") for x in layout["inputs"])
     if is_detection(model):  # recorded: its surrogate's inputs; the rebuilt model is checked on real images of its own
         inputs = None
@@ -87,6 +90,19 @@ def load_state_dict(model: nn.Module, state: dict[str, Any], *, strict: bool = T
     _load(small, weights, strict)
     setattr(small, LAYOUT_ATTR, layout)
     return small
+
+
+def _with_folded_biases(model: nn.Module, layout: dict[str, Any]) -> nn.Module:
+    """A PruneTrain constant fold can give a bias-less layer a bias: the rebuild starts from a
+    copy of ``model`` that has it (zero), never from ``model`` itself."""
+    from prunefx.train.fold import add_folded_biases
+
+    probe = copy.deepcopy(model, {id(t): t for t in (*model.parameters(), *model.buffers())})  # modules only: tensors shared
+    if not add_folded_biases(probe, layout):
+        return model
+    model = copy.deepcopy(model)
+    add_folded_biases(model, layout)
+    return model
 
 
 _HINT = "the file is damaged or was not written by prunefx.state_dict"

@@ -13,7 +13,7 @@ Example::
     >>> x = torch.randn(1, 3, 64, 64)
     >>> mask = {"layer1.0.conv1": torch.arange(64) % 2 == 0}
     >>> small = prunefx.reconfigure(model, mask, example_inputs=x)
-    >>> ref = copy.deepcopy(model); prunefx.apply_mask(ref, mask, example_inputs=x)
+    >>> ref = prunefx.apply_mask(copy.deepcopy(model), mask, example_inputs=x)
     >>> torch.allclose(small(x), ref(x), atol=1e-5)
     True
 """

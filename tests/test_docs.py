@@ -403,8 +403,6 @@ DOCSTRINGS_NOT_RUN = {
     "prunefx.train.branches": "a fragment: `model`, `graph`, `keep` come from the reader",
     "prunefx.train.lasso": "a fragment of a training loop",
     "prunefx.train.shrink": "a fragment: `model`, `x`, `opt` come from the reader",
-    "prunefx.reconfigure": "does not run as written: `prunefx.apply_mask(ref, ...)` returns the model, "
-                           "so the example prints its repr (fix: `_ = prunefx.apply_mask(...)`)",
 }
 
 

@@ -345,7 +345,7 @@ def test_inductor_compiles_the_shrunk_model() -> None:
 def test_folded_bias_is_recorded_against_the_original_model() -> None:
     """A bias a fold creates after an earlier shrink pruned its layer is recorded like the
     layer's weight (original size, original indices), so a checkpoint rebuilds from a fresh
-    original model once ``add_folded_biases`` gives it the bias; a third shrink composes."""
+    original model (``load_state_dict`` gives a copy of it the bias); a third shrink composes."""
     from prunefx.train.fold import add_folded_biases
 
     def make() -> nn.Sequential:
@@ -373,7 +373,8 @@ def test_folded_bias_is_recorded_against_the_original_model() -> None:
     for model in (smaller, shrink(smaller, {"3": torch.tensor([True, False, True])}, example_inputs=X, optimizer=opt)[0]):
         state = prunefx.state_dict(model)
         fresh = make()
-        assert add_folded_biases(fresh, state["prunefx"]) == ["3.bias"]
-        rebuilt = prunefx.load_state_dict(fresh, state)
+        rebuilt = prunefx.load_state_dict(fresh, state)  # gives a copy of fresh the folded bias
+        assert fresh[3].bias is None
+        assert add_folded_biases(fresh, state["prunefx"]) == ["3.bias"]  # what it adds
         model.eval(), rebuilt.eval()
         assert torch.equal(rebuilt(X), model(X))
