@@ -22,7 +22,6 @@ failure leaves ``model`` as it was.
 from __future__ import annotations
 
 import copy
-
 from collections.abc import Mapping
 from typing import Any
 
