@@ -32,6 +32,10 @@ outside torch)                                 (``OpaqueFunction``), so its back
                                                ``TraceError`` naming it and its line.
 ``torch.nn.utils.prune`` hooks                 left to ``reconfigure``'s own refusal (the
                                                masks interop reads them through the trace).
+``forward`` set on an instance (fx)            the model's: fx traces the class's forward; a
+                                               leaf's: the copy would call the original: a
+                                               TraceError (torch.export runs it: ``"auto"``
+                                               falls back to export).
 =============================================  ===============================================
 
 A refusal is a one-line ``CaptureRefused`` (a PruneFxError, not a TraceError: the model may
@@ -73,7 +77,7 @@ from torch.nn.utils import parametrize
 from prunefx.errors import MaskError, PruneFxError, TraceError
 
 __all__ = [
-    "CaptureRefused", "refuse_foreign_graph", "refuse_reparametrized", "refuse_traced_backward_hooks", "watch_hooks", "HookWatch", "run_with_hooks",
+    "CaptureRefused", "refuse_foreign_graph", "refuse_reparametrized", "refuse_instance_forward", "refuse_traced_backward_hooks", "watch_hooks", "HookWatch", "run_with_hooks",
     "hooks_within", "HookedChannels", "OpaqueFunction", "custom_functions_opaque", "custom_functions_refused",
 ]
 
@@ -181,6 +185,27 @@ def refuse_reparametrized(model: nn.Module) -> None:
                     f"{hook.name}_g/_v or {hook.name}_orig): prunefx cannot slice those alike; bake it first with "
                     f"torch.nn.utils.{undo}(module) and apply it again to the result"
                 )
+
+
+# ---- forward replaced on an instance -------------------------------------------------------
+
+def refuse_instance_forward(model: nn.Module, is_leaf: IsLeaf) -> None:
+    """fx: TraceError for a ``forward`` set on the model instance (fx traces the class's
+    forward) or on a leaf module or one inside it (the reconfigured model calls a copy of the
+    module, whose ``forward`` attribute would still call into the original). torch.export runs
+    the instance's forward, so ``frontend="auto"`` falls back to it. A module whose forward
+    is traced (non-leaf) is fine: fx calls it through ``nn.Module.__call__``."""
+    traced = {name for name, _ in _traced_modules(model, is_leaf)} - {""}
+    for name, m in model.named_modules():
+        fwd = m.__dict__.get("forward")
+        if fwd is None or name in traced:
+            continue
+        where = "the class's forward" if not name else "a copy of the module, whose forward attribute still calls the original"
+        raise TraceError(
+            f"{_module_text(name, model)} has its forward replaced on the instance ({hook_text(fwd)}), but torch.fx "
+            f"runs {where}; restore it (del module.forward) before pruning, or use frontend='export', which runs "
+            "the instance's forward"
+        )
 
 
 # ---- hooks of traced modules ---------------------------------------------------------------
