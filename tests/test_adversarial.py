@@ -1113,6 +1113,49 @@ def test_hooks_with_the_module_emitter(where: str, hook: Any, kind: str, mask: d
     assert unchanged(model, before)
 
 
+def _replace_forward(where: str) -> Any:
+    def setup(model: nn.Module) -> None:
+        m = model.get_submodule(where)
+        original = m.forward
+        m.forward = lambda *a: torch.tanh(original(*a)) * 0.5  # on the instance, not the class (0 stays 0: exact)
+    return setup
+
+
+@pytest.mark.filterwarnings("ignore:prunefx. .*forward replaced on the instance")
+@pytest.mark.parametrize("frontend", ["fx", "export", "auto"])
+@pytest.mark.parametrize("where, mask", [
+    pytest.param("", HOOK_MASK, id="the-model"),
+    pytest.param("conv2", {"block.0": HOOK_MASK["block.0"]}, id="a-leaf"),
+    pytest.param("block.0", {"conv2": HOOK_MASK["conv2"]}, id="a-leaf-in-a-block"),
+    pytest.param("block", HOOK_MASK, id="a-traced-block"),
+])
+def test_forward_replaced_on_the_instance(where: str, mask: dict[str, Any], frontend: str) -> None:
+    """fx traces the class's forward and calls a copy of a leaf: a forward set on the
+    instance is a TraceError there (unless fx traces it: a non-leaf module); torch.export,
+    and "auto" through it, run the instance's forward exactly."""
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        model = randomize_norms(_Hooked()).eval()
+        _replace_forward(where)(model)
+        return model
+
+    model = build()
+    before = state_copy(model)
+    if frontend == "fx" and where != "block":
+        with pytest.raises(prunefx.TraceError) as info:
+            prunefx.reconfigure(model, mask, example_inputs=X, frontend=frontend)
+        msg = str(info.value)
+        assert "\n" not in msg and "forward replaced on the instance" in msg and "frontend='export'" in msg, msg
+        assert (f"module '{where}'" if where else "the model itself") in msg, msg
+    else:
+        small = prunefx.reconfigure(model, mask, example_inputs=X, frontend=frontend)
+        ref = build()  # a deepcopy would keep calling the original's forward
+        prunefx.apply_mask(ref, mask, example_inputs=X, frontend="export" if frontend == "auto" else frontend)
+        with torch.no_grad():
+            assert max_rel_diff(small(X), ref(X)) < 1e-5
+    assert unchanged(model, before)
+
+
 @pytest.mark.parametrize("where", ["conv2", "block.0", "fc"])
 def test_torch_prune_hooks_are_left_to_their_own_refusal(where: str) -> None:
     """torch.nn.utils.prune's forward pre-hooks neither pin channels nor are traced: the
