@@ -116,8 +116,9 @@ def _key_channels(graph: PruneGraph, key: str, value: Any) -> tuple[np.ndarray, 
     raise MaskError(f"unknown mask key '{key}': no channel group or module of that name{_closest(key, graph.names())}")
 
 
-def _call_sites(graph: PruneGraph, name: str) -> list[tuple[fx.Node, frozenset[int]]]:
-    """Every call of module ``name`` with the channel classes of its output: fx graphs have
+def _call_sites(graph: PruneGraph, name: str) -> list[tuple[fx.Node, tuple[int, ...]]]:
+    """Every call of module ``name`` with the channel classes of its output, in channel order
+    (the same classes permuted are other channels for a key's index i): fx graphs have
     one call_module node per call; in export graphs a call is the nodes the module itself
     computed under one ``nn_module_stack`` entry (``act``, ``act@1``), its output the last."""
     traced = graph.traced
@@ -133,7 +134,7 @@ def _call_sites(graph: PruneGraph, name: str) -> list[tuple[fx.Node, frozenset[i
     sites = []
     for node in last.values():
         ids = [f.ids.ravel() for lay in _layouts_in(layouts.get(node)) for f in lay.factors]
-        sites.append((node, frozenset(uf.find(np.concatenate(ids)).tolist()) if ids else frozenset()))
+        sites.append((node, tuple(uf.find(np.concatenate(ids)).tolist()) if ids else ()))
     return sites
 
 
@@ -149,7 +150,7 @@ def _refuse_ambiguous(graph: PruneGraph, name: str) -> None:
     )
 
 
-def _groups_text(graph: PruneGraph, channels: frozenset[int]) -> str:
+def _groups_text(graph: PruneGraph, channels: tuple[int, ...]) -> str:
     names = dict.fromkeys(g.name for r in channels if (g := graph._table.group_of_root.get(r)) is not None)
     return f"group {', '.join(repr(n) for n in names)}" if names else "channels of no group"
 
