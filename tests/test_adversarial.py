@@ -820,6 +820,26 @@ def test_shared_module_on_different_channels_is_no_mask_key(frontend: str, entry
     assert unchanged(model, before)
 
 
+class _SharedOnFlipped(nn.Module):
+    """One ReLU on a conv's output and on its channel-flipped copy: other channels at index i."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.act, self.b = nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        return self.b(self.act(y) + self.act(y.flip(1)))
+
+
+def test_shared_module_on_reordered_channels_is_no_mask_key() -> None:
+    model = _SharedOnFlipped()
+    with pytest.raises(prunefx.MaskError) as info:
+        prunefx.reconfigure(model, {"act": bools(1, 0, 1, 1)}, example_inputs=X, frontend="fx")
+    msg = str(info.value)
+    assert "\n" not in msg and "module 'act' is called at 2 places" in msg and "'act_1'" in msg, msg
+
+
 @pytest.mark.parametrize("frontend", ["fx", "export"])
 @pytest.mark.parametrize("factory, key, bits", [
     pytest.param(_SharedAct, "a", (1, 0, 1, 1, 0, 1, 0, 1), id="shared-act-by-group-a"),
