@@ -9,9 +9,9 @@ result, a half-done change or a raw ``RuntimeError``/``KeyError``/``TypeError`` 
 Sections: command line; checkpoints; ONNX export; ``torch.return_types``; error text;
 failing traces leave the model alone; masks: values and keys (meta and sparse masks, a
 module shared by several call sites); mask sources' options; hooks (of the model, of traced
-and of leaf modules: kept, pinned or refused, per ``prunefx.guards``); custom autograd
-Functions; re-parametrised weights; optimizer state (Adafactor's factored moments); a
-``graph=`` traced from another instance.
+and of leaf modules: kept, pinned or refused, per ``prunefx.guards``) and a ``forward`` set
+on an instance; custom autograd Functions; re-parametrised weights; optimizer state
+(Adafactor's factored moments); a ``graph=`` traced from another instance.
 """
 
 from __future__ import annotations
