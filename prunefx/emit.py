@@ -13,6 +13,11 @@ prunefx module the graph emitter uses, with the same parameter names. Attributes
 tensorless modules (``nn.Unflatten``, a non-affine ``GroupNorm``) come from the graph
 emitter's rebuilt module when there is one.
 
+A Hugging Face ``PreTrainedModel`` is then finished by ``prunefx.transformers``: the head
+counts its attention modules read at run time, GPT-2's ``Conv1D.nf``, and its config with a
+record of the per-layer sizes, so that ``generate`` and ``save_pretrained`` work and a loader
+can rebuild it (docs/transformers.md).
+
 The copy holds exactly the tensors of ``state.tensors`` (the optimizer follow-up re-points
 to them); tied tensors stay tied. The input model is never modified.
 
@@ -57,7 +62,7 @@ from prunefx.passes.rebuild_modules import REPLACEMENTS
 from prunefx.provenance import LAYOUT_ATTR
 from prunefx.tracing import SourceLoc
 
-__all__ = ["emit_module"]
+__all__ = ["emit_module", "update_size_attributes", "is_transformers_model"]
 
 _REL_TOL = 1e-4
 _HINT = (
@@ -75,6 +80,10 @@ def emit_module(model: nn.Module, graph: PruneGraph, state: RewriteState) -> nn.
     _replace_modules(model, small, state)
     _update_sizes(small, state)
     _hold_tensors(small, state)
+    if is_transformers_model(small):  # head counts, Conv1D.nf, the config: a working model of its class
+        from prunefx.transformers import finish
+
+        finish(small)
     # prunefx.load_state_dict rebuilds with the emitter recorded here: a GraphModule's keys
     # can differ (modules of an untraced mode, fx constants)
     setattr(small, LAYOUT_ATTR, {**getattr(state.result, LAYOUT_ATTR), "emit": "module"})
@@ -246,26 +255,51 @@ _SIZES: tuple[tuple[type, tuple[str, ...], Callable[[Any], dict[str, Any] | None
 )
 
 
+def _sizes_from_tensors(name: str, m: nn.Module) -> tuple[tuple[str, ...], dict[str, Any] | None] | None:
+    """A known layer's size attributes and their values from its tensors (None: it has none)."""
+    entry = next(((attrs, fn) for kind, attrs, fn in _SIZES if isinstance(m, kind)), None)
+    if entry is None:
+        return None
+    attrs, derive = entry
+    try:
+        return attrs, derive(m)
+    except _Inexpressible as exc:
+        raise ReconfigureError(
+            f"emit=\"module\": module '{name}' ({type(m).__name__}), attribute `{exc.attr}`: "
+            f'{exc}, so no value expresses the pruned layer; use emit="graph"'
+        ) from None
+
+
 def _update_sizes(small: nn.Module, state: RewriteState) -> None:
     """Every known layer's size attributes from its tensors; a tensorless layer takes them
     from the graph emitter's rebuilt module (fx front-end) or keeps them."""
     for name, m in small.named_modules():
-        entry = next(((attrs, fn) for kind, attrs, fn in _SIZES if isinstance(m, kind)), None)
-        if entry is None:
+        found = _sizes_from_tensors(name, m)
+        if found is None:
             continue
-        attrs, derive = entry
-        try:
-            values = derive(m)
-        except _Inexpressible as exc:
-            raise ReconfigureError(
-                f"emit=\"module\": module '{name}' ({type(m).__name__}), attribute `{exc.attr}`: "
-                f'{exc}, so no value expresses the pruned layer; use emit="graph"'
-            ) from None
+        attrs, values = found
         if values is None:
             rebuilt = state.modules.get(name)
             values = {a: getattr(rebuilt, a) for a in attrs} if type(rebuilt) is type(m) else {}
         for attr, value in values.items():
             setattr(m, attr, value)
+
+
+def update_size_attributes(model: nn.Module) -> None:
+    """Every known layer's size attributes from its own tensors, in place (a model whose
+    tensors were replaced by differently-shaped ones, e.g. by a loader)."""
+    for name, m in model.named_modules():
+        found = _sizes_from_tensors(name, m)
+        for attr, value in ((found and found[1]) or {}).items():
+            setattr(m, attr, value)
+
+
+def is_transformers_model(model: nn.Module) -> bool:
+    """A Hugging Face ``PreTrainedModel`` (found by its bases: transformers is not imported)."""
+    return any(
+        c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers")
+        for c in type(model).__mro__
+    )
 
 
 # -- the check ----------------------------------------------------------------------------------
