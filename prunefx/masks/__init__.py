@@ -13,6 +13,7 @@ Only prunable groups are ever masked.
     schedules.py  cubic gradual pruning, AC/DC soft-mask training, EarlyCroP's trigger
     interop.py    torch.nn.utils.prune <-> prunefx masks
     zeros.py      from_zeros: the channels group-lasso training zeroed (PruneTrain)
+    layerwise.py  uniform_layers: the same keep count in every layer (stock loaders, fast kernels)
 
 The formulas and papers are in each file's docstring and in docs/masks.md.
 
@@ -29,6 +30,7 @@ from prunefx.masks.channels import channel_sums
 from prunefx.masks.cost import Cost, CostModel, estimate_cost, measure_cost
 from prunefx.masks.criteria import bn_scale, magnitude, random, slimming_penalty, uniform
 from prunefx.masks.interop import from_torch_prune, strip_torch_prune, to_torch_prune
+from prunefx.masks.layerwise import uniform_layers
 from prunefx.masks.saliency import gradient_flow, snip, taylor
 from prunefx.masks.schedules import ACDC, Cubic, SoftMasking, WeightDistancePlateau, cubic_sparsity
 from prunefx.masks.select import Mask, Selection, select
@@ -39,4 +41,5 @@ __all__ = [
     "slimming_penalty", "select", "Selection", "channel_sums", "to_budget", "Cost", "CostModel",
     "estimate_cost", "measure_cost", "cubic_sparsity", "Cubic", "ACDC", "SoftMasking",
     "WeightDistancePlateau", "from_torch_prune", "strip_torch_prune", "to_torch_prune", "from_zeros",
+    "uniform_layers",
 ]
