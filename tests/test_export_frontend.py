@@ -13,6 +13,7 @@ import transformers
 from torch import nn
 
 import prunefx
+import prunefx.transformers
 from zoo import (
     assert_unchanged,
     build,
@@ -215,13 +216,10 @@ def test_zoo_through_export(name: str) -> None:
         assert sorted(g.size for g in graph.groups if g.prunable) == fx_sizes, "fx and export found different groups"
 
 
-# emit="auto" gives the module emitter for a transformers PreTrainedModel. Where the class
-# computes a size from its config or from a module attribute that prunefx does not update yet
-# (the transformers issue), the emitter refuses with the module and the line.
-MODULE_EMITTER_REFUSES = {
-    "gpt2": "transformer.h.0.attn.c_attn",  # Conv1D's nf and the attention's split_size come from the config
-    "phi3": "model.layers.0.self_attn",  # the fused qkv_proj is split by sizes from the config
-}
+# emit="auto" gives the module emitter for a transformers PreTrainedModel: every family here
+# (GPT-2's Conv1D and split size, Phi-3's fused qkv split by the config included) comes back
+# as its own class; saving, loading and generate are tests/test_hf_models.py.
+MODULE_EMITTER_REFUSES: dict[str, str] = {}
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -238,6 +236,7 @@ def test_transformers_module_emitter(family: str) -> None:
         return
     small = prunefx.reconfigure(model, mask, graph=graph)  # emit="auto": the module emitter
     assert type(small) is type(model)
+    assert prunefx.transformers.layer_sizes(small)[0].num_attention_heads == small.config.num_attention_heads < model.config.num_attention_heads
     ref = prunefx.apply_mask(copy.deepcopy(model), mask, graph=graph)
     for inp in (x, *others):
         with torch.no_grad():

@@ -1,0 +1,223 @@
+"""A pruned transformers model is a transformers model (issue 14, items 1-2).
+
+Tiny random-init Llama (GQA), Qwen2, Mistral, GPT-2, BERT and ViT (2 layers, hidden 64;
+nothing downloaded), each traced once through the export front-end:
+
+- a random 50% mask over the exact groups (the same keep count in every layer) gives a model
+  of the same class with >= 20% fewer parameters, equal to ``apply_mask`` on a copy at the
+  example shape and at another batch size and sequence length; its config says the new
+  sizes; ``save_pretrained`` + the stock ``from_pretrained`` reproduce it where the config
+  can say the sizes (Llama, Qwen2, Mistral, ViT: ``head_dim`` is a config field), and where
+  it cannot (GPT-2, BERT: the head width is hidden_size / heads) the stock loader fails,
+  ``stock_reason`` says why and ``prunefx.transformers.from_pretrained`` reproduces it;
+  causal LMs ``generate`` the masked model's tokens, before and after the reload;
+- a mask whose layers keep different counts reloads through
+  ``prunefx.transformers.from_pretrained`` only (with the per-layer sizes recorded), and
+  ``prunefx.masks.uniform_layers`` makes it uniform again (stock-loadable), with ``round_to``;
+- CLIP's vision tower and Whisper's encoder stay their class too (CLIP reloads through
+  prunefx's loader);
+- layouts prunefx cannot write (T5's attention, Phi-3's config-read split with per-layer head
+  counts) raise a ``ReconfigureError`` naming the module and why.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import transformers
+from test_export_frontend import FAMILIES, _randomize
+
+import prunefx
+import prunefx.transformers
+from zoo import max_rel_diff
+
+CAUSAL = {"llama_gqa", "qwen2", "mistral", "gpt2"}
+STOCK_LOADS_UNIFORM = {"llama_gqa", "qwen2", "mistral", "vit"}  # head_dim is read from the config
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    transformers.logging.set_verbosity_error()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _out(model, inp, kwargs) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(inp, **kwargs)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def _params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _sizes(model) -> list[tuple]:
+    return [(s.num_attention_heads, s.num_key_value_heads, s.intermediate_size) for s in prunefx.transformers.layer_sizes(model)]
+
+
+def _uneven(mask: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Layer 1 keeps the first slot of each group only, layer 0 what ``mask`` keeps."""
+    out = {}
+    for name, keep in mask.items():
+        if ".1." in name:
+            keep = torch.zeros_like(keep)
+            keep[0] = True
+        out[name] = keep
+    return out
+
+
+def _same_outputs(a, b, inputs, kwargs) -> None:
+    for inp in inputs:
+        assert max_rel_diff(_out(a, inp, kwargs), _out(b, inp, kwargs)) <= 1e-4, tuple(inp.shape)
+
+
+def _generates_alike(small, ref, x) -> None:
+    tokens = small.generate(x, max_new_tokens=5, do_sample=False)
+    assert tokens.shape == (x.shape[0], x.shape[1] + 5)
+    assert torch.equal(tokens, ref.generate(x, max_new_tokens=5, do_sample=False))
+
+
+@pytest.mark.parametrize("family", ["llama_gqa", "qwen2", "mistral", "gpt2", "bert", "vit"])
+def test_pruned_model_is_a_transformers_model(family: str, tmp_path) -> None:
+    make, kwargs, _, _, inputs = FAMILIES[family]
+    torch.manual_seed(0)
+    model = _randomize(make())
+    x, other, _ = inputs()  # the example, and another batch size and sequence length
+    graph = prunefx.trace(model, (x,), example_kwargs=kwargs or None, frontend="export")
+
+    # uniform: the same count in every layer
+    mask = prunefx.masks.random(graph, 0.5, exact_only=True, seed=0)
+    small = prunefx.reconfigure(model, mask, graph=graph)  # emit="auto": the module emitter
+    assert type(small) is type(model)
+    assert _params(small) <= 0.8 * _params(model), _params(small) / _params(model)
+    ref = prunefx.apply_mask(copy.deepcopy(model), mask, graph=graph)
+    _same_outputs(small, ref, (x, other), kwargs)
+    heads, kv, width = _sizes(small)[0]
+    assert _sizes(small) == [(heads, kv, width)] * 2
+    assert (small.config.num_attention_heads, prunefx.transformers.layer_sizes(small)[0].head_dim) == (heads, 16)
+    assert width < (96 if family != "gpt2" else 256)
+    assert model.config.num_attention_heads == 4, "the input model's config changed"
+
+    small.save_pretrained(tmp_path / "uniform")
+    reason = prunefx.transformers.stock_reason(small)
+    if family in STOCK_LOADS_UNIFORM:
+        assert reason is None, reason
+        again = type(model).from_pretrained(tmp_path / "uniform")
+    else:
+        assert reason is not None and "hidden_size / num_attention_heads" in reason, reason
+        with pytest.raises(RuntimeError, match="mismatch"):
+            type(model).from_pretrained(tmp_path / "uniform")
+        again = prunefx.transformers.from_pretrained(tmp_path / "uniform")
+    assert type(again) is type(model) and _sizes(again) == _sizes(small)
+    _same_outputs(again, small, (x, other), kwargs)
+    if family in CAUSAL:
+        _generates_alike(small, ref, x)
+        _generates_alike(again, ref, x)
+
+    # per-layer sizes: only prunefx's loader can build it
+    uneven = _uneven(mask)
+    small = prunefx.reconfigure(model, uneven, graph=graph)
+    assert _sizes(small)[0] != _sizes(small)[1]
+    assert "layers keep different sizes" in prunefx.transformers.stock_reason(small)
+    ref = prunefx.apply_mask(copy.deepcopy(model), uneven, graph=graph)
+    _same_outputs(small, ref, (x, other), kwargs)
+    small.save_pretrained(tmp_path / "uneven")
+    again = prunefx.transformers.from_pretrained(tmp_path / "uneven")
+    assert type(again) is type(model) and _sizes(again) == _sizes(small)
+    _same_outputs(again, small, (x, other), kwargs)
+    if family in CAUSAL:
+        _generates_alike(again, ref, x)
+
+    # made uniform again, MLP widths rounded to multiples of 8
+    even = prunefx.masks.uniform_layers(graph, uneven, scores="magnitude", round_to={"*mlp*": 8, "*intermediate*": 8})
+    small = prunefx.reconfigure(model, even, graph=graph)
+    sizes = _sizes(small)
+    assert sizes[0] == sizes[1] and sizes[0][2] % 8 == 0, sizes
+    if family in STOCK_LOADS_UNIFORM:
+        assert prunefx.transformers.stock_reason(small) is None
+
+
+def test_uniform_layers_counts_and_rounding() -> None:
+    """The mean count per part, rounded to round_to; the highest scores kept; pinned sizes."""
+    make, kwargs, _, _, inputs = FAMILIES["llama_gqa"]
+    model = _randomize(make())
+    graph = prunefx.trace(model, (inputs()[0],), example_kwargs=kwargs, frontend="export")
+    mlp0, mlp1 = "model.layers.0.mlp.gate_proj", "model.layers.1.mlp.gate_proj"
+    mask = {mlp0: torch.arange(96) < 90, mlp1: torch.arange(96) < 30}  # mean 60
+    out = prunefx.masks.uniform_layers(graph, mask)
+    assert [int(out[n].sum()) for n in (mlp0, mlp1)] == [60, 60]
+    assert bool(out[mlp1][:30].all()), "the channels the mask kept are kept first"
+    out = prunefx.masks.uniform_layers(graph, mask, round_to=16)
+    assert [int(out[n].sum()) for n in (mlp0, mlp1)] == [64, 64]
+    scores = {mlp0: torch.arange(96.0), mlp1: -torch.arange(96.0)}
+    out = prunefx.masks.uniform_layers(graph, mask, scores=scores, round_to={"*.mlp.*": 8, "*": 1})
+    assert bool(out[mlp0][-64:].all()) and bool(out[mlp1][:64].all()) and int(out[mlp0].sum()) == 64
+    with pytest.raises(prunefx.MaskError, match="round_to must be an integer"):
+        prunefx.masks.uniform_layers(graph, mask, round_to=0)
+    with pytest.raises(prunefx.MaskError, match="unknown criterion"):
+        prunefx.masks.uniform_layers(graph, mask, scores="loudness")
+    with pytest.raises(prunefx.MaskError):
+        prunefx.masks.uniform_layers(graph, {"model.layers.0.mlp.nope": torch.ones(96, dtype=torch.bool)})
+
+
+def test_t5_attention_is_refused_by_name() -> None:
+    cfg = transformers.T5Config(vocab_size=128, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4)
+    model = transformers.T5EncoderModel(cfg).eval()
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    graph = prunefx.trace(model, (ids,), frontend="export")
+    mask = prunefx.masks.random(graph, 0.5, exact_only=True, seed=0)
+    with pytest.raises(prunefx.ReconfigureError, match=r"module 'encoder\.block\.0\.layer\.0\.SelfAttention' \(T5Attention.*n_heads"):
+        prunefx.reconfigure(model, mask, graph=graph)
+    # its MLP alone works, and the config's d_ff follows
+    mlp = {k: v for k, v in mask.items() if "DenseReluDense" in k}
+    small = prunefx.reconfigure(model, mlp, graph=graph)
+    assert small.config.d_ff == 48 and type(small) is type(model)
+
+
+def test_phi3_per_layer_heads_are_refused_by_name() -> None:
+    """Phi-3 splits its fused qkv_proj at config.num_attention_heads: one count for all layers."""
+    make, kwargs, _, _, inputs = FAMILIES["phi3"]
+    model = _randomize(make())
+    graph = prunefx.trace(model, (inputs()[0],), example_kwargs=kwargs, frontend="export")
+    heads = {g.name: torch.tensor([True, i == 0]) for i, g in enumerate(g for g in graph.groups if g.name.endswith("qkv_proj") and g.exact)}
+    with pytest.raises(prunefx.ReconfigureError, match=r"module 'model\.layers\.1\.self_attn' \(Phi3Attention\) reads config\.num_attention_heads"):
+        prunefx.reconfigure(model, heads, graph=graph)
+    small = prunefx.reconfigure(model, prunefx.masks.uniform_layers(graph, heads), graph=graph)
+    assert _sizes(small)[0] == _sizes(small)[1] and small.config.num_attention_heads == 4  # the mean, 1.5 KV heads, rounds up
+
+
+def _clip():
+    cfg = transformers.CLIPVisionConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
+    return transformers.CLIPVisionModel(cfg), [torch.randn(2, 3, 32, 32), torch.randn(3, 3, 32, 32)]
+
+
+def _whisper_encoder():
+    cfg = transformers.WhisperConfig(vocab_size=128, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                                     decoder_attention_heads=4, encoder_ffn_dim=96, decoder_ffn_dim=96, num_mel_bins=16,
+                                     max_source_positions=16, max_target_positions=32, pad_token_id=0, bos_token_id=0,
+                                     eos_token_id=0, decoder_start_token_id=0)
+    return transformers.WhisperModel(cfg).get_encoder(), [torch.randn(2, 16, 32), torch.randn(3, 16, 32)]
+
+
+@pytest.mark.parametrize("make", [_clip, _whisper_encoder], ids=["clip_vision", "whisper_encoder"])
+def test_other_encoders_stay_their_class(make, tmp_path) -> None:
+    """CLIP's vision tower and Whisper's encoder: heads and MLP channels through the module
+    emitter; CLIP (head width embed_dim / heads) reloads through prunefx's loader."""
+    torch.manual_seed(0)
+    model, (x, other) = make()
+    model = _randomize(model)
+    graph = prunefx.trace(model, (x,), frontend="export")
+    mask = prunefx.masks.random(graph, 0.5, exact_only=True, seed=0)
+    small = prunefx.reconfigure(model, mask, graph=graph)
+    assert type(small) is type(model) and _params(small) <= 0.8 * _params(model)
+    assert _sizes(small) == [(2, 2, 48)] * 2
+    _same_outputs(small, prunefx.apply_mask(copy.deepcopy(model), mask, graph=graph), (x, other), {})
+    if isinstance(model, transformers.CLIPVisionModel):
+        assert "hidden_size / num_attention_heads" in prunefx.transformers.stock_reason(small)
+        small.save_pretrained(tmp_path)
+        _same_outputs(prunefx.transformers.from_pretrained(tmp_path), small, (x, other), {})
