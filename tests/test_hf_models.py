@@ -16,6 +16,7 @@ nothing downloaded), each traced once through the export front-end:
   ``prunefx.masks.uniform_layers`` makes it uniform again (stock-loadable), with ``round_to``;
 - CLIP's vision tower and Whisper's encoder stay their class too (CLIP reloads through
   prunefx's loader);
+- a pruned residual stream (approximate) sets ``config.hidden_size``;
 - layouts prunefx cannot write (T5's attention, Phi-3's config-read split with per-layer head
   counts) raise a ``ReconfigureError`` naming the module and why.
 """
@@ -142,11 +143,30 @@ def test_pruned_model_is_a_transformers_model(family: str, tmp_path) -> None:
         assert prunefx.transformers.stock_reason(small) is None
 
 
-def test_uniform_layers_counts_and_rounding() -> None:
-    """The mean count per part, rounded to round_to; the highest scores kept; pinned sizes."""
+@pytest.fixture(scope="module")
+def llama():
     make, kwargs, _, _, inputs = FAMILIES["llama_gqa"]
+    torch.manual_seed(0)
     model = _randomize(make())
-    graph = prunefx.trace(model, (inputs()[0],), example_kwargs=kwargs, frontend="export")
+    x, other, _ = inputs()
+    return model, prunefx.trace(model, (x,), example_kwargs=kwargs, frontend="export"), (x, other)
+
+
+def test_pruned_hidden_stream_sets_hidden_size(llama, tmp_path) -> None:
+    """The residual stream (approximate) pruned uniformly: config.hidden_size follows and the
+    stock loader rebuilds the model."""
+    model, graph, inputs = llama
+    mask = {"model.embed_tokens#1": torch.arange(64) % 4 != 0, **prunefx.masks.random(graph, 0.5, exact_only=True, seed=1)}
+    small = prunefx.reconfigure(model, mask, graph=graph)
+    assert small.config.hidden_size == 48 and small.model.norm.weight.shape == (48,)
+    assert prunefx.transformers.stock_reason(small) is None
+    small.save_pretrained(tmp_path)
+    _same_outputs(transformers.LlamaForCausalLM.from_pretrained(tmp_path), small, inputs, {"use_cache": False})
+
+
+def test_uniform_layers_counts_and_rounding(llama) -> None:
+    """The mean count per part, rounded to round_to; the highest scores kept; pinned sizes."""
+    graph = llama[1]
     mlp0, mlp1 = "model.layers.0.mlp.gate_proj", "model.layers.1.mlp.gate_proj"
     mask = {mlp0: torch.arange(96) < 90, mlp1: torch.arange(96) < 30}  # mean 60
     out = prunefx.masks.uniform_layers(graph, mask)

@@ -7,6 +7,8 @@ When every layer keeps the same sizes, the config's own fields say them:
     head_dim                                  := unchanged (heads are removed whole), written
                                                  explicitly since it is no longer hidden / heads
     intermediate_size (GPT-2: n_inner, T5: d_ff) := the layers' MLP width
+    hidden_size                               := the token embedding's width (when the
+                                                 residual stream was pruned: approximate)
 
 When they differ, each field holds the largest value (no stock loader builds such a model).
 Either way the config records, under ``config.prunefx``, the per-layer sizes and the sizes
@@ -65,6 +67,10 @@ def update_config(model: nn.Module, sizes: tuple[LayerSizes, ...]) -> None:
         new = max(values)
         if before != new or key == "head_dim":
             setattr(config, field, new)
+    hidden = _hidden_size(model)
+    if hidden is not None and hasattr(config, "hidden_size") and hidden != config.hidden_size:
+        original.setdefault("hidden_size", config.hidden_size)  # the stream was pruned (approximate)
+        config.hidden_size = hidden
     _check_config_reads(model, sizes)
     setattr(config, RECORD, {
         "original": original,
@@ -120,6 +126,16 @@ def _changed_shapes(model: nn.Module, original: dict[str, Any]) -> dict[str, lis
     finally:
         set_back(model.config, saved)
     return {k: list(t.shape) for k, t in model.state_dict().items() if theirs.get(k) != tuple(t.shape)}
+
+
+def _hidden_size(model: nn.Module) -> int | None:
+    """The residual stream's width, from the token embedding (None: no nn.Embedding input)."""
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        emb = get() if get is not None else None
+    except NotImplementedError:
+        return None
+    return int(emb.weight.shape[1]) if isinstance(emb, nn.Embedding) else None
 
 
 def _check_config_reads(model: nn.Module, sizes: tuple[LayerSizes, ...]) -> None:
