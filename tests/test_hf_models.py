@@ -241,3 +241,21 @@ def test_other_encoders_stay_their_class(make, tmp_path) -> None:
         assert "hidden_size / num_attention_heads" in prunefx.transformers.stock_reason(small)
         small.save_pretrained(tmp_path)
         _same_outputs(prunefx.transformers.from_pretrained(tmp_path), small, (x, other), {})
+
+
+def test_loader_checks_the_record(llama, tmp_path) -> None:
+    """A config whose record disagrees with the checkpoint is refused, naming both."""
+    import json
+
+    model, graph, _ = llama
+    small = prunefx.reconfigure(model, _uneven(prunefx.masks.random(graph, 0.5, exact_only=True, seed=0)), graph=graph)
+    small.save_pretrained(tmp_path)
+    record = small.config.prunefx
+    assert record["layers"][0] != record["layers"][1] and "layers keep different sizes" in record["stock_loader"]
+    assert record["original"]["intermediate_size"] == 96 and record["shapes"]["model.layers.1.mlp.down_proj.weight"] == [64, 1]
+    path = tmp_path / "config.json"
+    config = json.loads(path.read_text())
+    config["prunefx"]["layers"][1]["intermediate_size"] = 2
+    path.write_text(json.dumps(config))
+    with pytest.raises(prunefx.PruneFxError, match="come from different models"):
+        prunefx.transformers.from_pretrained(tmp_path)
