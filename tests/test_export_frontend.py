@@ -237,6 +237,8 @@ def test_transformers_module_emitter(family: str) -> None:
     small = prunefx.reconfigure(model, mask, graph=graph)  # emit="auto": the module emitter
     assert type(small) is type(model)
     assert prunefx.transformers.layer_sizes(small)[0].num_attention_heads == small.config.num_attention_heads < model.config.num_attention_heads
+    # the config says the new sizes where the class reads head_dim from it (else the head width is hidden / heads)
+    assert (prunefx.transformers.stock_reason(small) is None) == (family not in {"gpt2", "bert", "roberta"}), family
     ref = prunefx.apply_mask(copy.deepcopy(model), mask, graph=graph)
     for inp in (x, *others):
         with torch.no_grad():
