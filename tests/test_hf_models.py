@@ -16,7 +16,8 @@ nothing downloaded), each traced once through the export front-end:
   ``prunefx.masks.uniform_layers`` makes it uniform again (stock-loadable), with ``round_to``;
 - CLIP's vision tower and Whisper's encoder stay their class too (CLIP reloads through
   prunefx's loader);
-- a pruned residual stream (approximate) sets ``config.hidden_size``;
+- a pruned residual stream (approximate) sets ``config.hidden_size``; Qwen2-MoE's shared
+  expert sets ``shared_expert_intermediate_size``; the loader checks the record;
 - layouts prunefx cannot write (T5's attention, Phi-3's config-read split with per-layer head
   counts) raise a ``ReconfigureError`` naming the module and why.
 """
@@ -259,3 +260,22 @@ def test_loader_checks_the_record(llama, tmp_path) -> None:
     path.write_text(json.dumps(config))
     with pytest.raises(prunefx.PruneFxError, match="come from different models"):
         prunefx.transformers.from_pretrained(tmp_path)
+
+
+def test_qwen2_moe_shared_expert_and_heads(tmp_path) -> None:
+    """MoE: heads and the shared expert's channels are pruned (experts are not: their 3-D weights
+    run through a grouped matmul); config.shared_expert_intermediate_size follows, stock reload."""
+    cfg = transformers.Qwen2MoeConfig(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=48,
+                                      shared_expert_intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, num_experts=4, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    model = _randomize(transformers.Qwen2MoeForCausalLM(cfg))
+    x = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    graph = prunefx.trace(model, (x,), example_kwargs={"use_cache": False}, frontend="export")
+    mask = prunefx.masks.random(graph, 0.5, exact_only=True, seed=0)
+    small = prunefx.reconfigure(model, mask, graph=graph)
+    assert (small.config.num_attention_heads, small.config.shared_expert_intermediate_size) == (2, 48)
+    small.save_pretrained(tmp_path)
+    again = transformers.Qwen2MoeForCausalLM.from_pretrained(tmp_path)
+    _same_outputs(again, small, (x,), {"use_cache": False})
+    _generates_alike(again, prunefx.apply_mask(copy.deepcopy(model), mask, graph=graph), x)
