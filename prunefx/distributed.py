@@ -22,6 +22,10 @@ protocol in which the ranks cannot disagree:
 Communication hooks registered on the old wrapper are not carried over (their state is tied
 to the old buckets); register them again on the returned wrapper.
 
+Sharded models (FSDP2, ``torch.distributed.fsdp.fully_shard``): ``reconfigure_fsdp``, from
+``prunefx.fsdp`` (re-exported here), gathers, rewrites, re-shards and slices the sharded
+optimizer state.
+
 Example (under ``torchrun``)::
 
     >>> ddp = torch.nn.parallel.DistributedDataParallel(model)
@@ -49,9 +53,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from prunefx.errors import DistributedError
+from prunefx.fsdp import reconfigure_fsdp
 from prunefx.reconfigure import reconfigure
 
-__all__ = ["reconfigure_ddp", "grad_bytes_per_step", "DistributedError"]
+__all__ = ["reconfigure_ddp", "reconfigure_fsdp", "grad_bytes_per_step", "DistributedError"]
 
 _MB = 1024 * 1024
 
