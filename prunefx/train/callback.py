@@ -17,7 +17,10 @@ per step that ran (epoch, the ``ShrinkReport``), and ``pt.on_change`` callbacks 
 each change (e.g. to grow the batch with ``DynamicBatch``). A DistributedDataParallel model
 works too: every rank applies rank 0's mask and ``pt.model`` is a new wrapper with the old
 one's settings (``prunefx.distributed.reconfigure_ddp``); pass the same ``example_inputs``
-batch on every rank, since the folded constants are measured on it.
+batch on every rank, since the folded constants are measured on it. An FSDP2 model
+(``fully_shard``) works in ``mode="proximal"``: the lasso sums each rank's shard, every rank
+shrinks the gathered weights alike and ``pt.model`` is the smaller model sharded again with the
+old units' settings (``prunefx.fsdp.reconfigure_fsdp``; the optimizer's sharded state follows).
 
 The rest of the loop's state follows each reconfiguration (``prunefx.train.loop``): pass
 ``extra_optimizers``, ``ema`` (``AveragedModel`` / ``ModelEmaV3``), ``schedulers`` and ``scaler``
@@ -43,10 +46,12 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from prunefx.errors import PruneFxError
+from prunefx.fsdp import fsdp_process_group, gather, is_fsdp
 from prunefx.graph import trace
 from prunefx.masks.zeros import from_zeros
 from prunefx.train.lasso import GroupLasso
-from prunefx.train.loop import StepBoundary, unwrap_compiled
+from prunefx.train.loop import StepBoundary, check_scaler, check_schedulers, unwrap_compiled
 from prunefx.train.shrink import ShrinkReport, shrink
 
 __all__ = ["PruneTrain", "Reconfiguration"]
@@ -91,8 +96,11 @@ class PruneTrain:
             raise ValueError(f"mode is 'penalty' (lasso gradient in the loss, the paper) or 'proximal' (prox step after optimizer.step()), got {self.mode!r}")
         if self.every < 1:
             raise ValueError(f"every is a number of epochs >= 1, got {self.every}")
+        if is_fsdp(self.model):
+            self._check_fsdp()
         if self.lasso is None:
-            self.lasso = GroupLasso(self.module, self.example_inputs, ratio=self.ratio)
+            graph = trace(gather(self.model), self.example_inputs) if is_fsdp(self.model) else None  # FSDP: no rank holds the model
+            self.lasso = GroupLasso(self.module, self.example_inputs, graph=graph, ratio=self.ratio)
         if self.boundary is None:
             self.boundary = StepBoundary(self.module, self.optimizers)
 
@@ -120,11 +128,15 @@ class PruneTrain:
     def _mean_over_ranks(self, loss: torch.Tensor) -> torch.Tensor:
         """Under DDP, the mean first loss of all ranks: lambda must be the same on every rank,
         or the proximal steps differ and the replicas drift apart."""
-        if not isinstance(self.model, DistributedDataParallel):
+        if isinstance(self.model, DistributedDataParallel):
+            group = self.model.process_group
+        elif is_fsdp(self.model):
+            group = fsdp_process_group(self.model)
+        else:
             return loss
         loss = loss.clone()
-        torch.distributed.all_reduce(loss, group=self.model.process_group)
-        return loss / torch.distributed.get_world_size(self.model.process_group)
+        torch.distributed.all_reduce(loss, group=group)
+        return loss / torch.distributed.get_world_size(group)
 
     def after_step(self) -> None:
         """Mode "proximal": the lasso's proximal step, ``lr / (1 - momentum) * lambda`` (SGD
@@ -153,8 +165,11 @@ class PruneTrain:
         """Reconfigure now (dead channels out), whatever the schedule says. ``mask``: the
         channels to keep, when the caller decided them (default: ``from_zeros``)."""
         x = self.example_inputs if example_inputs is None else example_inputs
+        graph = None
         if isinstance(self.model, DistributedDataParallel):
             small, report = self._reconfigure_ddp(x)
+        elif is_fsdp(self.model):
+            small, report, graph = self._reconfigure_fsdp(x, mask)
         else:
             small, report = shrink(self.model, mask, example_inputs=x, optimizer=self.optimizers, threshold=self.threshold,
                                    **self._loop_state())
@@ -165,7 +180,7 @@ class PruneTrain:
         if report.changed:
             self.model = small
             assert self.lasso is not None
-            self.lasso = self.lasso.rebind(self.module, x)
+            self.lasso = self.lasso.rebind(self.module, x, graph=graph)
             assert self.boundary is not None
             self.boundary.watch(self.module)
             for callback in self.on_change:
@@ -192,6 +207,38 @@ class PruneTrain:
             return small
 
         return reconfigure_ddp(self.model, mask, example_inputs=x, optimizer=self.optimizer, rewrite=rewrite), reports[0]
+
+    def _check_fsdp(self) -> None:
+        """What PruneTrain cannot do on a sharded model, refused when it is built."""
+        if self.mode != "proximal":
+            raise PruneFxError("PruneTrain on an FSDP2 model needs mode='proximal': the lasso over sharded parameters is "
+                               "computed shard by shard without a gradient, so it cannot join the loss")
+        if self.extra_optimizers or self.ema:
+            raise PruneFxError("PruneTrain on an FSDP2 model follows one optimizer: extra_optimizers and ema= (copies of "
+                               "sharded parameters) are not supported")
+
+    def _reconfigure_fsdp(self, x: Any, mask: Mapping[str, Any] | None) -> tuple[nn.Module, ShrinkReport, Any]:
+        """Every rank shrinks the gathered weights (the same on every rank, so the same mask
+        from zeros) and the result is sharded again; the graph of the new, unsharded model is
+        kept for the lasso (the sharded model cannot be traced)."""
+        from prunefx.fsdp import reconfigure_fsdp
+
+        check_scaler(self.scaler, self.optimizers)
+        check_schedulers(self.schedulers, self.optimizers)
+        assert self.boundary is not None
+        self.boundary.check()
+        reports: list[ShrinkReport] = []
+        graphs: list[Any] = []
+
+        def rewrite(module: nn.Module, mask: Any, *, optimizer: Any = None, example_inputs: Any = None, **kw: Any) -> nn.Module:
+            small, report = shrink(module, mask, example_inputs=example_inputs, threshold=self.threshold, optimizer=optimizer, **kw)
+            reports.append(report)
+            if report.changed:
+                graphs.append(trace(small, example_inputs))
+            return small
+
+        small = reconfigure_fsdp(self.model, mask, example_inputs=x, optimizer=self.optimizer, src=None, rewrite=rewrite)
+        return small, reports[0], graphs[0] if graphs else None
 
     def _loop_state(self) -> dict[str, Any]:
         return {"ema": self.ema, "scaler": self.scaler, "schedulers": self.schedulers, "boundary": self.boundary}

@@ -34,6 +34,11 @@ oscillate at a distance of about ``lr * lambda`` and only fall under ``from_zero
 threshold when that distance is small (PruneTrain's 180 epochs at a small lambda); with the
 proximal step a channel the task does not need is exactly zero after about
 ``||w|| / (lr * lambda)`` steps.
+
+Under FSDP2 (``fully_shard``) the parameters are ``DTensor``s sharded on dim 0: each rank
+sums the squares of its own rows, one all-reduce over the mesh adds them up, and ``prox_``
+scales each rank's rows in place. That path carries no gradient, so a sharded model uses
+``prox_`` (``PruneTrain(mode="proximal")``), not the penalty's gradient.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ import torch
 from torch import nn
 
 from prunefx.analysis import ChannelGroup
+from prunefx.errors import PruneFxError
 from prunefx.graph import PruneGraph, trace
 from prunefx.masks.channels import flat_index_map
 
@@ -109,11 +115,22 @@ class GroupLasso:
         """Sum of squares of each lasso group (one entry per channel of ``self.groups``, in
         order), differentiable when grad mode is on."""
         sq = torch.zeros(self.num_channels, dtype=dtype, device=self._terms[0].param.device)
+        sharded: torch.Tensor | None = None
         for t in self._terms:
+            if _is_sharded(t.param):
+                if torch.is_grad_enabled() and t.param.requires_grad:
+                    raise PruneFxError("GroupLasso: the penalty of sharded (FSDP2) parameters carries no gradient; use prox_() "
+                                       "after optimizer.step() (PruneTrain(mode='proximal')) instead of adding it to the loss")
+                sharded = torch.zeros_like(sq) if sharded is None else sharded
+                sharded = sharded.index_add(0, t.slot, _local_squares(t, dtype).to(sq.device))
+                continue
             per_index = _sum_of_squares(t.param, t.dim, dtype)
             if t.index is not None:
                 per_index = per_index.index_select(0, t.index)
             sq = sq.index_add(0, t.slot, per_index.to(sq.device))
+        if sharded is not None:  # each rank summed its own rows
+            _all_reduce_over_mesh(sharded, self._terms)
+            sq = sq + sharded
         return sq
 
     def penalty(self) -> torch.Tensor:
@@ -146,10 +163,15 @@ class GroupLasso:
             if t.index is not None:  # indices holding no channel of these groups are not scaled
                 full = torch.ones(t.param.shape[t.dim], dtype=t.param.dtype, device=t.param.device)
                 per_index = full.index_copy(0, t.index, per_index)
-            shape = [1] * t.param.dim()
+            target = t.param
+            if _is_sharded(target):  # this rank's rows; along the sharded dim, their scales
+                target, start = _local_rows(target)
+                if t.dim == 0:
+                    per_index = per_index[start : start + target.shape[0]]
+            shape = [1] * target.dim()
             if shape:
                 shape[t.dim] = -1
-            t.param.mul_(per_index.view(shape) if shape else per_index.reshape(()))
+            target.mul_(per_index.view(shape) if shape else per_index.reshape(()))
         return int((scale == 0).sum())
 
     def channel_norms(self) -> dict[str, torch.Tensor]:
@@ -181,6 +203,34 @@ def _sum_of_squares(p: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tens
         return p.to(dtype).square().reshape(-1)
     others = [d for d in range(p.dim()) if d != dim]
     return torch.linalg.vector_norm(p, dim=others, dtype=dtype).square()
+
+
+def _is_sharded(p: torch.Tensor) -> bool:
+    return type(p).__name__ == "DTensor" and hasattr(p, "device_mesh")  # without importing torch.distributed.tensor
+
+
+def _local_rows(p: Any) -> tuple[torch.Tensor, int]:
+    """(this rank's shard of the dim-0-sharded DTensor ``p``, the global index of its first row)."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    return p.to_local(), int(offset[0]) if offset else 0
+
+
+def _local_squares(t: _Term, dtype: torch.dtype) -> torch.Tensor:
+    """This rank's part of ``t``'s per-index sums of squares, as a vector over the lasso
+    groups' order of ``t.slot`` (rows held by other ranks count 0)."""
+    local, start = _local_rows(t.param)
+    part = _sum_of_squares(local, t.dim, dtype)
+    if t.dim == 0:
+        full = torch.zeros(t.param.shape[0], dtype=dtype, device=part.device)
+        part = full.index_copy(0, torch.arange(start, start + local.shape[0], device=part.device), part)
+    return part if t.index is None else part.index_select(0, t.index.to(part.device))
+
+
+def _all_reduce_over_mesh(x: torch.Tensor, terms: list[_Term]) -> None:
+    mesh = next(t.param.device_mesh for t in terms if _is_sharded(t.param))
+    torch.distributed.all_reduce(x, group=mesh.get_group(0))
 
 
 def _terms(model: nn.Module, groups: list[ChannelGroup]) -> list[_Term]:
