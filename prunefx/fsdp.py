@@ -37,15 +37,17 @@ other multi-dimensional meshes, ``replicate``/DDP-style mesh infos, ``shard_plac
 placements other than ``Shard(0)`` or per-parameter meshes, parameters FSDP does not manage
 (``ignored_params``), and a model caught between forward and backward (unsharded parameters).
 
-Example (under ``torchrun``)::
+Example, under ``torchrun`` (a fragment: docs/integrations.md and examples/fsdp_prunetrain.py
+have complete ones)::
 
-    >>> for block in model.blocks:
-    ...     fully_shard(block)
-    >>> fully_shard(model)
-    >>> opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    >>> ...  # train
-    >>> mask = prunefx.masks.magnitude(prunefx.trace(prunefx.fsdp.gather(model), x), 0.3)
-    >>> model = prunefx.fsdp.reconfigure_fsdp(model, mask, example_inputs=x, optimizer=opt)
+    for block in model.blocks:
+        fully_shard(block)
+    fully_shard(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ...  # train
+    graph = prunefx.trace(prunefx.fsdp.gather(model), x)      # collective: every rank gathers
+    mask = prunefx.masks.magnitude(graph, 0.3)
+    model = prunefx.fsdp.reconfigure_fsdp(model, mask, example_inputs=x, optimizer=opt)
 """
 
 from __future__ import annotations
