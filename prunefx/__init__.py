@@ -29,3 +29,13 @@ __all__ = [
     "PruneFxError", "TraceError", "MaskError", "ReconfigureError", "ExportError", "DistributedError",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    """``prunefx.transformers`` (Hugging Face support) is imported on first use: it imports
+    transformers, which most users of prunefx do not need."""
+    if name == "transformers":
+        import importlib
+
+        return importlib.import_module("prunefx.transformers")
+    raise AttributeError(f"module 'prunefx' has no attribute {name!r}")

@@ -29,8 +29,9 @@ def test_regular_install_maps_passes(tmp_path: Path) -> None:
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", str(target), str(src)],
         check=True, capture_output=True, text=True,
     )
-    for package in ("analysis", "masks", "passes"):
-        assert (target / "prunefx" / package / "__init__.py").is_file(), package
+    subpackages = {init.parent.name for init in (ROOT / "prunefx").glob("*/__init__.py")} | {"passes"}
+    missing = sorted(p for p in subpackages if not (target / "prunefx" / p / "__init__.py").is_file())
+    assert not missing, f"pyproject.toml's packages list lacks {missing}"
     assert (target / "prunefx" / "passes" / "fix_shape_args.py").is_file()
     code = "import prunefx, prunefx.passes as p; print(p.__file__); print(prunefx.passes.DEFAULT_PIPELINE.passes[0].name)"
     env = {**os.environ, "PYTHONPATH": str(target)}
