@@ -66,7 +66,7 @@ from torch import nn
 from prunefx.errors import DistributedError
 from prunefx.reconfigure import reconfigure
 
-__all__ = ["reconfigure_fsdp", "gather", "is_fsdp", "fsdp_process_group", "FsdpUnit"]
+__all__ = ["reconfigure_fsdp", "gather", "is_fsdp", "fsdp_units", "fsdp_process_group", "FsdpUnit"]
 
 _COMPOSABLE_KEY = "__composable_api_state_key"  # torch.distributed._composable.contract's state/registry keys
 _FSDP_ATTRIBUTES = ("_is_fsdp_managed_module", "_fsdp_use_orig_params")
@@ -337,10 +337,9 @@ def _feed(h: Any, obj: Any) -> None:
 def _broadcast_inputs(x: Any, src: int, group: Any) -> Any:
     """Rank ``src``'s example inputs on every rank: constant folds are measured on them, and
     the ranks must fold the same constants."""
-    device = x.device if isinstance(x, torch.Tensor) else None
     payload = [_to_cpu(x)]
     dist.broadcast_object_list(payload, src=src, group=group)
-    return _to(payload[0], device) if device is not None else payload[0]
+    return _onto(payload[0], x)
 
 
 def _to_cpu(x: Any) -> Any:
@@ -351,8 +350,13 @@ def _to_cpu(x: Any) -> Any:
     return x
 
 
-def _to(x: Any, device: Any) -> Any:
-    return x.to(device) if isinstance(x, torch.Tensor) else x
+def _onto(received: Any, local: Any) -> Any:
+    """``received`` with each tensor on the device of this rank's tensor in its place."""
+    if isinstance(received, torch.Tensor) and isinstance(local, torch.Tensor):
+        return received.to(local.device)
+    if isinstance(received, (tuple, list)) and isinstance(local, (tuple, list)) and len(received) == len(local):
+        return type(received)(_onto(r, v) for r, v in zip(received, local, strict=True))
+    return received
 
 
 # --- gather -----------------------------------------------------------------------------------
@@ -363,8 +367,8 @@ def _gather(model: nn.Module, src: int, group: Any) -> tuple[nn.Module, dict[int
     full_of: dict[int, nn.Parameter] = {}
     for p in model.parameters():
         if id(p) not in full_of:
-            full = p.full_tensor() if _is_dtensor(p) else p.detach()
-            full_of[id(p)] = nn.Parameter(full.detach().clone(), requires_grad=p.requires_grad)
+            full = p.full_tensor().detach() if _is_dtensor(p) else p.detach().clone()  # full_tensor() is a new tensor already
+            full_of[id(p)] = nn.Parameter(full, requires_grad=p.requires_grad)
     replica = _replica(model, full_of, {})
     for b in replica.buffers():
         dist.broadcast(b.data, src=src, group=group)  # FSDP leaves buffers per rank (BatchNorm statistics)
