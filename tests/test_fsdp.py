@@ -7,6 +7,8 @@ The two-rank test checks, on both ranks:
   every AdamW state (exp_avg, exp_avg_sq: DTensors) equals the gathered old state sliced by
   hand with the kept indices, ``step`` is kept; each unit keeps its mesh and its
   ``MixedPrecisionPolicy``; training goes on;
+- the same on a torchvision ResNet-18 with one unit per residual block: residual-stream
+  groups span the units, and every block unit is rebuilt (as the list of its called layers);
 - ``PruneTrain(mode="proximal")`` on the sharded model shrinks twice during training; after
   each shrink the gathered parameters and AdamW state equal ``prunefx.train.shrink`` of a
   single-process copy (with a plain AdamW holding the gathered state); the loss falls;
@@ -65,6 +67,7 @@ def test_fsdp_two_ranks(tmp_path) -> None:
     assert r["shrinks"] >= 2, r
     assert r["params"][0] > r["params"][1] > r["params"][2], r
     assert r["loss_last"] < 0.9 * r["loss_first"], r
+    assert r["resnet_params"][1] < 0.5 * r["resnet_params"][0], r
 
 
 def test_fsdp_example_two_processes() -> None:
@@ -191,7 +194,7 @@ def _worker(rank: int, tmp: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=WORLD)
     try:
-        result = {**_check_reconfigure_fsdp(rank), **_check_prunetrain(rank)}
+        result = {**_check_reconfigure_fsdp(rank), **_check_resnet(rank), **_check_prunetrain(rank)}
         _check_refusals(rank)
         with open(os.path.join(tmp, f"rank{rank}.json"), "w") as f:
             json.dump(result, f)
@@ -239,6 +242,35 @@ def _check_reconfigure_fsdp(rank: int) -> dict[str, object]:
     after = _train(small, opt, batches[3:])
     assert all(torch.isfinite(torch.tensor(after)))
     return {}
+
+
+def _check_resnet(rank: int) -> dict[str, object]:
+    import torchvision
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=4)
+    for layer in (model.layer1, model.layer2, model.layer3, model.layer4):
+        for block in layer:
+            fully_shard(block)
+    fully_shard(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x, y = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(rank)), torch.tensor([0, 3])
+    _train(model, opt, [(x, y)])
+    before_state, before = _full_state(opt, model), gather(model)
+    mask = prunefx.masks.random(prunefx.trace(before, x), 0.4, seed=1)  # the same on every rank: src=None checks it
+
+    small = reconfigure_fsdp(model, mask, example_inputs=x, optimizer=opt, src=None)
+
+    x0 = [x]
+    dist.broadcast_object_list(x0, src=0)  # constants are folded on rank 0's inputs
+    ref_opt = _plain_adamw(before, before_state, 1e-3)
+    ref = prunefx.reconfigure(before, mask, example_inputs=x0[0], optimizer=ref_opt)
+    _equal_to(small, opt, ref, ref_opt)
+    _identical_on_all_ranks(small, opt)
+    assert len(fsdp_units(small)) == 9  # the root and eight blocks
+    _train(small, opt, [(x, y)])
+    return {"resnet_params": [sum(p.numel() for p in model.parameters()), sum(p.numel() for p in small.parameters())]}
 
 
 def _check_prunetrain(rank: int) -> dict[str, object]:
