@@ -33,7 +33,7 @@ The old model is not modified (drop it); the optimizer is changed only at the en
 rank succeeded. Supported: a 1-D mesh with the default ``Shard(0)`` placement, any
 ``MixedPrecisionPolicy`` and ``OffloadPolicy`` (carried over unit by unit), ``fully_shard`` on
 single modules or lists of modules. Refused with a one-line ``DistributedError``: HSDP and
-other multi-dimensional meshes, ``replicate``/DDP-style mesh infos, ``shard_placement_fn``
+other multi-dimensional meshes (``dp_mesh_dims`` included), ``replicate``/DDP-style mesh infos, ``shard_placement_fn``
 placements other than ``Shard(0)`` or per-parameter meshes, parameters FSDP does not manage
 (``ignored_params``), and a model caught between forward and backward (unsharded parameters).
 
@@ -192,6 +192,9 @@ def fsdp_units(model: nn.Module) -> list[FsdpUnit]:
         if isinstance(info, HSDPMeshInfo) or (info is not None and info.mesh.ndim != 1):
             raise DistributedError(f"reconfigure_fsdp: fully_shard on {where} uses a {info.mesh.ndim}-D mesh (HSDP: replicate x shard): "
                                    "only a 1-D mesh is supported; shard over one mesh dimension")
+        if info is not None and getattr(info, "dp_mesh_dims", None) is not None:
+            raise DistributedError(f"reconfigure_fsdp: fully_shard on {where} shards over dims of a larger SPMD mesh (dp_mesh_dims, "
+                                   "e.g. with tensor parallelism): not supported; only a 1-D data-parallel mesh is")
         if isinstance(info, DDPMeshInfo):
             raise DistributedError(f"reconfigure_fsdp: {where} is replicated (a DDP-style mesh), not sharded: use "
                                    "prunefx.distributed.reconfigure_ddp for replicated models")

@@ -2,11 +2,13 @@
 (``torch.multiprocessing.spawn``, gloo, CPU), and the FSDP example run with torchrun.
 
 The two-rank test checks, on both ranks:
+- ``reconfigure_fsdp`` with a mask that does not fit: a MaskError on both ranks, the optimizer
+  untouched;
 - ``reconfigure_fsdp`` with rank 0's mask: the gathered parameters and buffers of the new
   model equal (bitwise) ``prunefx.reconfigure`` of a single-process copy with the same mask;
   every AdamW state (exp_avg, exp_avg_sq: DTensors) equals the gathered old state sliced by
-  hand with the kept indices, ``step`` is kept; each unit keeps its mesh and its
-  ``MixedPrecisionPolicy``; training goes on;
+  hand with the kept indices, ``step`` is kept; each unit keeps its mesh, its
+  ``MixedPrecisionPolicy`` and its ``reshard_after_forward``; training goes on;
 - the same on a torchvision ResNet-18 with one unit per residual block: residual-stream
   groups span the units, and every block unit is rebuilt (as the list of its called layers);
 - ``PruneTrain(mode="proximal")`` on the sharded model shrinks twice during training; after
@@ -116,10 +118,10 @@ def _data(rank: int, steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return out
 
 
-def _shard(net: nn.Module, mp_policy=None) -> nn.Module:
+def _shard(net: nn.Module, mp_policy=None, reshard_after_forward=None) -> nn.Module:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    fully_shard(net[0])
+    fully_shard(net[0], reshard_after_forward=reshard_after_forward)
     fully_shard(net[1], mp_policy=mp_policy or MixedPrecisionPolicy())
     fully_shard(net)
     return net
@@ -206,11 +208,15 @@ def _check_reconfigure_fsdp(rank: int) -> dict[str, object]:
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, output_dtype=torch.float32)
-    model = _shard(_net(), mixed)
+    model = _shard(_net(), mixed, reshard_after_forward=False)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     batches = _data(rank, 6)
     _train(model, opt, batches[:3])
     x = batches[0][0]
+    held_before = [list(g["params"]) for g in opt.param_groups]
+    with pytest.raises(prunefx.MaskError):  # a mask that does not fit fails on every rank, and changes nothing
+        reconfigure_fsdp(model, {"0.0": torch.ones(5, dtype=torch.bool)} if rank == 0 else None, example_inputs=x, optimizer=opt)
+    assert [list(g["params"]) for g in opt.param_groups] == held_before
     before_state, before = _full_state(opt, model), gather(model)
     a = torch.tensor([i % 3 != 1 for i in range(12)])  # block 0 keeps 8 of 12 channels
     b = torch.tensor([i not in (2, 7) for i in range(10)])  # block 1 keeps 8 of 10
@@ -238,6 +244,7 @@ def _check_reconfigure_fsdp(rank: int) -> dict[str, object]:
     units = {u.names: u for u in fsdp_units(small)}
     assert set(units) == {("",), ("0.0", "0.1"), ("1.0",)}, units  # a block becomes the list of its layers
     assert units[("1.0",)].mp_policy == mixed and units[("0.0", "0.1")].mp_policy.param_dtype is None
+    assert units[("0.0", "0.1")].reshard_after_forward is False and units[("1.0",)].reshard_after_forward is None
     _identical_on_all_ranks(small, opt)
     after = _train(small, opt, batches[3:])
     assert all(torch.isfinite(torch.tensor(after)))
