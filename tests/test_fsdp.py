@@ -18,7 +18,8 @@ The two-rank test checks, on both ranks:
   both ranks (a digest compared across ranks);
 - the refusals are one-line errors: masks differing across ranks (``src=None``), an HSDP
   (2-D) mesh, a ``shard_placement_fn`` other than ``Shard(0)``, a model caught unsharded
-  between forward and backward, PruneTrain's penalty mode.
+  between forward and backward, PruneTrain's penalty mode, a PruneTrain shrink in the middle
+  of gradient accumulation.
 """
 
 from __future__ import annotations
@@ -327,6 +328,13 @@ def _check_refusals(rank: int) -> None:
     with pytest.raises(prunefx.PruneFxError) as info:
         PruneTrain(model, opt, example_inputs=x, mode="penalty")
     _one_line(info.value, "mode='proximal'")
+
+    pt = PruneTrain(model, opt, example_inputs=x, mode="proximal")
+    pt.model(x).sum().backward()  # gradients no optimizer.step() has used: the shrink waits for the step
+    with pytest.raises(prunefx.PruneFxError) as info:
+        pt.reconfigure()
+    _one_line(info.value, "gradient accumulation")
+    opt.zero_grad()
 
     hsdp = _net()
     fully_shard(hsdp, mesh=init_device_mesh("cpu", (1, WORLD), mesh_dim_names=("replicate", "shard")))

@@ -237,7 +237,10 @@ class PruneTrain:
                 graphs.append(trace(small, example_inputs))
             return small
 
-        small = reconfigure_fsdp(self.model, mask, example_inputs=x, optimizer=self.optimizer, src=None, rewrite=rewrite)
+        # a mask given by the caller is rank 0's, as under DDP; without one every rank finds the
+        # same zeros in the same gathered weights (reconfigure_fsdp checks the shapes agree)
+        small = reconfigure_fsdp(self.model, mask, example_inputs=x, optimizer=self.optimizer,
+                                 src=None if mask is None else 0, rewrite=rewrite)
         return small, reports[0], graphs[0] if graphs else None
 
     def _loop_state(self) -> dict[str, Any]:
