@@ -57,7 +57,7 @@ import hashlib
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -204,7 +204,7 @@ def fsdp_units(model: nn.Module) -> list[FsdpUnit]:
                 param = f"{owner}.{p._module_info.param_name}" if owner else p._module_info.param_name
                 raise DistributedError(f"reconfigure_fsdp: parameter '{param}' is sharded as Shard(dim={p.fsdp_placement.dim}) "
                                        "(shard_placement_fn), not Shard(0): not supported; shard it on dim 0")
-        if pg is None:
+        if pg is None or info is None:
             mesh, rsf = None, None
         else:
             mesh = info.mesh
@@ -368,6 +368,7 @@ def _onto(received: Any, local: Any) -> Any:
 def _gather(model: nn.Module, src: int, group: Any) -> tuple[nn.Module, dict[int, nn.Parameter]]:
     """(plain replica of ``model``, id of each old DTensor parameter -> its full replica)."""
     full_of: dict[int, nn.Parameter] = {}
+    p: Any
     for p in model.parameters():
         if id(p) not in full_of:
             full = p.full_tensor().detach() if _is_dtensor(p) else p.detach().clone()  # full_tensor() is a new tensor already
@@ -384,7 +385,7 @@ def _replica(m: nn.Module, full_of: Mapping[int, nn.Parameter], memo: dict[int, 
     if id(m) in memo:
         return memo[id(m)]
     cls = _original_class(type(m))
-    new = object.__new__(cls)  # not cls.__new__: GraphModule's makes a new class, without the generated forward
+    new: nn.Module = object.__new__(cls)  # not cls.__new__: GraphModule's makes a new class, without the generated forward
     memo[id(m)] = new
     attrs: dict[str, Any] = {}
     for k, v in m.__dict__.items():
@@ -435,7 +436,7 @@ def _shadow_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, replic
             state[full_of[id(p)]] = {k: v.full_tensor() if _is_dtensor(v) else v for k, v in st.items()}
         else:
             state[p] = st
-    shadow.state = state
+    shadow.state = state  # type: ignore[assignment]  # a defaultdict(dict), as torch.optim keeps it
     return shadow
 
 
@@ -532,6 +533,7 @@ def _follow(optimizer: torch.optim.Optimizer, shadow: torch.optim.Optimizer, mod
             state[p] = st
             continue
         name, q = new_params[id(p)]
+        q = cast(Any, q)  # a DTensor
         out = {}
         for k, v in st.items():
             if isinstance(v, torch.Tensor) and v.dim() > 0 and not _is_dtensor(v):
@@ -543,4 +545,4 @@ def _follow(optimizer: torch.optim.Optimizer, shadow: torch.optim.Optimizer, mod
         state[q] = out
     for g, params in zip(optimizer.param_groups, groups, strict=True):
         g["params"] = params
-    optimizer.state = state
+    optimizer.state = state  # type: ignore[assignment]  # a defaultdict(dict), as torch.optim keeps it

@@ -163,7 +163,7 @@ class GroupLasso:
             if t.index is not None:  # indices holding no channel of these groups are not scaled
                 full = torch.ones(t.param.shape[t.dim], dtype=t.param.dtype, device=t.param.device)
                 per_index = full.index_copy(0, t.index, per_index)
-            target = t.param
+            target: torch.Tensor = t.param
             if _is_sharded(target):  # this rank's rows; along the sharded dim, their scales
                 target, start = _local_rows(target)
                 if t.dim == 0:
@@ -229,7 +229,7 @@ def _local_squares(t: _Term, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _all_reduce_over_mesh(x: torch.Tensor, terms: list[_Term]) -> None:
-    mesh = next(t.param.device_mesh for t in terms if _is_sharded(t.param))
+    mesh = next(getattr(t.param, "device_mesh") for t in terms if _is_sharded(t.param))  # noqa: B009 (a DTensor's)
     torch.distributed.all_reduce(x, group=mesh.get_group(0))
 
 
