@@ -31,6 +31,7 @@ from prunefx.analysis.propagate import Role
 from prunefx.errors import MaskError, ReconfigureError
 from prunefx.frontends.detection import emit_detection, is_detection
 from prunefx.graph import PruneGraph, trace
+from prunefx.guards import refuse_foreign_graph
 from prunefx.mask import Keep, resolve_mask
 from prunefx.passes import DEFAULT_PIPELINE, Pipeline, RewriteState
 from prunefx.plan import make_plan
@@ -44,6 +45,7 @@ def _graph_for(
 ) -> PruneGraph:
     _refuse_prune_hooks(model)
     if graph is not None:
+        refuse_foreign_graph(model, graph)  # traced from another instance: other weights
         return graph
     return trace(model, example_inputs, example_kwargs=example_kwargs, frontend=frontend, leaf_modules=leaf_modules, concrete_args=concrete_args)
 
