@@ -84,12 +84,17 @@ class PruneGraph:
             raise MaskError(f"no channel group named '{name}'{_closest(name, self.names())}") from None
 
     def groups_of(self, name: str) -> tuple[ChannelGroup, ...]:
-        """Every group holding some output channel of module ``name`` (several after a split)."""
+        """Every group holding some output channel of module ``name`` (several after a split,
+        or for a module called at several places)."""
+        from prunefx.mask import _call_sites
+
         ids = self.analysis.module_outputs.get(name)
         if ids is None:
             raise MaskError(f"module '{name}' has no tracked output channels{_closest(name, self.names())}")
+        # a module called at several places (one shared nn.ReLU): the groups of every call
+        roots = [r for _, channels in _call_sites(self, name) for r in channels] or self.analysis.uf.find(ids).tolist()
         seen: dict[int, ChannelGroup] = {}
-        for r in self.analysis.uf.find(ids).tolist():
+        for r in roots:
             g = self._table.group_of_root.get(r)
             if g is not None:
                 seen.setdefault(id(g), g)
@@ -99,9 +104,11 @@ class PruneGraph:
         """The group holding the output channels of module ``name`` (a producer such as
         "layer1.0.conv1" or a pass-through such as "layer1.0.bn1"); a group name works too.
         When a split spreads the module's outputs over several groups, the one holding its
-        first channel."""
+        first channel. A module called at several places on different channels (one shared
+        ``nn.ReLU``) is a MaskError listing the call sites."""
         if name in self._table.by_name and name not in self.analysis.module_outputs:
             return self._table.by_name[name]
+        _refuse_ambiguous(self, name)
         found = self.groups_of(name)
         if not found:
             raise MaskError(f"the output channels of '{name}' belong to no channel group (they touch no parameter)")
@@ -112,6 +119,7 @@ class PruneGraph:
         ids = self.analysis.module_outputs.get(name)
         if ids is None:
             raise MaskError(f"'{name}' is neither a channel group nor a module with output channels{_closest(name, self.names())}")
+        _refuse_ambiguous(self, name)
         return self.analysis.uf.find(ids)
 
     def names(self) -> list[str]:
@@ -130,6 +138,13 @@ class PruneGraph:
         p = sum(g.prunable for g in self.groups)
         e = sum(g.prunable and g.exact for g in self.groups)
         return f"PruneGraph({self.module.__class__.__name__}: {len(self.module.graph.nodes)} nodes, {n} groups, {p} prunable, {e} exact)"
+
+
+def _refuse_ambiguous(graph: PruneGraph, name: str) -> None:
+    """MaskError listing the call sites when module ``name`` is called on different channels."""
+    from prunefx.mask import _refuse_ambiguous as refuse
+
+    refuse(graph, name)
 
 
 def _closest(name: str, names: Iterable[str]) -> str:

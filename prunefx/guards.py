@@ -142,18 +142,25 @@ def _traced_modules(model: nn.Module, is_leaf: IsLeaf) -> Iterator[tuple[str, nn
 
 # ---- a graph passed in ------------------------------------------------------------------
 
-def refuse_foreign_graph(model: nn.Module, graph: Any) -> None:
+def refuse_foreign_graph(model: nn.Module, graph: Any, *, same_tensors: bool = True) -> None:
     """MaskError unless every parameter and buffer ``graph`` (a PruneGraph) computes with is
-    the very tensor of ``model`` at that name: a graph traced from another instance (or
-    before the model's tensors were replaced) would build the result from other weights."""
+    the very tensor of ``model`` at that name (``same_tensors``: ``reconfigure`` builds the
+    result from the graph's tensors, so a graph traced from another instance, or before the
+    model's tensors were replaced, would build it from other weights), or at least a tensor
+    of the same shape (``apply_mask`` only uses the graph's structure on ``model``'s own
+    tensors: a graph of an identical copy is fine)."""
     if getattr(graph, "model_inputs", None) is not None:
         return  # a surrogate's graph (detection models): its names are not the model's
     own = dict((*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)))
     for gm in graph.traced.graphs:
         for name, t in (*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)):
-            if name.startswith(("_tensor_constant", "_prunefx_constants")) or own.get(name) is t:
+            mine = own.get(name)
+            if name.startswith(("_tensor_constant", "_prunefx_constants")) or mine is t:
                 continue
-            why = "has no tensor of that name" if name not in own else "holds another tensor there"
+            if not same_tensors and mine is not None and mine.shape == t.shape:
+                continue
+            why = "has no tensor of that name" if mine is None else "holds another tensor there" if same_tensors else (
+                f"holds a {tuple(mine.shape)} tensor there, not {tuple(t.shape)}")
             raise MaskError(
                 f"graph= was not traced from this model: it computes with '{name}', and {type(model).__name__} {why} "
                 "(another instance, or its tensors were replaced since); trace this model (prunefx.trace(model, x)) "

@@ -111,8 +111,7 @@ def _key_channels(graph: PruneGraph, key: str, value: Any) -> tuple[np.ndarray, 
     if group is not None and (module is None or n == group.size or n != len(module)):
         return group.slots, "group"
     if module is not None:
-        _refuse_ambiguous(graph, key)
-        return graph.output_channels(key), "module"
+        return graph.output_channels(key), "module"  # a MaskError listing the call sites if the module is shared
     raise MaskError(f"unknown mask key '{key}': no channel group or module of that name{_closest(key, graph.names())}")
 
 

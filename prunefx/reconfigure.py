@@ -41,11 +41,11 @@ __all__ = ["reconfigure", "apply_mask"]
 
 def _graph_for(
     model: nn.Module, graph: PruneGraph | None, example_inputs: Any, leaf_modules: Iterable[Any], concrete_args: Any,
-    example_kwargs: dict[str, Any] | None = None, frontend: str = "auto",
+    example_kwargs: dict[str, Any] | None = None, frontend: str = "auto", same_tensors: bool = True,
 ) -> PruneGraph:
     _refuse_prune_hooks(model)
     if graph is not None:
-        refuse_foreign_graph(model, graph)  # traced from another instance: other weights
+        refuse_foreign_graph(model, graph, same_tensors=same_tensors)  # traced from another instance
         return graph
     return trace(model, example_inputs, example_kwargs=example_kwargs, frontend=frontend, leaf_modules=leaf_modules, concrete_args=concrete_args)
 
@@ -144,7 +144,8 @@ def apply_mask(
 ) -> nn.Module:
     """Zero, in place, every parameter that writes a channel ``mask`` drops ("soft
     pruning"); returns ``model``."""
-    g = _graph_for(model, graph, example_inputs, leaf_modules, concrete_args, example_kwargs, frontend)
+    # the graph's structure on model's own tensors: a graph of an identical copy is fine
+    g = _graph_for(model, graph, example_inputs, leaf_modules, concrete_args, example_kwargs, frontend, same_tensors=False)
     zero_dropped(model, g, resolve_mask(g, mask, policy))
     return model
 

@@ -820,6 +820,19 @@ def test_shared_module_on_different_channels_is_no_mask_key(frontend: str, entry
     assert unchanged(model, before)
 
 
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_shared_module_lookups_say_it_is_shared(frontend: str) -> None:
+    """group_of / output_channels name one set of channels: refused like a mask key; groups_of
+    (and protect=, built on it) means every group the module touches."""
+    graph = prunefx.trace(randomize_norms(_SharedAct()).eval(), X, frontend=frontend)
+    for lookup in (graph.group_of, graph.output_channels):
+        with pytest.raises(prunefx.MaskError, match="module 'act' is called at 2 places"):
+            lookup("act")
+    assert sorted(g.name for g in graph.groups_of("act")) == ["a", "b"]
+    mask = prunefx.masks.magnitude(graph, 0.5, protect=("act",))
+    assert not {"a", "b"} & set(mask)
+
+
 class _SharedOnFlipped(nn.Module):
     """One ReLU on a conv's output and on its channel-flipped copy: other channels at index i."""
 
@@ -1491,15 +1504,25 @@ def test_foreign_graph_with_its_optimizer_is_refused_unchanged() -> None:
     assert unchanged(model, before) and str(opt.state_dict()) == str(opt_before)
 
 
-@pytest.mark.parametrize("entry", ["reconfigure", "apply_mask"])
-def test_foreign_graph_is_refused(entry: str) -> None:
+def test_foreign_graph_is_refused_by_reconfigure() -> None:
     model = make()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)  # other weights than the instance the graph was traced from
     graph = prunefx.trace(make(), X)
     before = state_copy(model)
-    call = prunefx.reconfigure if entry == "reconfigure" else prunefx.apply_mask
     with pytest.raises(prunefx.MaskError, match="graph= was not traced from this model"):
-        call(model, CKPT_MASK, graph=graph)
+        prunefx.reconfigure(model, CKPT_MASK, graph=graph)
     assert unchanged(model, before)
+
+
+def test_apply_mask_takes_the_graph_of_an_identical_copy_but_not_of_another_shape() -> None:
+    """apply_mask zeroes model's own tensors; the graph only gives the structure."""
+    model = make()
+    graph = prunefx.trace(copy.deepcopy(model), X)
+    got = prunefx.apply_mask(copy.deepcopy(model), CKPT_MASK, graph=graph)
+    want = prunefx.apply_mask(copy.deepcopy(model), CKPT_MASK, example_inputs=X)
+    assert all(torch.equal(a, b) for a, b in zip(got.state_dict().values(), want.state_dict().values(), strict=True))
+    other = nn.Sequential(nn.Conv2d(3, 8, 3))
+    with pytest.raises(prunefx.MaskError, match="graph= was not traced from this model"):
+        prunefx.apply_mask(other, {"0": bools(1, 0, 1, 1, 0, 1, 0, 1)}, graph=prunefx.trace(nn.Sequential(nn.Conv2d(3, 8, 5)), X))

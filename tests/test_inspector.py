@@ -77,7 +77,7 @@ def check_against_analysis(model, x, report) -> None:
     for r in report.layers:
         assert set(r.groups) <= {g.name for g in graph.groups}
         if r.label == r.target and r.target in graph.analysis.module_outputs:  # a module's first call
-            assert r.group == graph.group_of(r.target).name, r.target
+            assert r.group in {g.name for g in graph.groups_of(r.target)}, r.target  # of every call (a shared ReLU)
 
 
 def check_flops(model, x, report) -> None:
