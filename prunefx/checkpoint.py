@@ -73,15 +73,21 @@ def load_state_dict(model: nn.Module, state: dict[str, Any], *, strict: bool = T
 
     _check_sizes(model, layout)
     model = _with_folded_biases(model, layout)
-    inputs = tuple(torch.empty(x["shape"], dtype=getattr(torch, x["dtype"]), device="meta") for x in layout["inputs"])
+    frontend = layout.get("frontend", "auto")
+    # torch.export captures what the code computes from its inputs' values (GPT-2's causal
+    # mask): real placeholder inputs there, meta tensors (shapes only) for fx
+    device = next((t.device for t in (*model.parameters(), *model.buffers())), torch.device("cpu"))
+    make = _meta if frontend != "export" else lambda spec: _placeholder(spec, device)
+    inputs = tuple(make(x) for x in layout["inputs"])
+    kwargs = {k: make(v) if "shape" in v else v["value"] for k, v in layout.get("kwargs", {}).items()}
     if is_detection(model):  # recorded: its surrogate's inputs; the rebuilt model is checked on real images of its own
-        inputs = None
-    graph = trace(model, inputs)
+        inputs, frontend = None, "auto"
+    graph = trace(model, inputs, example_kwargs=kwargs, frontend=frontend)
     if layout.get("branches"):  # PruneTrain removed residual branches: remove them again first
         from prunefx.train.branches import replay_branches
 
         model = replay_branches(model, layout["branches"], graph)
-        graph = trace(model, inputs)
+        graph = trace(model, inputs, example_kwargs=kwargs, frontend=frontend)
     # rebuilt by the emitter that made it (emit="module": the model's class and state_dict keys)
     small = reconfigure(model, mask_from_layout(graph, layout), graph=graph, emit=layout.get("emit", "auto"))
     _check_same_layout(layout_of(small) or {}, layout)
@@ -89,6 +95,42 @@ def load_state_dict(model: nn.Module, state: dict[str, Any], *, strict: bool = T
     _load(small, weights, strict)
     setattr(small, LAYOUT_ATTR, layout)
     return small
+
+
+def _meta(spec: Mapping[str, Any]) -> torch.Tensor:
+    return torch.empty(spec["shape"], dtype=getattr(torch, spec["dtype"]), device="meta")
+
+
+def _placeholder(spec: Mapping[str, Any], device: torch.device) -> torch.Tensor:
+    """A real input of the recorded shape and dtype: zeros for indices (always valid token ids),
+    seeded normal values otherwise."""
+    dtype = getattr(torch, spec["dtype"])
+    if dtype.is_floating_point or dtype.is_complex:
+        return torch.randn(spec["shape"], generator=torch.Generator().manual_seed(0), dtype=dtype).to(device)
+    return torch.zeros(spec["shape"], dtype=dtype, device=device)
+
+
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def record_capture(result: nn.Module, graph: PruneGraph) -> None:
+    """Add to ``result``'s layout what ``load_state_dict`` needs to trace a fresh model the same
+    way: the front-end and the keyword inputs (tensors by shape and dtype, plain values as they
+    are; others, which a file cannot hold, are left out)."""
+    layout = layout_of(result)
+    if layout is None:
+        return
+    if graph.frontend == "fx" and not graph.example_kwargs:  # the default; not what an earlier capture recorded
+        layout.pop("frontend", None)
+        layout.pop("kwargs", None)
+        return
+    kwargs: dict[str, Any] = {}
+    for k, v in graph.example_kwargs.items():
+        if isinstance(v, torch.Tensor):
+            kwargs[k] = {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
+        elif isinstance(v, _PLAIN):
+            kwargs[k] = {"value": v}
+    layout["frontend"], layout["kwargs"] = graph.frontend, kwargs
 
 
 def _with_folded_biases(model: nn.Module, layout: dict[str, Any]) -> nn.Module:
@@ -139,6 +181,19 @@ def _checked_state(state: Any) -> tuple[dict[str, Any] | None, Mapping[str, torc
         _check_dims(where + "['shape']", x.get("shape"), minimum=0)
         if not isinstance(x.get("dtype"), str) or not isinstance(getattr(torch, x["dtype"], None), torch.dtype):
             raise PruneFxError(f"{where}['dtype'] is {x.get('dtype')!r}, not a torch dtype name such as 'float32': {_HINT}")
+    if layout.get("frontend", "auto") not in ("auto", "fx", "export"):
+        raise PruneFxError(f"checkpoint['prunefx']['frontend'] is {layout.get('frontend')!r}, not 'fx' or 'export': {_HINT}")
+    kwargs = layout.get("kwargs", {})
+    if not isinstance(kwargs, Mapping):
+        raise PruneFxError(f"checkpoint['prunefx']['kwargs'] is a {type(kwargs).__name__}, not a dict: {_HINT}")
+    for k, v in kwargs.items():
+        where = f"checkpoint['prunefx']['kwargs'][{k!r}]"
+        if not isinstance(k, str) or not isinstance(v, Mapping) or not ("shape" in v or isinstance(v.get("value", ()), _PLAIN)):
+            raise PruneFxError(f"{where} must be a dict with 'shape' and 'dtype', or with a plain 'value': {_HINT}")
+        if "shape" in v:
+            _check_dims(where + "['shape']", v["shape"], minimum=0)
+            if not isinstance(v.get("dtype"), str) or not isinstance(getattr(torch, v["dtype"], None), torch.dtype):
+                raise PruneFxError(f"{where}['dtype'] is {v.get('dtype')!r}, not a torch dtype name such as 'int64': {_HINT}")
     tensors = layout.get("tensors")
     if not isinstance(tensors, Mapping):
         raise PruneFxError(f"checkpoint['prunefx']['tensors'] is a {type(tensors).__name__}, not a dict: {_HINT}")

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from prunefx.analysis.propagate import Role
+from prunefx.checkpoint import record_capture
 from prunefx.errors import MaskError, ReconfigureError
 from prunefx.frontends.detection import emit_detection, is_detection
 from prunefx.graph import PruneGraph, trace
@@ -105,6 +106,7 @@ def reconfigure(
         from prunefx.emit import emit_module
 
         state.result = emit_module(model, g, state)
+    record_capture(state.result, g)  # how load_state_dict traces a fresh model alike (export: keyword inputs)
     if optimizer is not None:
         from prunefx.optim import repoint_optimizer
 

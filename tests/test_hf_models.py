@@ -279,3 +279,25 @@ def test_qwen2_moe_shared_expert_and_heads(tmp_path) -> None:
     again = transformers.Qwen2MoeForCausalLM.from_pretrained(tmp_path)
     _same_outputs(again, small, (x,), {"use_cache": False})
     _generates_alike(again, prunefx.apply_mask(copy.deepcopy(model), mask, graph=graph), x)
+
+
+@pytest.mark.parametrize("family", ["llama_gqa", "gpt2"])
+def test_prunefx_checkpoint_of_a_causal_lm(family: str, tmp_path) -> None:
+    """prunefx.state_dict / load_state_dict: the layout records the front-end and the keyword
+    inputs (use_cache=False), so a fresh model is traced as the pruned one was."""
+    make, kwargs, _, _, inputs = FAMILIES[family]
+    torch.manual_seed(0)
+    model = _randomize(make())
+    x, other, _ = inputs()
+    graph = prunefx.trace(model, (x,), example_kwargs=kwargs, frontend="export")
+    small = prunefx.reconfigure(model, _uneven(prunefx.masks.random(graph, 0.5, exact_only=True, seed=0)), graph=graph)
+    state = prunefx.state_dict(small)
+    assert state["prunefx"]["frontend"] == "export" and state["prunefx"]["kwargs"] == {"use_cache": {"value": False}}
+    torch.save(state, tmp_path / "small.pt")
+    back = prunefx.load_state_dict(make().eval(), torch.load(tmp_path / "small.pt", weights_only=True))
+    assert type(back) is type(model) and _sizes(back) == _sizes(small)
+    _same_outputs(back, small, (x, other), kwargs)
+
+    state["prunefx"]["kwargs"] = {"use_cache": {"value": object()}}
+    with pytest.raises(prunefx.PruneFxError, match=r"\['kwargs'\]\['use_cache'\]"):
+        prunefx.load_state_dict(make().eval(), state)
