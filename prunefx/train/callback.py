@@ -69,7 +69,9 @@ class PruneTrain:
 
     ``example_inputs`` should be a real batch (the constant folds are measured on it; it is
     also what shapes are traced with). ``ratio`` is the lasso's share of the first loss,
-    ``threshold`` the magnitude under which a channel counts as zero.
+    ``threshold`` the magnitude under which a channel counts as zero. ``example_kwargs``: the
+    keyword inputs of ``forward`` every trace and shrink is given (``{"use_cache": False}`` for
+    a transformers causal LM, captured by the export front-end).
     """
 
     model: nn.Module
@@ -90,6 +92,7 @@ class PruneTrain:
     schedulers: Sequence[Any] = ()
     scaler: Any = None
     boundary: StepBoundary | None = field(default=None, repr=False)
+    example_kwargs: dict[str, Any] | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
         if self.mode not in ("penalty", "proximal"):
@@ -99,8 +102,8 @@ class PruneTrain:
         if is_fsdp(self.model):
             self._check_fsdp()
         if self.lasso is None:
-            graph = trace(gather(self.model), self.example_inputs) if is_fsdp(self.model) else None  # FSDP: no rank holds the model
-            self.lasso = GroupLasso(self.module, self.example_inputs, graph=graph, ratio=self.ratio)
+            graph = trace(gather(self.model), self.example_inputs, **self._kw) if is_fsdp(self.model) else None  # FSDP: no rank holds the model
+            self.lasso = GroupLasso(self.module, self.example_inputs, graph=graph, ratio=self.ratio, example_kwargs=self.example_kwargs)
         if self.boundary is None:
             self.boundary = StepBoundary(self.module, self.optimizers)
 
@@ -172,7 +175,7 @@ class PruneTrain:
             small, report, graph = self._reconfigure_fsdp(x, mask)
         else:
             small, report = shrink(self.model, mask, example_inputs=x, optimizer=self.optimizers, threshold=self.threshold,
-                                   **self._loop_state())
+                                   **self._kw, **self._loop_state())
         event = Reconfiguration(epoch, report)
         self.history.append(event)
         if self.verbose:
@@ -180,7 +183,7 @@ class PruneTrain:
         if report.changed:
             self.model = small
             assert self.lasso is not None
-            self.lasso = self.lasso.rebind(self.module, x, graph=graph)
+            self.lasso = self.lasso.rebind(self.module, x, graph=graph, **self._kw)
             assert self.boundary is not None
             self.boundary.watch(self.module)
             for callback in self.on_change:
@@ -193,7 +196,7 @@ class PruneTrain:
         from prunefx.distributed import _broadcast_decision, reconfigure_ddp
 
         assert isinstance(self.model, DistributedDataParallel)
-        graph = trace(self.module, x)  # one trace serves the mask and the shrink
+        graph = trace(self.module, x, **self._kw)  # one trace serves the mask and the shrink
         mask, _ = _broadcast_decision(from_zeros(graph, self.threshold), "union", 0, self.model.process_group)
         if not mask:
             return self.model, ShrinkReport(changed=False)
@@ -202,7 +205,7 @@ class PruneTrain:
         def rewrite(module: nn.Module, mask: Any, *, optimizer: Any = None, **kw: Any) -> nn.Module:
             optimizers = None if optimizer is None else self.optimizers
             small, report = shrink(module, mask, threshold=self.threshold, graph=graph, optimizer=optimizers,
-                                   **self._loop_state(), **kw)
+                                   **self._kw, **self._loop_state(), **kw)
             reports.append(report)
             return small
 
@@ -231,10 +234,11 @@ class PruneTrain:
         graphs: list[Any] = []
 
         def rewrite(module: nn.Module, mask: Any, *, optimizer: Any = None, example_inputs: Any = None, **kw: Any) -> nn.Module:
-            small, report = shrink(module, mask, example_inputs=example_inputs, threshold=self.threshold, optimizer=optimizer, **kw)
+            small, report = shrink(module, mask, example_inputs=example_inputs, threshold=self.threshold, optimizer=optimizer,
+                                   **self._kw, **kw)
             reports.append(report)
             if report.changed:
-                graphs.append(trace(small, example_inputs))
+                graphs.append(trace(small, example_inputs, **self._kw))
             return small
 
         # a mask given by the caller is rank 0's, as under DDP; without one every rank finds the
@@ -242,6 +246,11 @@ class PruneTrain:
         small = reconfigure_fsdp(self.model, mask, example_inputs=x, optimizer=self.optimizer,
                                  src=None if mask is None else 0, rewrite=rewrite)
         return small, reports[0], graphs[0] if graphs else None
+
+    @property
+    def _kw(self) -> dict[str, Any]:
+        """``example_kwargs=`` for trace and shrink when given (none: the fx front-end, as before)."""
+        return {"example_kwargs": self.example_kwargs} if self.example_kwargs else {}
 
     def _loop_state(self) -> dict[str, Any]:
         return {"ema": self.ema, "scaler": self.scaler, "schedulers": self.schedulers, "boundary": self.boundary}

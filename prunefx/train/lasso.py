@@ -77,7 +77,8 @@ class GroupLasso:
     returns ``R(W)`` alone. ``ratio`` is r; pass ``lam`` to fix lambda yourself.
     ``exact_only`` (default) leaves approximate groups (LayerNorm over channels) out, as
     ``from_zeros`` does. Parameters are looked up on ``model``, so the penalty's gradient
-    flows to the model being trained.
+    flows to the model being trained. ``example_kwargs``: keyword inputs of ``forward`` for the
+    trace (``{"use_cache": False}`` for a transformers model: the export front-end captures it).
     """
 
     def __init__(
@@ -90,6 +91,7 @@ class GroupLasso:
         lam: float | None = None,
         exact_only: bool = True,
         groups: Iterable[str] | None = None,
+        example_kwargs: dict[str, Any] | None = None,
     ) -> None:
         if not 0.0 < ratio < 1.0:
             raise ValueError(f"ratio is the penalty's share of the total loss at the first step, in (0, 1); got {ratio}")
@@ -98,7 +100,9 @@ class GroupLasso:
         self.exact_only = exact_only
         self.only = None if groups is None else tuple(groups)
         self.example_inputs = example_inputs
-        graph = trace(model, example_inputs) if graph is None else graph
+        self.example_kwargs = example_kwargs
+        kw = {"example_kwargs": example_kwargs} if example_kwargs else {}
+        graph = trace(model, example_inputs, **kw) if graph is None else graph
         chosen = [g for g in graph.groups if g.prunable and (g.exact or not exact_only)]
         if self.only is not None:
             chosen = [g for g in chosen if g.name in self.only]
@@ -106,10 +110,13 @@ class GroupLasso:
         self.num_channels = sum(g.size for g in chosen)
         self._terms = _terms(model, chosen)
 
-    def rebind(self, model: nn.Module, example_inputs: Any = None, *, graph: PruneGraph | None = None) -> GroupLasso:
+    def rebind(self, model: nn.Module, example_inputs: Any = None, *, graph: PruneGraph | None = None,
+               example_kwargs: dict[str, Any] | None = None) -> GroupLasso:
         """The same regulariser (same lambda, ratio and options) on a reconfigured model."""
         x = self.example_inputs if example_inputs is None else example_inputs
-        return GroupLasso(model, x, graph=graph, ratio=self.ratio, lam=self.lam, exact_only=self.exact_only, groups=self.only)
+        kwargs = self.example_kwargs if example_kwargs is None else example_kwargs
+        return GroupLasso(model, x, graph=graph, ratio=self.ratio, lam=self.lam, exact_only=self.exact_only, groups=self.only,
+                          example_kwargs=kwargs)
 
     def _squares(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Sum of squares of each lasso group (one entry per channel of ``self.groups``, in

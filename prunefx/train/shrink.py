@@ -99,6 +99,7 @@ def shrink(
     mask: Mapping[str, Any] | None = None,
     *,
     example_inputs: Any,
+    example_kwargs: dict[str, Any] | None = None,
     optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
     threshold: float = 1e-4,
     policy: str = "union",
@@ -110,7 +111,10 @@ def shrink(
 ) -> tuple[nn.Module, ShrinkReport]:
     """Remove the channels ``mask`` drops (default: ``from_zeros(model, threshold)``),
     folding their constants and removing starved branches; returns ``(new model, report)``.
-    ``example_inputs`` should be a real batch: the folds are measured on it. ``optimizer``
+    ``example_inputs`` should be a real batch: the folds are measured on it.
+    ``example_kwargs``: keyword inputs of ``forward`` for every trace and the rewrite (e.g.
+    ``{"use_cache": False}`` for a transformers model, which the export front-end captures);
+    the folds, starved branches and FLOPs run ``model(*example_inputs)`` alone. ``optimizer``
     may be a list (all re-pointed); ``ema``, ``scaler``, ``schedulers``, ``boundary``: see
     the module docstring. A ``torch.compile``d model comes back compiled alike."""
     start = time.perf_counter()
@@ -125,7 +129,8 @@ def shrink(
     model, compiled = unwrap_compiled(model)
     for e in emas:
         check_ema(e, model)
-    graph = trace(model, x) if graph is None else graph
+    kw = {"example_kwargs": example_kwargs} if example_kwargs else {}  # none: the fx front-end, as before
+    graph = trace(model, x, **kw) if graph is None else graph
     mask = from_zeros(graph, threshold) if mask is None else mask
     if not mask:
         return compiled_model, ShrinkReport(changed=False)
@@ -146,15 +151,15 @@ def shrink(
     gm, branches = remove_starved(model, graph, keep, x)
     if gm is not None:
         _drop_from_optimizer(primary, model, gm)
-        target, new_graph = gm, trace(gm, x)
+        target, new_graph = gm, trace(gm, x, **kw)
         new_mask = _mask_by_tensor(graph, new_graph, keep)
     elif fold.new_parameters:  # a new bias must be sliced with its layer's outputs: trace again to see it
-        target, new_graph = model, trace(model, x)
+        target, new_graph = model, trace(model, x, **kw)
         new_mask = _mask_by_tensor(graph, new_graph, keep)
     else:
         target, new_graph = model, graph
         new_mask = {g.name: torch.from_numpy(keep.of(g.slots)) for g in graph.groups if not keep.of(g.slots).all()}
-    small = reconfigure(target, new_mask, example_inputs=x, optimizer=primary, policy=policy, graph=new_graph)
+    small = reconfigure(target, new_mask, example_inputs=x, optimizer=primary, policy=policy, graph=new_graph, **kw)
     for opt in optimizers[1:]:  # by tensor name, through the layouts: the rewrite re-points one optimizer
         follow_optimizer(opt, model, small)
     delta = fold_delta(model, snapshot) if emas else {}

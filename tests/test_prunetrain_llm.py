@@ -1,0 +1,131 @@
+"""PruneTrain on a tiny random-init transformers causal LM (Llama, GQA): the group lasso over
+attention heads (a KV head with its query heads) and MLP channels, traced with the export
+front-end (``example_kwargs={"use_cache": False}``), periodic shrinks during AdamW training,
+the model staying a ``LlamaForCausalLM`` whose config and per-layer sizes follow."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import transformers
+
+import prunefx
+import prunefx.transformers
+from prunefx.provenance import layout_of
+
+VOCAB = 128
+KW = {"use_cache": False}
+
+
+def _llama() -> transformers.LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def _batch() -> torch.Tensor:
+    return torch.randint(0, VOCAB, (8, 16), generator=torch.Generator().manual_seed(0))
+
+
+def _sizes(model) -> list[tuple[int, int, int]]:
+    return [(s.num_attention_heads, s.num_key_value_heads, s.intermediate_size) for s in prunefx.transformers.layer_sizes(model)]
+
+
+def _loss(model, x) -> float:
+    with torch.no_grad():
+        return float(model(input_ids=x, labels=x, **KW).loss)
+
+
+def _kept(model, name: str, shape: torch.Size) -> list[torch.Tensor]:
+    """Per dim of tensor ``name``, the indices of the original model it holds (layout records)."""
+    entry = ((layout_of(model) or {}).get("tensors") or {}).get(name)
+    kept = {} if entry is None else entry["kept"]
+    return [torch.as_tensor(kept[d]) if kept.get(d) is not None else torch.arange(n) for d, n in enumerate(shape)]
+
+
+def _sliced(t: torch.Tensor, old: list[torch.Tensor], new: list[torch.Tensor]) -> torch.Tensor:
+    """``t`` (a tensor of the pre-shrink model) at the indices the shrunk model kept."""
+    for d, (o, n) in enumerate(zip(old, new, strict=True)):
+        at = torch.searchsorted(o, n)
+        assert torch.equal(o[at], n), "the shrunk model holds an index the model before it did not"
+        t = t.index_select(d, at)
+    return t
+
+
+def test_lasso_and_proximal_steps_on_a_causal_lm():
+    """The lasso's groups are the heads and MLP channels of every layer, found through the
+    export front-end, and proximal steps put MLP channels at exact zeros."""
+    model, x = _llama(), _batch()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    lasso = prunefx.train.GroupLasso(model, (x,), example_kwargs=KW, lam=20.0)
+    pt = prunefx.train.PruneTrain(model, opt, example_inputs=(x,), example_kwargs=KW, mode="proximal", lasso=lasso)
+    assert [g.name for g in lasso.groups] == [f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn.q_proj", "mlp.gate_proj")]
+    assert lasso.num_channels == 2 * (2 + 96)  # a slot is a KV head with its 2 query heads
+    for _ in range(30):
+        loss = model(input_ids=x, labels=x, **KW).loss
+        opt.zero_grad()
+        pt.regularize(loss).backward()
+        opt.step()
+        pt.after_step()
+    zeros = {name: int((n == 0).sum()) for name, n in lasso.channel_norms().items()}
+    assert sum(zeros.values()) > 0, zeros
+
+
+@pytest.mark.xfail(strict=True, raises=prunefx.PruneFxError, reason=(
+    "prunefx/train/fold.py: _contribution leaves a Linear's (batch, seq, features) output channels-last, so _constant_of "
+    "takes the sequence dim for the channels and down_proj gets a bias of sequence length (the re-trace fails); and a zero "
+    "constant still gives a bias-free reader a new bias, which a LlamaForCausalLM (mlp_bias=False) cannot express"))
+def test_prunetrain_shrinks_a_causal_lm_and_adamw_follows():
+    model, x = _llama(), _batch()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    lasso = prunefx.train.GroupLasso(model, (x,), example_kwargs=KW, lam=10.0)  # strong: MLP channels die within 20 steps
+    pt = prunefx.train.PruneTrain(model, opt, example_inputs=(x,), example_kwargs=KW, every=1, start_after=1, stop_after=4,
+                                  mode="proximal", lasso=lasso, threshold=1e-8)
+    shrinks: list[dict] = []
+    warnings.simplefilter("ignore")
+    for epoch in range(5):  # shrinks after epochs 1, 2 and 3; epoch 4 trains the last architecture
+        model = pt.model
+        model.train()
+        for _ in range(10):
+            loss = model(input_ids=x, labels=x, **KW).loss
+            opt.zero_grad()
+            pt.regularize(loss).backward()
+            opt.step()
+            pt.after_step()
+        if shrinks and "loss_after" not in shrinks[-1]:
+            shrinks[-1]["loss_after"] = _loss(model, x)
+        if not pt.due(epoch):
+            continue
+        before = {"loss": _loss(model, x), "sizes": _sizes(model), "model": copy.deepcopy(model).eval(),
+                  "kept": {n: _kept(model, n, p.shape) for n, p in model.named_parameters()},
+                  "state": {n: {k: v.clone() for k, v in opt.state[p].items()} for n, p in model.named_parameters()}}
+        small = pt.epoch_end(epoch)
+        if small is model:
+            continue
+        assert type(small) is transformers.LlamaForCausalLM  # emit="auto": the module emitter
+        sizes = _sizes(small)
+        assert sizes != before["sizes"] and all(a <= b for s, t in zip(sizes, before["sizes"], strict=True) for a, b in zip(s, t, strict=True))
+        for layer, (heads, kv, inter) in zip(small.model.layers, sizes, strict=True):
+            assert layer.mlp.gate_proj.out_features == layer.mlp.down_proj.in_features == inter
+            assert layer.self_attn.q_proj.out_features == heads * small.config.head_dim
+            assert layer.self_attn.k_proj.out_features == kv * small.config.head_dim
+        small.eval()
+        with torch.no_grad():  # the removed channels were exact zeros: the same function
+            torch.testing.assert_close(small(input_ids=x, **KW).logits, before["model"](input_ids=x, **KW).logits, atol=1e-5, rtol=1e-5)
+        params = dict(small.named_parameters())
+        assert set(params) <= set(before["state"]), "a constant fold gave a bias-free Linear of the Llama a bias"
+        assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in params.values()}
+        for name, p in params.items():  # AdamW's state: the pre-shrink state at the kept indices, exactly
+            old_state, new_state = before["state"][name], opt.state[p]
+            new_kept = _kept(small, name, p.shape)
+            assert torch.equal(new_state["step"], old_state["step"])
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(new_state[key], _sliced(old_state[key], before["kept"][name], new_kept)), (name, key)
+        shrinks.append({"epoch": epoch, "before": before["sizes"], "after": sizes, "loss": before["loss"], "loss_at_shrink": _loss(small, x)})
+    assert shrinks, "no shrink removed a head or an MLP channel"
+    for s in shrinks:
+        assert s["loss_after"] < s["loss_at_shrink"], s  # training goes on improving the smaller model
