@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import warnings
 
-import pytest
 import torch
 import transformers
 
@@ -75,10 +74,6 @@ def test_lasso_and_proximal_steps_on_a_causal_lm():
     assert sum(zeros.values()) > 0, zeros
 
 
-@pytest.mark.xfail(strict=True, raises=prunefx.PruneFxError, reason=(
-    "prunefx/train/fold.py: _contribution leaves a Linear's (batch, seq, features) output channels-last, so _constant_of "
-    "takes the sequence dim for the channels and down_proj gets a bias of sequence length (the re-trace fails); and a zero "
-    "constant still gives a bias-free reader a new bias, which a LlamaForCausalLM (mlp_bias=False) cannot express"))
 def test_prunetrain_shrinks_a_causal_lm_and_adamw_follows():
     model, x = _llama(), _batch()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)

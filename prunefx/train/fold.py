@@ -133,7 +133,10 @@ def fold_constants(model: nn.Module, graph: PruneGraph, keep: Keep, example_inpu
             x = seen[0]
             contribution, out = _contribution(m, x, torch.as_tensor(removed, device=x.device))
             const, residual = _constant_of(contribution)
-            target = _fold_into(model, modules, users, name, m, const, new_params)
+            if m.bias is None and float(const.abs().max()) <= 1e-7 * max(1.0, float(out.abs().max())):
+                target = "nothing (the constant is zero)"  # no new bias the model's class may not hold (Llama's mlp_bias=False)
+            else:
+                target = _fold_into(model, modules, users, name, m, const, new_params)
             folds.append(Fold(
                 module=name, target=target, removed_inputs=int(removed.sum()), max_abs=float(const.abs().max()),
                 residual=residual, scale=float(out.abs().max()), exact=_unpadded(m),
@@ -163,9 +166,9 @@ def _capture_inputs(model: nn.Module, names: list[str], example_inputs: Any) -> 
 
 def _contribution(m: nn.Module, x: torch.Tensor, removed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(what the removed inputs add to ``m``'s output, ``m``'s whole output)."""
-    if isinstance(m, nn.Linear):
+    if isinstance(m, nn.Linear):  # features last: moved to dim 1, where a conv has its channels
         xd = x * removed.to(x.dtype)
-        return F.linear(xd, m.weight), F.linear(x, m.weight, m.bias).movedim(-1, 1)
+        return F.linear(xd, m.weight).movedim(-1, 1), F.linear(x, m.weight, m.bias).movedim(-1, 1)
     shape = [1, -1] + [1] * (x.dim() - 2)
     xd = x * removed.to(x.dtype).view(shape)
     return m._conv_forward(xd, m.weight, None), m(x)
@@ -173,8 +176,7 @@ def _contribution(m: nn.Module, x: torch.Tensor, removed: torch.Tensor) -> tuple
 
 def _constant_of(contribution: torch.Tensor) -> tuple[torch.Tensor, float]:
     """Per output channel: the median over batch and positions, and the largest deviation."""
-    c = contribution.movedim(-1, 1) if contribution.dim() == 2 else contribution
-    flat = c.movedim(1, 0).reshape(c.shape[1], -1)
+    flat = contribution.movedim(1, 0).reshape(contribution.shape[1], -1)
     const = flat.median(dim=1).values
     residual = float((flat - const[:, None]).abs().max()) if flat.numel() else 0.0
     return const, residual
