@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) examples/demo.py
 
-# Models of about 12 GB at their peak (ViT-H/14, RegNetY-128GF; marker `huge`) run alone
+# The two largest zoo models (ViT-H/14, RegNetY-128GF, 2.5 GB of weights; up to ~6 GB at their peak; marker `huge`) run alone
 # after the rest, so two of them, or one beside a busy worker, never share the memory.
 # MALLOC_MMAP_THRESHOLD_ makes freed weights go back to the OS between tests.
 test: $(STAMP) system-deps

@@ -30,7 +30,7 @@ HUGE = {"regnet_y_128gf", "regnet_y_32gf", "regnet_x_32gf", "regnet_y_16gf", "vg
         "vit_h_14", "vit_l_16", "vit_l_32", "swin_b", "swin_v2_b", "convnext_large", "swin3d_b",
         "mvit_v1_b", "mvit_v2_s", "maxvit_t"}
 
-# About 12 GB at their peak each (measured): `make test` runs their tests alone, after the rest
+# Up to ~6 GB at their peak each (two models in memory at once, see check_exact): `make test` runs their tests alone, after the rest
 # (marker `huge`), so they never share the machine's memory with another worker.
 GIANT = frozenset({"vit_h_14", "regnet_y_128gf"})
 
