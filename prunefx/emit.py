@@ -364,25 +364,27 @@ class _eval:
             m.training = flag
 
 
-def _tensor_leaves(out: Any) -> list[torch.Tensor]:
+def tensor_leaves(out: Any) -> list[torch.Tensor]:
     return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
 def _compare(got: Any, ref: Any) -> str | None:
     """What differs between two outputs, or None."""
-    a, b = _tensor_leaves(got), _tensor_leaves(ref)
+    a, b = tensor_leaves(got), tensor_leaves(ref)
     if len(a) != len(b):
         return f"the model returns {len(a)} tensors where the pruned graph returns {len(b)}"
     for i, (x, y) in enumerate(zip(a, b, strict=True)):
-        problem = _differs(x, y)
+        problem = differs(x, y)
         if problem:
             return f"output tensor {i}: {problem}"
     return None
 
 
-def _differs(x: torch.Tensor, y: torch.Tensor) -> str | None:
+def differs(x: torch.Tensor, y: torch.Tensor, reference: str = "the pruned graph") -> str | None:
+    """How ``x`` differs from ``y`` (shape; values beyond 1e-4 x max(1, max|y|); integers
+    exactly), or None."""
     if x.shape != y.shape:
-        return f"shape {tuple(x.shape)} where the pruned graph has {tuple(y.shape)}"
+        return f"shape {tuple(x.shape)} where {reference} has {tuple(y.shape)}"
     if x.device.type == "meta" or y.device.type == "meta" or x.numel() == 0:
         return None
     if not (x.is_floating_point() or x.is_complex()):
@@ -486,7 +488,7 @@ class _Diverged(Exception):
 
 
 def _snapshot(x: Any) -> list[torch.Tensor]:
-    return [t.detach().clone() for t in _tensor_leaves(x)]  # in-place ops later would change them
+    return [t.detach().clone() for t in tensor_leaves(x)]  # in-place ops later would change them
 
 
 def _record_calls(reference: nn.Module, args: tuple, kwargs: dict) -> dict[tuple[str, int], _Call]:
@@ -532,13 +534,13 @@ def _first_divergence(
     its own input on (a Sequential does), a differing output (from equal inputs) by the
     module's own forward."""
     expected = _record_calls(reference, args, kwargs)
-    stack: list[tuple[str, set[int]]] = [("", {id(t) for t in _tensor_leaves((args, kwargs))})]
+    stack: list[tuple[str, set[int]]] = [("", {id(t) for t in tensor_leaves((args, kwargs))})]
     seen: dict[str, int] = {}
     handles = []
 
     def pre(name: str) -> Callable[..., None]:
         def hook(_m: nn.Module, a: tuple, kw: dict) -> None:
-            inputs = _tensor_leaves((a, kw))
+            inputs = tensor_leaves((a, kw))
             callers = list(stack)
             stack.append((name, {id(t) for t in inputs}))
             k = seen[name] = seen.get(name, -1) + 1
@@ -559,7 +561,7 @@ def _first_divergence(
             call = expected.get((name, seen[name]))
             if call is None or call.outputs is None:
                 return
-            problem = _compare_lists(_tensor_leaves(out), call.outputs)
+            problem = _compare_lists(tensor_leaves(out), call.outputs)
             if problem:
                 raise _Diverged(
                     f"{_describe(small, name)} computes its output from the right input ({problem})"
@@ -596,7 +598,7 @@ def _compare_lists(got: list[torch.Tensor], ref: list[torch.Tensor]) -> str | No
     if len(got) != len(ref):
         return f"{len(got)} tensors where the pruned graph has {len(ref)}"
     for x, y in zip(got, ref, strict=True):
-        problem = _differs(x, y)
+        problem = differs(x, y)
         if problem:
             return problem
     return None

@@ -38,7 +38,6 @@ import sys
 from typing import Any
 
 import torch
-import torch.utils._pytree as pytree
 from torch import nn
 
 from prunefx.errors import ReconfigureError, TraceError
@@ -340,17 +339,13 @@ def _compare_structure(want: list[dict[str, torch.Tensor]], got: list[dict[str, 
 
 
 def _compare_values(name: str, want: list[Any], got: list[Any]) -> str | None:
-    ws, gs = pytree.tree_leaves(want), pytree.tree_leaves(got)
+    from prunefx.emit import differs, tensor_leaves
+
+    ws, gs = tensor_leaves(want), tensor_leaves(got)
     if len(ws) != len(gs):
         return f"'{name}' was called with different results ({len(gs)} tensors instead of {len(ws)})"
     for w, g in zip(ws, gs, strict=True):
-        if not isinstance(w, torch.Tensor):
-            continue
-        if w.shape != g.shape:
-            return f"'{name}' gives shape {tuple(g.shape)} instead of {tuple(w.shape)}"
-        if w.numel():
-            tol = 1e-4 * max(1.0, float(w.abs().max()))
-            diff = float((w.float() - g.float()).abs().max())
-            if diff > tol:
-                return f"'{name}' differs by {diff:.3g} (tolerance {tol:.3g})"
+        problem = differs(g, w, reference="the masked model")
+        if problem:
+            return f"'{name}': {problem}"
     return None
