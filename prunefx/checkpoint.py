@@ -74,12 +74,15 @@ def load_state_dict(model: nn.Module, state: dict[str, Any], *, strict: bool = T
     _check_sizes(model, layout)
     model = _with_folded_biases(model, layout)
     frontend = layout.get("frontend", "auto")
-    # torch.export captures what the code computes from its inputs' values (GPT-2's causal
-    # mask): real placeholder inputs there, meta tensors (shapes only) for fx
-    device = next((t.device for t in (*model.parameters(), *model.buffers())), torch.device("cpu"))
-    make = _meta if frontend != "export" else lambda spec: _placeholder(spec, device)
-    inputs = tuple(make(x) for x in layout["inputs"])
-    kwargs = {k: make(v) if "shape" in v else v["value"] for k, v in layout.get("kwargs", {}).items()}
+    inputs = tuple(_meta(x) for x in layout["inputs"])
+    kwargs = {k: _meta(v) if "shape" in v else v["value"] for k, v in layout.get("kwargs", {}).items()}
+    if frontend == "export":  # it captures what the code computes from input values (GPT-2's causal mask): real ones
+        from prunefx.emit import placeholder
+
+        device = next((t.device for t in (*model.parameters(), *model.buffers())), torch.device("cpu"))
+        gen = torch.Generator().manual_seed(0)
+        inputs = tuple(placeholder(x, device, gen) for x in inputs)
+        kwargs = {k: placeholder(v, device, gen) for k, v in kwargs.items()}
     if is_detection(model):  # recorded: its surrogate's inputs; the rebuilt model is checked on real images of its own
         inputs, frontend = None, "auto"
     graph = trace(model, inputs, example_kwargs=kwargs, frontend=frontend)
@@ -99,15 +102,6 @@ def load_state_dict(model: nn.Module, state: dict[str, Any], *, strict: bool = T
 
 def _meta(spec: Mapping[str, Any]) -> torch.Tensor:
     return torch.empty(spec["shape"], dtype=getattr(torch, spec["dtype"]), device="meta")
-
-
-def _placeholder(spec: Mapping[str, Any], device: torch.device) -> torch.Tensor:
-    """A real input of the recorded shape and dtype: zeros for indices (always valid token ids),
-    seeded normal values otherwise."""
-    dtype = getattr(torch, spec["dtype"])
-    if dtype.is_floating_point or dtype.is_complex:
-        return torch.randn(spec["shape"], generator=torch.Generator().manual_seed(0), dtype=dtype).to(device)
-    return torch.zeros(spec["shape"], dtype=dtype, device=device)
 
 
 _PLAIN = (bool, int, float, str, type(None))

@@ -334,18 +334,24 @@ def _inputs(graph: PruneGraph, small: nn.Module) -> tuple[tuple[Any, ...], dict[
     gen = torch.Generator().manual_seed(0)
 
     def real(x: Any) -> Any:
-        if not isinstance(x, torch.Tensor):
-            return x
-        if x.device.type == "meta" and device.type != "meta":
-            if x.is_floating_point() or x.is_complex():
-                return torch.randn(x.shape, generator=gen, dtype=x.dtype).to(device)
-            return torch.zeros(x.shape, dtype=x.dtype, device=device)  # indices: 0 is always valid
-        return x.to(device)
+        return placeholder(x, device, gen)
 
     kwargs = getattr(graph, "example_kwargs", None) or {}
     return tuple(pytree.tree_map(real, tuple(graph.example_inputs))), pytree.tree_map(
         real, dict(kwargs)
     )
+
+
+def placeholder(x: Any, device: torch.device, gen: torch.Generator) -> Any:
+    """``x`` on ``device``; a meta tensor made real there (unless ``device`` is meta): seeded
+    normal values, zeros for indices (0 is always a valid token id or index)."""
+    if not isinstance(x, torch.Tensor):
+        return x
+    if x.device.type == "meta" and device.type != "meta":
+        if x.is_floating_point() or x.is_complex():
+            return torch.randn(x.shape, generator=gen, dtype=x.dtype).to(device)
+        return torch.zeros(x.shape, dtype=x.dtype, device=device)
+    return x.to(device)
 
 
 class _eval:

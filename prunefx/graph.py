@@ -40,12 +40,12 @@ class PruneGraph:
 
     def __init__(
         self, traced: Traced, shapes: Shapes, analysis: ChannelAnalysis, example_inputs: tuple[Any, ...], origin: dict | None = None,
-        example_kwargs: dict[str, Any] | None = None, model_inputs: Any = None,
+        example_kwargs: dict[str, Any] | None = None,
     ) -> None:
         self.traced = traced
         # the example inputs in the model's own calling convention, when the graph is of a
-        # surrogate (a torchvision detection model: its list of images)
-        self.model_inputs = model_inputs
+        # surrogate (a torchvision detection model: its list of images); set by the front-end
+        self.model_inputs: Any = None
         self.example_kwargs = dict(example_kwargs or {})  # keyword inputs of forward (export front-end)
         self.origin = origin  # channel layout of a model that was reconfigured before
         self.shapes = shapes

@@ -149,8 +149,6 @@ def refuse_foreign_graph(model: nn.Module, graph: Any, *, same_tensors: bool = T
     model's tensors were replaced, would build it from other weights), or at least a tensor
     of the same shape (``apply_mask`` only uses the graph's structure on ``model``'s own
     tensors: a graph of an identical copy is fine)."""
-    if getattr(graph, "model_inputs", None) is not None:
-        return  # a surrogate's graph (detection models): its names are not the model's
     own = dict((*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)))
     for gm in graph.traced.graphs:
         for name, t in (*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)):

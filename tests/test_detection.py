@@ -164,6 +164,8 @@ def test_detection_errors() -> None:
         prunefx.trace(det, torch.rand(96, 96))
     with pytest.raises(TraceError, match="keyword"):
         prunefx.trace(det, images, example_kwargs={"targets": None})
+    with pytest.raises(prunefx.MaskError, match="graph= was not traced from this model"):  # another instance's weights
+        prunefx.reconfigure(copy.deepcopy(det), mask, graph=prunefx.trace(det, images))
     det.extra = nn.Linear(2, 2)  # a module the standard forward never runs, but a subclass might
     with pytest.raises(ReconfigureError, match="parameter 'extra.weight'.*not on the paths"):
         prunefx.reconfigure(det, mask, example_inputs=images)
