@@ -192,3 +192,18 @@ def test_mask_sources_and_inspector_take_a_detector() -> None:
     assert 0.5 < n1 / n0 < 0.7
     report = prunefx.inspect(det, images)
     assert "FasterRCNN" in str(report)
+
+
+def test_api_check_catches_a_pruned_detector_that_differs(monkeypatch) -> None:
+    """The check before return can fail: against an unmasked reference (zeroing disabled), the
+    pruned model's heads differ, and nothing is returned or changed."""
+    import sys
+
+    det = _build("fasterrcnn_mobilenet_v3_large_fpn").float()
+    images = [i.float() for i in _images((96, 96))]
+    mask = _half_of_exact(prunefx.trace(det, images))
+    before = {k: v.clone() for k, v in det.state_dict().items()}
+    monkeypatch.setattr(sys.modules["prunefx.reconfigure"], "zero_dropped", lambda *args: None)
+    with pytest.raises(ReconfigureError, match="differs from the masked model on the example images: 'rpn.head'"):
+        prunefx.reconfigure(det, mask, example_inputs=images)
+    assert all(torch.equal(before[k], v) for k, v in det.state_dict().items())
