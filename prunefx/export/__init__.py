@@ -44,7 +44,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,7 @@ import torch
 from torch import nn
 
 from prunefx.errors import ExportError
+from prunefx.export.binding import _bind, _graph_module
 from prunefx.export.capture import (  # noqa: F401  _capture_*: tests swap an exporter in _CAPTURE
     _CAPTURE,
     DEFAULT_OPSET,
@@ -64,8 +65,10 @@ from prunefx.export.diagnostics import _combined, _reason
 from prunefx.export.inputs import (
     _as_inputs,
     _capture_inputs,
+    _dynamic_axes,
     _eval_mode,
     _input_names,
+    _output_axes,
     _output_names,
     _reference_batches,
 )
@@ -87,7 +90,9 @@ def export_onnx(
     path: str | os.PathLike[str],
     example_inputs: Any,
     *,
+    example_kwargs: Mapping[str, Any] | None = None,
     dynamic_batch: bool = True,
+    dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
     verify: bool = True,
     exporter: str = "auto",
     opset: int = DEFAULT_OPSET,
@@ -103,16 +108,25 @@ def export_onnx(
 ) -> ExportResult:
     """Write ``model`` as an ONNX file at ``path`` and, with ``verify``, check it in ONNX Runtime.
 
-    ``example_inputs``: a Tensor or a tuple of Tensors (other arguments: bind them in a wrapper
-    module). The model is exported in evaluation mode; its modes are restored afterwards and
-    nothing else about it changes.
+    ``example_inputs``: a Tensor or a tuple of Tensors, the positional inputs of forward.
+    ``example_kwargs``: its keyword inputs, as for ``prunefx.trace`` (e.g.
+    ``{"attention_mask": mask, "use_cache": False}``): tensors become graph inputs named by
+    their keyword, after the positional ones; other values (flags, None) are constants of the
+    graph. The graph's outputs are the tensors of forward's result, flattened (a transformers
+    ``ModelOutput`` gives ``logits``, ...); an output that is not a tensor (a transformers
+    cache) is an ExportError. The model is exported in evaluation mode; its modes are
+    restored afterwards and nothing else about it changes.
 
     - ``dynamic_batch``: dim 0 of every input and output is a symbolic "batch" axis (an
       example batch of 1 is traced at batch 2: exporters bake a size of 1 into reshapes).
-    - ``verify``: run the file in ONNX Runtime on ``example_inputs`` and, with
-      ``dynamic_batch``, on a batch of ``verify_batch`` (default: example batch + 2) random
-      inputs; raise ExportError naming the output, batch size and largest difference when
-      ``|onnx - torch| > atol + rtol * max|torch|``. ``rtol`` defaults to 1e-4 (1e-2 with fp16).
+    - ``dynamic_axes``: more symbolic axes, by input name (positional inputs are named after
+      forward's parameters, keyword inputs by keyword), e.g. ``{"input_ids": {1: "sequence"},
+      "attention_mask": {1: "sequence"}}``; one name, one size. Output axes follow.
+    - ``verify``: run the file in ONNX Runtime on ``example_inputs`` and, with dynamic axes,
+      on random inputs of other sizes (batch ``verify_batch``, default example batch + 2;
+      any other axis example + 3); raise ExportError naming the output, the sizes and the
+      largest difference when ``|onnx - torch| > atol + rtol * max|torch|``. ``rtol``
+      defaults to 1e-4 (1e-2 with fp16).
     - ``exporter``: "auto" (dynamo, then TorchScript when dynamo fails to export or to
       verify), "dynamo" or "torchscript".
     - ``simplify``: constant folding, redundant-node removal and Conv+BatchNorm fusion (ONNX
@@ -136,14 +150,17 @@ def export_onnx(
     target = _checked_target(Path(path))  # fail before the slow part
     if verify:
         check_device(device)
-    inputs = _as_inputs(example_inputs)
+    binding, inputs, keywords = _bind(model, _as_inputs(example_inputs), example_kwargs)  # graph inputs -> forward's arguments
+    in_names = _input_names(model, len(inputs) - len(keywords), None if example_kwargs is None else keywords, input_names)
+    axes = _dynamic_axes(inputs, in_names, dynamic_batch, dynamic_axes)
     rtol = (_FP16_RTOL if fp16 else 1e-4) if rtol is None else rtol
 
     with _eval_mode(model), torch.no_grad():
-        batches = _reference_batches(model, inputs, dynamic_batch, verify, verify_batch)  # PyTorch outputs, 1 or 2 batch sizes
-        in_names = _input_names(model, inputs, input_names)
+        batches = _reference_batches(binding, inputs, axes, verify, verify_batch)  # PyTorch outputs at 1 or 2 sets of sizes
         out_names = _output_names(batches[0], output_names)
-        traced_inputs = _capture_inputs(inputs, dynamic_batch)
+        axes = _output_axes(batches, axes, out_names)  # which output dims follow which input axis
+        traced_inputs = _capture_inputs(inputs, axes)
+        graph_fn = _graph_module(binding, batches[0].plain)  # the model, or a copy taking and returning flat tensors
         timings["reference"] = time.perf_counter() - started
 
         failures: list[str] = []
@@ -151,7 +168,7 @@ def export_onnx(
             try:
                 with _Staging(target) as stage:
                     t = time.perf_counter()
-                    proto, notes = _CAPTURE[name](model, traced_inputs, stage.scratch(), opset, in_names, out_names, dynamic_batch)  # trace + translate
+                    proto, notes = _CAPTURE[name](graph_fn, traced_inputs, stage.scratch(), opset, in_names, out_names, axes)  # trace + translate
                     timings[f"export ({name})"] = time.perf_counter() - t
                     t = time.perf_counter()
                     if simplify:
@@ -168,7 +185,7 @@ def export_onnx(
                     providers: list[str] = []
                     if verify:
                         t = time.perf_counter()
-                        diffs, providers = _verify(stage.file, batches, out_names, rtol, atol, device)  # ORT vs PyTorch
+                        diffs, providers = _verify(stage.file, batches, in_names, out_names, rtol, atol, device)  # ORT vs PyTorch
                         timings["verify"] = time.perf_counter() - t
                     stage.commit()  # atomic rename into place
             except ExportError as exc:
@@ -197,6 +214,8 @@ def export_onnx(
         max_abs_diff=None if diffs is None else diffs[0],
         max_rel_diff=None if diffs is None else diffs[1],
         verified_batches=tuple(b.size for b in batches) if verify else (),
+        verified_sizes=tuple(dict(b.sizes) for b in batches) if verify else (),
+        dynamic_axes=axes.by_name(in_names, out_names),
         providers=tuple(providers),
         warnings=tuple(notes),
         timings=timings,

@@ -18,11 +18,13 @@ import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from prunefx.errors import ExportError
 from prunefx.export.diagnostics import _exporter_failure
+from prunefx.export.inputs import _Axes
 
 __all__ = ["EXPORTERS", "DEFAULT_OPSET"]
 
@@ -38,42 +40,55 @@ def _exporter_order(exporter: str) -> tuple[str, ...]:
     raise ExportError(f"exporter must be 'auto', 'dynamo' or 'torchscript', got {exporter!r}")
 
 
-def _capture_dynamo(model, inputs, scratch: Path, opset, in_names, out_names, dynamic_batch):
+def _capture_dynamo(model, inputs, scratch: Path, opset, in_names, out_names, axes: _Axes):
     """torch.export, then onnxscript's translation of every aten op (and its graph optimizer)."""
     try:
         import onnxscript  # noqa: F401  the dynamo exporter's op library
     except ImportError as exc:
         raise ExportError(f"the dynamo exporter needs the onnxscript package, which is not installed ({exc}); pip install onnxscript") from exc
-    shapes = tuple({0: "batch"} for _ in inputs) if dynamic_batch else None
+    from prunefx.export.translations import _custom_translations
+
+    shapes = _dynamic_shapes(model, axes)
     with _quiet_loggers(), _exportable_kernels(), warnings.catch_warnings(record=True), _console_captured() as console:
         warnings.simplefilter("always")
         try:
             program = torch.onnx.export(
                 model, inputs, None, dynamo=True, opset_version=opset, input_names=in_names, output_names=out_names,
                 dynamic_shapes=shapes, optimize=True, verbose=False, report=False,
+                custom_translation_table=_custom_translations(opset) or None,
             )
             proto = program.model_proto
         except Exception as exc:
-            raise ExportError(_exporter_failure("dynamo", exc, model)) from exc
+            raise ExportError(_exporter_failure("dynamo", exc, model, inputs)) from exc
     _replay(console)
     return proto, []
 
 
-def _capture_torchscript(model, inputs, scratch: Path, opset, in_names, out_names, dynamic_batch):
+def _dynamic_shapes(model, axes: _Axes) -> tuple[Any, ...] | None:
+    """torch.export's ``dynamic_shapes``: an entry per input, ``{dim: name}`` (dims sharing a
+    name share one symbol). export_onnx's flat copy of a model takes every input through one
+    ``*inputs`` parameter, whose entry is the tuple of them."""
+    if not any(axes.inputs):
+        return None
+    per_input = tuple(dict(dims) or None for dims in axes.inputs)
+    return (per_input,) if "_prunefx_binding" in model.__dict__ else per_input
+
+
+def _capture_torchscript(model, inputs, scratch: Path, opset, in_names, out_names, axes: _Axes):
     """torch.jit.trace, then the TorchScript exporter's symbolic functions."""
     import onnx
     import torch.onnx
 
-    axes = {n: {0: "batch"} for n in (*in_names, *out_names)} if dynamic_batch else None
+    dynamic = axes.by_name(in_names, out_names) or None
     with _quiet_loggers(), _exportable_kernels(), warnings.catch_warnings(record=True) as caught, _console_captured() as console:
         warnings.simplefilter("always")
         try:
             torch.onnx.export(
                 model, inputs, str(scratch), dynamo=False, opset_version=min(opset, _torchscript_max_opset()),
-                input_names=in_names, output_names=out_names, dynamic_axes=axes, do_constant_folding=True,
+                input_names=in_names, output_names=out_names, dynamic_axes=dynamic, do_constant_folding=True,
             )
         except Exception as exc:
-            raise ExportError(_exporter_failure("torchscript", exc, model)) from exc
+            raise ExportError(_exporter_failure("torchscript", exc, model, inputs)) from exc
     _replay(console)
     notes = sorted({f"{w.category.__name__}: {w.message}" for w in caught if issubclass(w.category, torch.jit.TracerWarning)})
     return onnx.load(str(scratch)), notes

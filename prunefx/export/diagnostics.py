@@ -23,14 +23,14 @@ __all__: list[str] = []
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 
 
-def _exporter_failure(exporter: str, exc: BaseException, model: nn.Module) -> str:
+def _exporter_failure(exporter: str, exc: BaseException, model: nn.Module, inputs: tuple[Any, ...] = ()) -> str:
     """One paragraph: the operator the exporter cannot express and where the model calls it,
     or the exception's own summary."""
     text = _summary(exc)
     op = _unsupported_op(text)
     if op is None:
         return f"{type(exc).__name__}: {text}"
-    where = _locate(model, op)
+    where = _locate(model, op, inputs)
     return f"ONNX opset cannot express the operator '{op}' ({'called at ' + where if where else 'location unknown'}); {type(exc).__name__}: {text}"
 
 
@@ -67,27 +67,55 @@ def _unsupported_op(text: str) -> str | None:
     return None
 
 
-def _locate(model: nn.Module, op: str) -> str | None:
-    """Where ``model`` calls ``op``: the fx node, its module and source line (best effort)."""
+def _locate(model: nn.Module, op: str, inputs: tuple[Any, ...] = ()) -> str | None:
+    """Where ``model`` calls ``op``: the node, its module and source line (best effort), from
+    torch.fx's trace or, for models fx cannot trace (transformers), torch.export's on the
+    example inputs. ``model`` may be export_onnx's flat copy of the model (``binding.py``)."""
     from prunefx.tracing import describe_node, symbolic_trace
 
+    target, args, kwargs = model, tuple(inputs), {}
+    binding = model.__dict__.get("_prunefx_binding")  # export_onnx's flat copy of a model
+    if binding is not None:
+        target = binding.model
+        args, kwargs = binding.call(tuple(inputs))
     try:
-        traced = symbolic_trace(model)
+        traced = symbolic_trace(target)
     except Exception:
-        return None
+        traced = _export_traced(target, args, kwargs)
+        if traced is None:
+            return None
     short = op.split("::")[-1].split(".")[0]
     found = []
     for node in traced.module.graph.nodes:
-        if node.op not in ("call_function", "call_method") or _op_name(node.target).split("::")[-1] != short:
+        if node.op not in ("call_function", "call_method") or _op_name(node.target).split("::")[-1].split(".")[0] != short:
             continue
         stack = node.meta.get("nn_module_stack") or {}
         module = next(reversed(stack.values()), None) if stack else None
-        owner = f" in module '{module[0]}' ({module[1].__name__ if isinstance(module[1], type) else module[1]})" if module and module[0] else ""
+        owner = f" in module '{module[0]}' ({_type_name(module[1])})" if module and module[0] else ""
         loc = traced.sources.get(node)
         if loc is not None and loc.filename.startswith(_TORCH_DIR):
             loc = None  # a frame inside torch (e.g. the custom-op wrapper) says nothing about the model
         found.append(f"{describe_node(node, loc)}{owner}")
     return "; ".join(found[:3]) or None
+
+
+def _export_traced(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]):
+    """torch.export's graph of the model on its example inputs, or None."""
+    if not args and not kwargs:
+        return None
+    from prunefx.frontends.export import export_trace
+
+    try:
+        return export_trace(model, args, kwargs)[0]
+    except Exception:
+        return None
+
+
+def _type_name(t: Any) -> str:
+    """nn_module_stack holds the module's class (fx) or its qualified name as text (export)."""
+    if isinstance(t, type):
+        return t.__name__
+    return str(t).rsplit(".", 1)[-1].strip("'>")
 
 
 def _op_name(target: Any) -> str:
