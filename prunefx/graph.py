@@ -237,7 +237,7 @@ def _trace_export(model: nn.Module, args: tuple[Any, ...] | None, kwargs: dict[s
     args = args or ()
     traced, flat = export_trace(model, args, kwargs)
     shapes = propagate_shapes(traced, flat)
-    analysis = analyze(traced, shapes)
+    analysis = _model_constraints(model, analyze(traced, shapes))
     return PruneGraph(traced, shapes, analysis, args, origin=layout_of(model), example_kwargs=kwargs)
 
 
@@ -265,5 +265,17 @@ def _trace_fx(model: nn.Module, traced: Traced, example_inputs: Any) -> PruneGra
         )
         traced = dataclasses.replace(traced, other=None)
         shapes = propagate_shapes(traced, inputs)
-    analysis = analyze(traced, shapes)
+    analysis = _model_constraints(model, analyze(traced, shapes))
     return PruneGraph(traced, shapes, analysis, inputs, origin=layout_of(model))
+
+
+def _model_constraints(model: nn.Module, analysis: ChannelAnalysis) -> ChannelAnalysis:
+    """What the graph cannot say about the model: a transformers model keeps its heads
+    whole (``prunefx.transformers.heads``)."""
+    from prunefx.emit import is_transformers_model
+
+    if not is_transformers_model(model):
+        return analysis
+    from prunefx.transformers.heads import whole_heads
+
+    return whole_heads(model, analysis)

@@ -167,10 +167,12 @@ def reasons_table(rows: Iterable[GroupRow], limit: int | None = 10) -> Table:
 
 
 def report_renderable(title: str, t: Totals, groups: Sequence[GroupRow], layers: Sequence[LayerRow], *,
-                      group_limit: int | None = 25, layer_limit: int | None = 30) -> Group:
+                      group_limit: int | None = 25, layer_limit: int | None = 30, blocks: RenderableType | None = None) -> Group:
     parts: list[RenderableType] = [summary_table(title, t), Text("")]
     if any(g.reason for g in groups):
         parts += [reasons_table(groups), Text("")]
+    if blocks is not None:
+        parts += [blocks, Text("")]
     if group_limit != 0:
         parts += [groups_table(groups, group_limit), Text("")]
     if layer_limit != 0:

@@ -35,6 +35,7 @@ from torch import nn
 from prunefx.errors import PruneFxError
 from prunefx.graph import PruneGraph, trace
 from prunefx.inspector import render
+from prunefx.inspector.blocks import BlockRow, block_rows, blocks_table
 from prunefx.inspector.compare import Comparison, compare_rows
 from prunefx.inspector.costs import node_costs
 from prunefx.inspector.explain import Explanation, explain_group
@@ -61,7 +62,8 @@ class Inspector:
 
     Attributes: ``model``, ``graph`` (the ``PruneGraph``), ``layers`` (a ``LayerRow`` per fx
     node, graph order), ``groups`` (a ``GroupRow`` per channel group, graph order),
-    ``totals`` (``Totals``). Build it with ``prunefx.inspect``.
+    ``blocks`` (a ``BlockRow`` per layer of a transformers model: heads, KV heads, MLP
+    channels and their groups; empty for other models), ``totals`` (``Totals``). Build it with ``prunefx.inspect``.
     """
 
     def __init__(self, model: nn.Module, graph: PruneGraph) -> None:
@@ -73,6 +75,7 @@ class Inspector:
         self.totals: Totals = totals(self.layers, (), 0)  # FLOPs total, needed for the shares
         self.groups: tuple[GroupRow, ...] = group_rows(graph, self._index, costs, self.totals.flops)
         self.totals = totals(self.layers, self.groups, sum(p.numel() for p in model.parameters()))
+        self.blocks: tuple[BlockRow, ...] = block_rows(model, graph, self.layers, self.groups)
         self._groups_by_name = {g.name: g for g in self.groups}
         self._layers_by_name = {r.name: r for r in self.layers}
         self._modules = {r.target: r for r in reversed(self.layers) if r.op == "call_module"}  # first call wins
@@ -104,6 +107,11 @@ class Inspector:
         """Layers (nodes with a tensor output; every node with ``all_nodes``) as a rich Table."""
         return render.layers_table(self.layers, limit, all_nodes=all_nodes)
 
+    def blocks_table(self, limit: int | None = None) -> Table:
+        """A transformers model's blocks: heads, KV heads, head dim, MLP channels and the
+        groups that prune them, per layer (``prunefx.inspector.blocks``)."""
+        return blocks_table(self.blocks, limit)
+
     def reasons_table(self, limit: int | None = None) -> Table:
         """Each distinct reason for pinned/approximate groups, with the groups it applies to."""
         return render.reasons_table(self.groups, limit)
@@ -115,6 +123,7 @@ class Inspector:
     def renderable(self, *, groups: int | None = 25, layers: int | None = 30) -> RenderableType:
         """The report for ``rich.print`` / ``Console.print`` (with colour); 0 rows leaves a table out."""
         return render.report_renderable(f"prunefx inspect: {self.name}", self.totals, self.groups, self.layers,
+                                        blocks=self.blocks_table() if self.blocks else None,
                                         group_limit=groups, layer_limit=layers)
 
     def __rich__(self) -> RenderableType:

@@ -6,7 +6,7 @@ mask (``scope``, ``normalize``, ``min_keep``, ``round_to``, ``protect``, ``exact
 Only prunable groups are ever masked.
 
     criteria.py   magnitude (L1/L2), bn_scale (+ slimming_penalty), random, uniform
-    saliency.py   taylor, snip, gradient_flow (EarlyCroP)
+    saliency.py   taylor, snip, gradient_flow (EarlyCroP); causal_lm_loss for language models
     select.py     scores -> mask: local / global ranking and the keep-count rules
     cost.py       FLOPs / parameters of a mask, estimated and measured
     budget.py     to_budget(graph, criterion, flops=0.5 | params=0.5)
@@ -31,14 +31,14 @@ from prunefx.masks.cost import Cost, CostModel, estimate_cost, measure_cost
 from prunefx.masks.criteria import bn_scale, magnitude, random, slimming_penalty, uniform
 from prunefx.masks.interop import from_torch_prune, strip_torch_prune, to_torch_prune
 from prunefx.masks.layerwise import uniform_layers
-from prunefx.masks.saliency import gradient_flow, snip, taylor
+from prunefx.masks.saliency import causal_lm_loss, gradient_flow, snip, taylor
 from prunefx.masks.schedules import ACDC, Cubic, SoftMasking, WeightDistancePlateau, cubic_sparsity
 from prunefx.masks.select import Mask, Selection, select
 from prunefx.masks.zeros import from_zeros
 
 __all__ = [
     "Mask", "magnitude", "bn_scale", "taylor", "snip", "gradient_flow", "random", "uniform",
-    "slimming_penalty", "select", "Selection", "channel_sums", "to_budget", "Cost", "CostModel",
+    "causal_lm_loss", "slimming_penalty", "select", "Selection", "channel_sums", "to_budget", "Cost", "CostModel",
     "estimate_cost", "measure_cost", "cubic_sparsity", "Cubic", "ACDC", "SoftMasking",
     "WeightDistancePlateau", "from_torch_prune", "strip_torch_prune", "to_torch_prune", "from_zeros",
     "uniform_layers",

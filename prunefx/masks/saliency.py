@@ -1,9 +1,13 @@
 """Gradient-based criteria: first-order Taylor, SNIP, and EarlyCroP's gradient flow.
 
 All three need a loss: pass ``batch=(inputs, target)`` or ``batches=[...]`` and
-``loss_fn(output, target)`` (e.g. ``torch.nn.CrossEntropyLoss()``); ``inputs`` is a tensor
-or a tuple of positional inputs. The model run is ``graph.module`` (its parameters are the
-traced model's own) unless ``model=`` is given; gradients come from ``torch.autograd.grad``,
+``loss_fn(output, target)`` (e.g. ``torch.nn.CrossEntropyLoss()``); ``inputs`` is a tensor,
+a tuple of positional inputs or a dict of keyword inputs. The graph's ``example_kwargs``
+(``use_cache=False``) join every call; a batch's own keyword inputs win. For a language
+model, ``loss_fn=causal_lm_loss`` and ``batch=(input_ids, input_ids)``: the next-token
+cross-entropy of the calibration text. The model run is ``graph.module`` (its parameters are
+the traced model's own; an export capture returns the model's own output type, e.g.
+``CausalLMOutputWithPast``) unless ``model=`` is given; gradients come from ``torch.autograd.grad``,
 so the model's ``.grad`` fields are left alone. The model is run in whatever mode
 (train/eval) it is in. Sums run over every weight of every member of the group
 (``m[c]`` = the slice of member m holding channel c).
@@ -26,17 +30,18 @@ so the model's ``.grad`` fields are left alone. The model is run in whatever mod
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from prunefx.graph import PruneGraph
 from prunefx.masks.channels import WEIGHT_ROLES, along, channel_sums
 from prunefx.masks.select import Mask, select
 
-__all__ = ["taylor", "snip", "gradient_flow", "taylor_scores", "snip_scores", "gradient_flow_scores"]
+__all__ = ["taylor", "snip", "gradient_flow", "taylor_scores", "snip_scores", "gradient_flow_scores", "causal_lm_loss"]
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 
@@ -53,9 +58,30 @@ def _batch_list(batch: Any, batches: Iterable[Any] | None) -> list[Any]:
     return out
 
 
-def _loss(model: nn.Module, batch: Sequence[Any], loss_fn: LossFn) -> torch.Tensor:
+def causal_lm_loss(output: Any, input_ids: torch.Tensor) -> torch.Tensor:
+    """The next-token cross-entropy of a causal language model: ``output``'s logits at
+    position t scored against ``input_ids[:, t + 1]`` (labels of -100 are ignored, as in
+    transformers). ``output`` is a transformers ``ModelOutput`` with ``logits``, a tuple
+    whose first element is the logits, or the logits tensor (batch, sequence, vocabulary)."""
+    logits = getattr(output, "logits", None)
+    if logits is None:
+        logits = output[0] if isinstance(output, (tuple, list)) else output
+    if not (isinstance(logits, torch.Tensor) and logits.dim() == 3 and isinstance(input_ids, torch.Tensor)
+            and input_ids.shape == logits.shape[:2]):
+        raise ValueError(
+            "causal_lm_loss takes the model's output (logits of shape (batch, sequence, vocabulary)) and the input ids "
+            f"(batch, sequence); got logits {tuple(getattr(logits, 'shape', ()))} and ids "
+            f"{tuple(getattr(input_ids, 'shape', ()))}"
+        )
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten(), ignore_index=-100)
+
+
+def _loss(model: nn.Module, batch: Sequence[Any], loss_fn: LossFn, kwargs: Mapping[str, Any]) -> torch.Tensor:
     inputs, target = batch
-    out = model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
+    if isinstance(inputs, Mapping):
+        out = model(**{**kwargs, **inputs})
+    else:
+        out = model(*inputs, **kwargs) if isinstance(inputs, (tuple, list)) else model(inputs, **kwargs)
     loss = loss_fn(out, target)
     if not (isinstance(loss, torch.Tensor) and loss.dim() == 0):
         raise ValueError(f"loss_fn must return a scalar tensor, got {type(loss).__name__} {getattr(loss, 'shape', '')}")
@@ -89,7 +115,7 @@ def taylor_scores(graph: PruneGraph, *, loss_fn: LossFn, batch: Any = None, batc
     total: dict[str, torch.Tensor] = {}
     items = _batch_list(batch, batches)
     for b in items:
-        grads = torch.autograd.grad(_loss(model, b, loss_fn), params, allow_unused=True)
+        grads = torch.autograd.grad(_loss(model, b, loss_fn, graph.example_kwargs), params, allow_unused=True)
         g = _by_name(named, params, grads)
         wg = {n: named[n].detach() * g[n] for n in g}
         for k, v in channel_sums(graph, along, roles=roles, tensors=wg).items():
@@ -102,7 +128,7 @@ def snip_scores(graph: PruneGraph, *, loss_fn: LossFn, batch: Any = None, batche
     model, named, params = _parameters(graph, model)
     acc: list[torch.Tensor | None] = [None] * len(params)
     for b in _batch_list(batch, batches):
-        grads = torch.autograd.grad(_loss(model, b, loss_fn), params, allow_unused=True)
+        grads = torch.autograd.grad(_loss(model, b, loss_fn, graph.example_kwargs), params, allow_unused=True)
         acc = [a if g is None else (g if a is None else a + g) for a, g in zip(acc, grads, strict=True)]
     g = _by_name(named, params, acc)
     wg = {n: (named[n].detach() * g[n]).abs() for n in g}
@@ -115,15 +141,18 @@ def gradient_flow_scores(graph: PruneGraph, *, loss_fn: LossFn, batch: Any = Non
     items = _batch_list(batch, batches)
     g_const: list[torch.Tensor] = [torch.zeros_like(p) for p in params]
     for b in items:
-        grads = torch.autograd.grad(_loss(model, b, loss_fn), params, allow_unused=True)
+        grads = torch.autograd.grad(_loss(model, b, loss_fn, graph.example_kwargs), params, allow_unused=True)
         g_const = [a if g is None else a + g.detach() for a, g in zip(g_const, grads, strict=True)]
     hg: list[torch.Tensor] = [torch.zeros_like(p) for p in params]
     for b in items:
-        grads = torch.autograd.grad(_loss(model, b, loss_fn), params, create_graph=True, allow_unused=True)
-        z = sum((gc * g).sum() for gc, g in zip(g_const, grads, strict=True) if g is not None)
-        if not isinstance(z, torch.Tensor) or not z.requires_grad:
-            continue  # the loss is linear in every parameter: no gradient flow to measure
-        hvp = torch.autograd.grad(z, params, allow_unused=True)
+        # the fused attention kernels (flash, memory-efficient) have no second derivative;
+        # the math kernel computes the same attention and does
+        with sdpa_kernel(SDPBackend.MATH):
+            grads = torch.autograd.grad(_loss(model, b, loss_fn, graph.example_kwargs), params, create_graph=True, allow_unused=True)
+            z = sum((gc * g).sum() for gc, g in zip(g_const, grads, strict=True) if g is not None)
+            if not isinstance(z, torch.Tensor) or not z.requires_grad:
+                continue  # the loss is linear in every parameter: no gradient flow to measure
+            hvp = torch.autograd.grad(z, params, allow_unused=True)
         hg = [a if h is None else a + h.detach() for a, h in zip(hg, hvp, strict=True)]
     h = _by_name(named, params, hg)
     g = _by_name(named, params, g_const)

@@ -9,6 +9,8 @@ weights; this package then makes the copy a working model of its class:
                 intermediate_size) and the per-layer record under ``config.prunefx``;
                 ``stock_reason``: why the class's own ``from_pretrained`` cannot rebuild it
     loading.py  ``from_pretrained(path)``: build, give each layer its checkpoint's tensors
+    heads.py    ``whole_heads``: the analysis of a transformers model pins groups inside a head
+                (its modules read ``head_dim`` from the config; ``prunefx.trace`` applies it)
 
 Example::
 

@@ -33,7 +33,7 @@ from torch import nn
 
 from prunefx.errors import ReconfigureError
 
-__all__ = ["LayerSizes", "AttentionKind", "MlpKind", "ATTENTION", "MLP", "decoder_layers", "layer_sizes", "write_sizes", "attention_of"]
+__all__ = ["LayerSizes", "AttentionKind", "MlpKind", "ATTENTION", "MLP", "decoder_layers", "layer_sizes", "write_sizes", "attention_of", "mlp_of"]
 
 
 @dataclass(frozen=True)
@@ -163,6 +163,11 @@ def _mlp_of(layer: nn.Module, skip: Collection[int] = ()) -> tuple[str, nn.Modul
     return next(_first(layer, MLP, skip), None)
 
 
+def mlp_of(layer: nn.Module) -> tuple[str, nn.Module, MlpKind] | None:
+    """The layer's dense MLP (a shared expert or the experts of an MoE block are not it)."""
+    return _mlp_of(layer, _moe_shared_width(layer)[1])
+
+
 def _moe_shared_width(layer: nn.Module) -> tuple[int | None, set[int]]:
     """A sparse MoE block's shared expert width, and the modules inside MoE blocks (not the
     layer's dense MLP)."""
@@ -233,7 +238,7 @@ def write_sizes(model: nn.Module) -> tuple[LayerSizes, ...]:
             for attr in _HEAD_ATTRS:
                 if isinstance(getattr(attn, attr, None), int):
                     setattr(attn, attr, values[attr])
-        mlp = _mlp_of(layer, _moe_shared_width(layer)[1])
+        mlp = mlp_of(layer)
         if mlp is not None and isinstance(getattr(mlp[1], "intermediate_size", None), int):
             setattr(mlp[1], "intermediate_size", s.intermediate_size)  # noqa: B010 - a module attribute
     return sizes

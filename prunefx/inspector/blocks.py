@@ -1,0 +1,131 @@
+"""The repeated blocks of a transformers model, one row each: what its attention and MLP
+keep and which channel groups prune them (``Inspector.blocks``).
+
+For a Hugging Face ``PreTrainedModel`` the per-node tables are long (an aten graph has
+hundreds of nodes per layer) and say little about what matters when pruning it: how many
+heads, KV heads and MLP channels each layer has, and which group removes them. A
+``BlockRow`` says it per layer:
+
+- ``heads``, ``kv_heads``, ``head_dim``, ``mlp_channels``: read from the layer's weights
+  (``prunefx.transformers.layer_sizes``), so a pruned model shows what it keeps;
+- ``attention`` / ``mlp``: the prunable groups whose every member lies in the layer's
+  attention (MLP) module, and ``slot``: what one channel of the attention group is (a head;
+  under grouped-query attention a KV head with its query heads);
+- ``params`` (the layer's parameters) and ``flops`` (the FLOPs of the nodes computed
+  inside it: the export front-end records which module computed each node).
+
+Models without a ``config`` and a ``ModuleList`` of ``config.num_hidden_layers`` blocks get
+no rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from rich.markup import escape
+from rich.table import Table
+from torch import nn
+
+from prunefx.errors import PruneFxError
+from prunefx.graph import PruneGraph
+from prunefx.inspector.render import human, shorten
+from prunefx.inspector.tables import GroupRow, LayerRow
+
+__all__ = ["BlockRow", "block_rows", "blocks_table"]
+
+
+@dataclass(frozen=True)
+class BlockRow:
+    """One repeated block (decoder or encoder layer) of a transformers model."""
+
+    name: str  # the block's qualified name: "model.layers.0"
+    heads: int | None  # query heads
+    kv_heads: int | None  # key/value heads (== heads without grouped-query attention)
+    head_dim: int | None
+    mlp_channels: int | None  # the dense MLP's hidden width
+    attention: tuple[str, ...]  # prunable groups inside the attention module
+    slot: str | None  # what one channel of the attention group is
+    mlp: tuple[str, ...]  # prunable groups inside the MLP module
+    params: int
+    flops: int
+
+
+def _inside(path: str, modules: Sequence[str]) -> bool:
+    return bool(modules) and all(m == path or m.startswith(path + ".") for m in modules)
+
+
+def _slot(heads: int | None, kv: int | None, size: int) -> str:
+    if heads is None or kv is None:
+        return f"{size} channels"
+    if size == kv and heads > kv:
+        return f"a KV head with its {heads // kv} query heads"
+    if size == heads:
+        return "a head"
+    return "a channel"
+
+
+def block_rows(model: nn.Module, graph: PruneGraph, layers: Sequence[LayerRow], groups: Sequence[GroupRow]) -> tuple[BlockRow, ...]:
+    """A ``BlockRow`` per repeated block of ``model``; empty for other models."""
+    if getattr(model, "config", None) is None:
+        return ()
+    from prunefx.transformers.layers import attention_of, decoder_layers, layer_sizes, mlp_of
+
+    blocks = decoder_layers(model)
+    if not blocks:
+        return ()
+    try:
+        sizes = layer_sizes(model)
+    except PruneFxError:  # a layout the size records refuse: no per-block view
+        return ()
+    owner = {n.name: path for n, path in graph.traced.owners.items()}
+    node_owner = [(r, owner.get(r.name) or (r.target if r.op == "call_module" else None)) for r in layers]
+    prunable = [g for g in groups if g.prunable]
+    rows = []
+    for (prefix, layer), s in zip(blocks, sizes, strict=True):
+        attn, mlp = attention_of(layer), mlp_of(layer)
+        attn_path = f"{prefix}.{attn[0]}" if attn is not None else None
+        mlp_path = f"{prefix}.{mlp[0]}" if mlp is not None else None
+        attention = tuple(g.name for g in prunable if attn_path and _inside(attn_path, g.modules))
+        mlp_groups = tuple(g.name for g in prunable if mlp_path and _inside(mlp_path, g.modules))
+        first = next((g for g in prunable if attention and g.name == attention[0]), None)
+        rows.append(BlockRow(
+            name=prefix, heads=s.num_attention_heads, kv_heads=s.num_key_value_heads, head_dim=s.head_dim,
+            mlp_channels=s.intermediate_size, attention=attention,
+            slot=_slot(s.num_attention_heads, s.num_key_value_heads, first.size) if first is not None else None,
+            mlp=mlp_groups, params=sum(p.numel() for p in layer.parameters()),
+            flops=sum(r.flops for r, path in node_owner if path is not None and (path == prefix or path.startswith(prefix + "."))),
+        ))
+    return tuple(rows)
+
+
+def _opt(n: int | None) -> str:
+    return "-" if n is None else str(n)
+
+
+def _local(block: str, groups: tuple[str, ...]) -> str:
+    """Group names relative to their block ("self_attn.q_proj"), shortened."""
+    names = [g[len(block) + 1:] if g.startswith(block + ".") else g for g in groups]
+    return shorten(", ".join(names) or "-", 30)
+
+
+def blocks_table(rows: Sequence[BlockRow], limit: int | None = None) -> Table:
+    """The blocks as a rich Table."""
+    shown = list(rows) if limit is None else list(rows)[:limit]
+    slots = sorted({r.slot for r in rows if r.slot})
+    table = Table(title=f"Transformer blocks ({len(rows)})", title_justify="left", header_style="bold",
+                  caption=("one slot of an attention group: " + "; ".join(slots)) if slots else None, caption_justify="left")
+    table.add_column("block", no_wrap=True)
+    for col in ("heads", "KV", "dim", "MLP"):
+        table.add_column(col, justify="right", no_wrap=True)
+    table.add_column("attention group", no_wrap=True)
+    table.add_column("MLP group", no_wrap=True)
+    table.add_column("params", justify="right", no_wrap=True)
+    table.add_column("FLOPs", justify="right", no_wrap=True)
+    for r in shown:
+        table.add_row(escape(r.name), _opt(r.heads), _opt(r.kv_heads), _opt(r.head_dim), _opt(r.mlp_channels),
+                      escape(_local(r.name, r.attention)), escape(_local(r.name, r.mlp)),
+                      human(r.params), human(r.flops))
+    if len(shown) < len(rows):
+        table.add_row(f"… {len(rows) - len(shown)} more: report.blocks_table(limit=None)", *[""] * 8)
+    return table
