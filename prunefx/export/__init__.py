@@ -1,11 +1,13 @@
 """ONNX export, checked in ONNX Runtime: the last stage, where the pruned model leaves PyTorch.
 
-    eval mode -> PyTorch reference at two batch sizes -> capture (dynamo, else TorchScript)
-    -> simplify -> fp16 -> onnx.checker -> ONNX Runtime vs PyTorch -> atomic rename
+    bind keyword inputs, flatten outputs -> eval mode -> PyTorch reference at two sets of
+    sizes -> capture (dynamo, else TorchScript) -> simplify -> fp16 -> onnx.checker
+    -> ONNX Runtime vs PyTorch -> atomic rename
 
 The rule it enforces: a file appears at ``path`` only when it passed ``onnx.checker`` and,
-with ``verify``, ONNX Runtime reproduced the PyTorch outputs on the example batch *and* on a
-batch of another size (that is what catches a batch size baked into a reshape). Every step
+with ``verify``, ONNX Runtime reproduced the PyTorch outputs on the example inputs *and* on
+inputs of another size along every dynamic axis, the batch and e.g. a sequence length (that
+is what catches a size baked into a reshape). Every step
 writes into a staging directory beside ``path``; on any failure it is removed, so no
 half-written file is ever left behind.
 
@@ -18,8 +20,10 @@ Only this package imports ``onnx``, ``torch.onnx`` and ``onnxruntime`` (STYLE.md
 ``export_onnx`` below is the whole pipeline, one step per line; each step lives in its own
 module:
 
-    inputs.py       example inputs, PyTorch reference batches, input/output names, eval mode
+    binding.py      keyword inputs and structured outputs (ModelOutput) <-> flat graph tensors
+    inputs.py       example inputs, dynamic axes, PyTorch reference batches, names, eval mode
     capture.py      the dynamo and TorchScript exporters, console capture (fd redirection)
+    translations.py ONNX translations given to the dynamo exporter where onnxscript's differ
     transforms.py   simplify (ONNX Runtime offline), fp16, metadata stamp, onnx.checker
     verify.py       ONNX Runtime vs PyTorch on every reference batch
     diagnostics.py  exporter exceptions -> one paragraph naming the operator and where it is called

@@ -18,7 +18,7 @@ import contextlib
 import inspect
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -58,7 +58,7 @@ class _Batch:
     inputs: tuple[torch.Tensor, ...]
     outputs: tuple[torch.Tensor, ...]
     paths: tuple[str, ...]  # pytree path of each output, for names
-    size: int = field(default=1)  # the batch (dim 0 of the first input)
+    size: int = 1  # the batch (dim 0 of the first input)
     plain: bool = True  # the model returned tensors in tuples, lists and dicts only
 
     def describe(self) -> str:
@@ -120,12 +120,12 @@ def _sizes(inputs: tuple[torch.Tensor, ...], axes: _Axes) -> dict[str, int]:
     return sizes
 
 
-def _reference_batches(model: _Binding, inputs: tuple[torch.Tensor, ...], axes: _Axes, verify: bool, verify_batch: int | None) -> list[_Batch]:
+def _reference_batches(binding: _Binding, inputs: tuple[torch.Tensor, ...], axes: _Axes, verify: bool, verify_batch: int | None) -> list[_Batch]:
     """PyTorch outputs on the example inputs and, with dynamic axes, at other sizes (for the
     verification, and to tell which output dims follow which axis): a model whose own forward
     cannot take other sizes cannot be exported with them."""
     sizes = _sizes(inputs, axes)
-    batches = [_run(model, inputs, sizes, "the example inputs")]
+    batches = [_run(binding, inputs, sizes, "the example inputs")]
     if not sizes or not (verify or set(sizes) - {_BATCH}):
         return batches
     other = {n: s + 3 for n, s in sizes.items()}
@@ -137,7 +137,7 @@ def _reference_batches(model: _Binding, inputs: tuple[torch.Tensor, ...], axes: 
         what = f"a batch of {other[_BATCH]} (the example batch is {sizes[_BATCH]})"
     else:
         what = f"inputs of {_shown(other)} (the example has {_shown(sizes)})"
-    batches.append(_run(model, _redrawn(inputs, axes, other), other, what, resized=True))
+    batches.append(_run(binding, _redrawn(inputs, axes, other), other, what, resized=True))
     return batches
 
 
