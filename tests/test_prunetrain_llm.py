@@ -83,11 +83,12 @@ def test_lasso_and_proximal_steps_on_a_causal_lm():
 def test_prunetrain_shrinks_a_causal_lm_and_adamw_follows():
     model, x = _llama(), _batch()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    lasso = prunefx.train.GroupLasso(model, (x,), example_kwargs=KW, lam=10.0)  # strong: MLP channels die within 20 steps
-    pt = prunefx.train.PruneTrain(model, opt, example_inputs=(x,), example_kwargs=KW, every=1, start_after=1, stop_after=4,
+    # weights by sqrt(size): a head slot (6144 weights) goes at the pace of an MLP channel (192)
+    lasso = prunefx.train.GroupLasso(model, (x,), example_kwargs=KW, lam=0.5, weighting="size")
+    pt = prunefx.train.PruneTrain(model, opt, example_inputs=(x,), example_kwargs=KW, every=1, start_after=1, stop_after=5,
                                   mode="proximal", lasso=lasso, threshold=1e-8)
     shrinks: list[dict] = []
-    for epoch in range(5):  # shrinks after epochs 1, 2 and 3; epoch 4 trains the last architecture
+    for epoch in range(6):  # shrinks after epochs 1 to 4; epoch 5 trains the last architecture
         model = pt.model
         model.train()
         _train(pt, model, opt, x, 10)
@@ -124,5 +125,27 @@ def test_prunetrain_shrinks_a_causal_lm_and_adamw_follows():
                 assert torch.equal(new_state[key], _sliced(old_state[key], before["kept"][name], new_kept)), (name, key)
         shrinks.append({"epoch": epoch, "before": before["sizes"], "after": sizes, "loss": before["loss"], "loss_at_shrink": _loss(small, x)})
     assert shrinks, "no shrink removed a head or an MLP channel"
+    fewer = [(a[0] < b[0], a[2] < b[2]) for s in shrinks for a, b in zip(s["after"], s["before"], strict=True)]
+    assert any(h for h, _ in fewer) and any(m for _, m in fewer), shrinks  # heads and MLP channels both go
     for s in shrinks:
         assert s["loss_after"] < s["loss_at_shrink"], s  # training goes on improving the smaller model
+
+
+def test_size_weighting_counts_the_weights_of_a_slot():
+    """weighting="size": a KV-head slot holds 2 query heads' q rows and o columns and one
+    head's k and v rows (6144 weights at hidden 64, head_dim 16), an MLP channel a gate row,
+    an up row and a down column (192); the penalty weighs each norm by sqrt of that count and
+    the proximal step shrinks each norm by step * sqrt(count)."""
+    model, x = _llama(), _batch()
+    lasso = prunefx.train.GroupLasso(model, (x,), example_kwargs=KW, lam=1.0, weighting="size")
+    plain = prunefx.train.GroupLasso(model, (x,), example_kwargs=KW, lam=1.0)
+    counts = torch.tensor([6144.0] * 2 + [192.0] * 96, dtype=torch.float64).repeat(2)
+    norms = torch.cat(list(plain.channel_norms().values()))
+    with torch.no_grad():
+        torch.testing.assert_close(lasso.penalty().double(), (counts.sqrt() * norms).sum(), rtol=1e-5, atol=0)
+    step = 2e-3
+    lasso.prox_(step)
+    after = torch.cat(list(plain.channel_norms().values()))
+    torch.testing.assert_close(after, (norms - step * counts.sqrt()).clamp_min(0), rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="weighting"):
+        prunefx.train.GroupLasso(model, (x,), example_kwargs=KW, weighting="heads")

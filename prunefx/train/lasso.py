@@ -27,6 +27,17 @@ Example::
     >>> (loss + lasso(loss)).backward()       # lasso(loss) = lambda * R(W)
     >>> lasso = lasso.rebind(small)           # after a reconfiguration: same lambda, new groups
 
+``weighting="size"`` weighs each lasso group by the square root of its number of weights
+(Yuan and Lin 2006, "Model selection and estimation in regression with grouped variables"):
+
+    R(W) = sum_G sum_{c in G} sqrt(n_c) * sqrt( sum ... ||W_m[i]||^2 + 1e-8 )
+
+The default (``"uniform"``, PruneTrain's) penalises every channel alike, which suits a CNN's
+channels. In a transformer, a head slot holds about ``4 * hidden * head_dim`` weights
+against an MLP channel's ``3 * hidden``, so its norm is that much larger and uniform weights
+take that much longer to zero it: ``"size"`` makes the time to zero of a channel the task
+does not need independent of its size, so heads and MLP channels go at the same pace.
+
 ``prox_(lr * lambda)`` is the proximal alternative to the penalty's gradient: after each
 optimizer step, every lasso group shrinks by ``lr * lambda`` in norm and stops at exactly
 zero. The subgradient pulls with the same strength but overshoots zero, so channels
@@ -79,6 +90,8 @@ class GroupLasso:
     ``from_zeros`` does. Parameters are looked up on ``model``, so the penalty's gradient
     flows to the model being trained. ``example_kwargs``: keyword inputs of ``forward`` for the
     trace (``{"use_cache": False}`` for a transformers model: the export front-end captures it).
+    ``weighting``: ``"uniform"`` (every channel alike) or ``"size"`` (sqrt of the number of
+    weights a channel holds; heads and MLP channels of a transformer at the same pace).
     """
 
     def __init__(
@@ -92,7 +105,10 @@ class GroupLasso:
         exact_only: bool = True,
         groups: Iterable[str] | None = None,
         example_kwargs: dict[str, Any] | None = None,
+        weighting: str = "uniform",
     ) -> None:
+        if weighting not in ("uniform", "size"):
+            raise ValueError(f'weighting is "uniform" or "size" (sqrt of the number of weights of a channel), got {weighting!r}')
         if not 0.0 < ratio < 1.0:
             raise ValueError(f"ratio is the penalty's share of the total loss at the first step, in (0, 1); got {ratio}")
         self.ratio = ratio
@@ -101,6 +117,7 @@ class GroupLasso:
         self.only = None if groups is None else tuple(groups)
         self.example_inputs = example_inputs
         self.example_kwargs = example_kwargs
+        self.weighting = weighting
         kw = {"example_kwargs": example_kwargs} if example_kwargs else {}
         graph = trace(model, example_inputs, **kw) if graph is None else graph
         chosen = [g for g in graph.groups if g.prunable and (g.exact or not exact_only)]
@@ -109,6 +126,7 @@ class GroupLasso:
         self.groups: tuple[ChannelGroup, ...] = tuple(chosen)
         self.num_channels = sum(g.size for g in chosen)
         self._terms = _terms(model, chosen)
+        self._weights = _sizes(self._terms, self.num_channels).sqrt() if weighting == "size" else None
 
     def rebind(self, model: nn.Module, example_inputs: Any = None, *, graph: PruneGraph | None = None,
                example_kwargs: dict[str, Any] | None = None) -> GroupLasso:
@@ -116,7 +134,7 @@ class GroupLasso:
         x = self.example_inputs if example_inputs is None else example_inputs
         kwargs = self.example_kwargs if example_kwargs is None else example_kwargs
         return GroupLasso(model, x, graph=graph, ratio=self.ratio, lam=self.lam, exact_only=self.exact_only, groups=self.only,
-                          example_kwargs=kwargs)
+                          example_kwargs=kwargs, weighting=self.weighting)
 
     def _squares(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Sum of squares of each lasso group (one entry per channel of ``self.groups``, in
@@ -144,14 +162,16 @@ class GroupLasso:
         """R(W), differentiable. 0 when no group is penalised."""
         if not self._terms:
             return torch.zeros(())
-        return (self._squares() + EPS).sqrt().sum()
+        norms = (self._squares() + EPS).sqrt()
+        return norms.sum() if self._weights is None else (norms * self._weights.to(norms.device)).sum()
 
     @torch.no_grad()
     def prox_(self, step: float) -> int:
         """Proximal step of the group lasso, in place: every lasso group shrinks towards zero
         by ``step`` in L2 norm and stops *at* zero,
 
-            w_g <- w_g * max(0, 1 - step / ||w_g||),     step = lr * lambda (per optimizer step)
+            w_g <- w_g * max(0, 1 - s_g / ||w_g||),     s_g = step (times sqrt(n_g) with weighting="size"),
+                                                         step = lr * lambda (per optimizer step)
 
         so channels reach exact zeros instead of oscillating around them as the subgradient
         of ``R`` makes them do (its pull has the same size, ``lr * lambda``, at any distance
@@ -164,7 +184,8 @@ class GroupLasso:
         if not self._terms:
             return 0
         norm = self._squares().sqrt()
-        scale = torch.where(norm > step, 1.0 - step / norm.clamp_min(1e-30), torch.zeros_like(norm))
+        steps = step if self._weights is None else step * self._weights.to(norm.device)
+        scale = torch.where(norm > steps, 1.0 - steps / norm.clamp_min(1e-30), torch.zeros_like(norm))
         for t in self._terms:
             per_index = scale.index_select(0, t.slot).to(t.param.device, t.param.dtype)
             if t.index is not None:  # indices holding no channel of these groups are not scaled
@@ -238,6 +259,15 @@ def _local_squares(t: _Term, dtype: torch.dtype) -> torch.Tensor:
 def _all_reduce_over_mesh(x: torch.Tensor, terms: list[_Term]) -> None:
     mesh = next(getattr(t.param, "device_mesh") for t in terms if _is_sharded(t.param))  # noqa: B009 (a DTensor's)
     torch.distributed.all_reduce(x, group=mesh.get_group(0))
+
+
+def _sizes(terms: list[_Term], n: int) -> torch.Tensor:
+    """Number of weights of each lasso group (float64, on the CPU)."""
+    out = torch.zeros(n, dtype=torch.float64)
+    for t in terms:
+        row = t.param.numel() // max(1, t.param.shape[t.dim])
+        out.index_add_(0, t.slot.cpu(), torch.full((t.slot.numel(),), float(row), dtype=torch.float64))
+    return out
 
 
 def _terms(model: nn.Module, groups: list[ChannelGroup]) -> list[_Term]:
