@@ -1,0 +1,262 @@
+"""prunefx.integrations.transformers_trainer: PruneTrain inside ``transformers.Trainer.train``
+on a tiny random-init Llama (GQA), CPU.
+
+The Trainer's model shrinks (MLP channels) at least twice; after each shrink the Trainer still
+holds the same model, optimizer and LR scheduler objects, AdamW's state is the state before
+the shrink sliced by hand, and the scheduler's LR goes on; a checkpoint written after a shrink
+resumes into a fresh Trainer and original model with the same losses (and ends identical); the
+checkpoints reload through ``prunefx.transformers.from_pretrained`` with the same logits, and
+through the stock ``from_pretrained`` when the layers keep the same sizes; the example's
+--smoke mode runs. What the callback cannot follow is refused when the Trainer is built."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")  # the Trainer needs it (transformers[torch])
+
+import prunefx.transformers  # noqa: E402
+from prunefx.errors import PruneFxError  # noqa: E402
+from prunefx.integrations.transformers_trainer import PruneTrainCallback  # noqa: E402
+from prunefx.provenance import layout_of  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB, STEPS, EVERY, LR = 128, 20, 5, 3e-3
+KW = {"use_cache": False}
+transformers.utils.logging.disable_progress_bar()
+transformers.utils.logging.set_verbosity_error()
+
+
+def _llama() -> transformers.LlamaForCausalLM:
+    """MLP channels start at graded strengths (0.05 to 1), so the lasso removes the weak ones
+    first and the rest later: a schedule of shrinks, not one collapse."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    model = transformers.LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        ramp = torch.linspace(0.05, 1.0, cfg.intermediate_size)
+        for layer in model.model.layers:
+            layer.mlp.gate_proj.weight.mul_(ramp[:, None])
+            layer.mlp.up_proj.weight.mul_(ramp[:, None])
+            layer.mlp.down_proj.weight.mul_(ramp[None, :])
+    return model
+
+
+class Tokens(torch.utils.data.Dataset):
+    def __init__(self) -> None:
+        self.ids = torch.randint(0, VOCAB, (64, 16), generator=torch.Generator().manual_seed(0))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def _args(out: Path) -> transformers.TrainingArguments:
+    return transformers.TrainingArguments(
+        output_dir=str(out), report_to=[], use_cpu=True, per_device_train_batch_size=8, max_steps=STEPS,
+        learning_rate=LR, lr_scheduler_type="linear", save_strategy="steps", save_steps=EVERY, logging_steps=1,
+        dataloader_num_workers=0, disable_tqdm=True, log_level="error", seed=0,
+    )
+
+
+def _callback(x: torch.Tensor) -> PruneTrainCallback:
+    # lambda given (strong, with AdamW): MLP channels die within 5 steps; shrinks at steps 5, 10, 15
+    return PruneTrainCallback(example_inputs=(x,), every_steps=EVERY, stop_after=3 * EVERY, lam=10.0, threshold=1e-8)
+
+
+def _sizes(model) -> list[tuple[int, int, int]]:
+    return [(s.num_attention_heads, s.num_key_value_heads, s.intermediate_size) for s in prunefx.transformers.layer_sizes(model)]
+
+
+def _logits(model, x: torch.Tensor) -> torch.Tensor:
+    training = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model(input_ids=x, **KW).logits
+    model.train(training)
+    return out
+
+
+def _kept(model, name: str, shape: torch.Size) -> list[torch.Tensor]:
+    """Per dim of tensor ``name``, the indices of the original model it holds (layout records)."""
+    entry = ((layout_of(model) or {}).get("tensors") or {}).get(name)
+    kept = {} if entry is None else entry["kept"]
+    return [torch.as_tensor(kept[d]) if kept.get(d) is not None else torch.arange(n) for d, n in enumerate(shape)]
+
+
+def _sliced(t: torch.Tensor, old: list[torch.Tensor], new: list[torch.Tensor]) -> torch.Tensor:
+    """``t`` (a tensor of the pre-shrink model) at the indices the shrunk model kept."""
+    for d, (o, n) in enumerate(zip(old, new, strict=True)):
+        at = torch.searchsorted(o, n)
+        assert torch.equal(o[at], n), "the shrunk model holds an index the model before it did not"
+        t = t.index_select(d, at)
+    return t
+
+
+class Losses(transformers.TrainerCallback):
+    def __init__(self) -> None:
+        self.by_step: dict[int, float] = {}
+
+    def on_log(self, args, state, control, logs=None, **kwargs) -> None:
+        if logs and "loss" in logs:
+            self.by_step[state.global_step] = logs["loss"]
+
+
+class Before(transformers.TrainerCallback):
+    """Runs before the prune callback at each step it may shrink: what the Trainer holds."""
+
+    def __init__(self) -> None:
+        self.at: dict[int, dict] = {}
+        self.first: dict = {}
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs) -> None:
+        self.first = {"model": model, "optimizer": optimizer, "scheduler": lr_scheduler}
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs) -> None:
+        if state.global_step % EVERY == 0:
+            self.at[state.global_step] = {
+                "sizes": _sizes(model), "params": model.num_parameters(),
+                "kept": {n: _kept(model, n, p.shape) for n, p in model.named_parameters()},
+                "state": {n: {k: v.clone() for k, v in optimizer.state[p].items()} for n, p in model.named_parameters()},
+            }
+
+
+class After(transformers.TrainerCallback):
+    """Runs after the prune callback: checks each shrink against what ``Before`` saw."""
+
+    def __init__(self, before: Before, prune: PruneTrainCallback) -> None:
+        self.before, self.prune = before, prune
+        self.shrinks: list[dict] = []
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs) -> None:
+        step = state.global_step
+        if step % EVERY or not self.prune.history or self.prune.history[-1]["step"] != step:
+            return
+        if not self.prune.history[-1]["changed"]:
+            return
+        before, first = self.before.at[step], self.before.first
+        # the Trainer holds the same objects: the model became the smaller one in place
+        assert model is first["model"] and optimizer is first["optimizer"] and lr_scheduler is first["scheduler"]
+        assert lr_scheduler.optimizer is optimizer
+        assert type(model) is transformers.LlamaForCausalLM
+        sizes = _sizes(model)
+        assert sizes != before["sizes"] and model.num_parameters() < before["params"]
+        for layer, (heads, kv, inter) in zip(model.model.layers, sizes, strict=True):
+            assert layer.mlp.gate_proj.out_features == layer.mlp.down_proj.in_features == inter
+            assert layer.self_attn.q_proj.out_features == heads * model.config.head_dim
+            assert layer.self_attn.k_proj.out_features == kv * model.config.head_dim
+        assert model.config.intermediate_size == max(s[2] for s in sizes)
+        params = dict(model.named_parameters())
+        assert sorted(id(p) for g in optimizer.param_groups for p in g["params"]) == sorted(id(p) for p in params.values())
+        for name, p in params.items():  # AdamW's state: the pre-shrink state at the kept indices, exactly
+            old, new = before["state"][name], optimizer.state[p]
+            assert torch.equal(new["step"], old["step"])
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(new[key], _sliced(old[key], before["kept"][name], _kept(model, name, p.shape))), (name, key)
+        # the scheduler set this step's LR on the re-pointed optimizer and goes on scheduling it
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(LR * (1 - step / STEPS))
+        assert lr_scheduler.get_last_lr() == [g["lr"] for g in optimizer.param_groups]
+        self.shrinks.append({"step": step, "before": before["sizes"], "after": sizes, "logits": _logits(model, _x())})
+
+
+def _x() -> torch.Tensor:
+    return Tokens().ids[:8]
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_trainer_shrinks_slices_adamw_exactly_resumes_and_reloads(tmp_path: Path) -> None:
+    model, prune, losses = _llama(), _callback(_x()), Losses()
+    before = Before()
+    after = After(before, prune)
+    trainer = transformers.Trainer(model=model, args=_args(tmp_path / "a"), train_dataset=Tokens(),
+                                   callbacks=[before, prune, after, losses])
+    trainer.train()
+    assert len(after.shrinks) >= 2, prune.history
+    assert trainer.model is model and _sizes(model)[0][2] < 96
+    assert trainer.lr_scheduler.last_epoch == STEPS  # the same scheduler stepped all along
+    assert losses.by_step[STEPS] < losses.by_step[1]
+
+    # every checkpoint written after a shrink reloads with prunefx's loader, the stock one too
+    # when every layer keeps the same sizes
+    stock_loaded = 0
+    for shrink in after.shrinks:
+        path = tmp_path / "a" / f"checkpoint-{shrink['step']}"
+        loaded = prunefx.transformers.from_pretrained(path)
+        assert _sizes(loaded) == shrink["after"]
+        torch.testing.assert_close(_logits(loaded, _x()), shrink["logits"], atol=1e-5, rtol=1e-5)
+        record = json.loads((path / "config.json").read_text())["prunefx"]
+        if len(set(shrink["after"])) == 1:
+            assert record["stock_loader"] == "loads it"
+            stock = transformers.LlamaForCausalLM.from_pretrained(path)
+            torch.testing.assert_close(_logits(stock, _x()), shrink["logits"], atol=1e-5, rtol=1e-5)
+            stock_loaded += 1
+        else:
+            assert "prunefx.transformers.from_pretrained" in record["stock_loader"]
+    assert stock_loaded >= 1, [s["after"] for s in after.shrinks]
+
+    # resume after the second shrink: a fresh original model, a fresh callback, a fresh Trainer
+    at = after.shrinks[1]["step"]
+    fresh, resumed_prune, resumed_losses = _llama(), _callback(_x()), Losses()
+    resumed = transformers.Trainer(model=fresh, args=_args(tmp_path / "b"), train_dataset=Tokens(),
+                                   callbacks=[resumed_prune, resumed_losses])
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / f"checkpoint-{at}"))
+    assert sorted(resumed_losses.by_step) == list(range(at + 1, STEPS + 1))
+    for step, loss in resumed_losses.by_step.items():
+        assert loss == pytest.approx(losses.by_step[step], rel=1e-6, abs=1e-7), step
+    assert resumed_prune.history == prune.history  # the history up to `at` came back, the rest repeated
+    assert resumed_prune.prunetrain.lasso.lam == prune.prunetrain.lasso.lam
+    assert _sizes(fresh) == _sizes(model)
+    final, expected = fresh.state_dict(), model.state_dict()
+    assert final.keys() == expected.keys()
+    assert all(torch.equal(final[k], expected[k]) for k in expected)
+    assert layout_of(fresh).keys() == layout_of(model).keys()
+
+
+def test_lambda_from_first_loss_and_refusals(tmp_path: Path) -> None:
+    """Without ``lam=`` the lasso takes ``ratio`` of the first training loss (the model's
+    ``loss`` output); what the callback cannot follow is refused, in one line, when the Trainer
+    is built."""
+    prune, losses = PruneTrainCallback(example_inputs=(_x(),), every_steps=100, ratio=0.5), Losses()
+    args = _args(tmp_path / "c")
+    args.max_steps, args.save_strategy = 1, "no"
+    model = _llama()
+    r0 = float(prunefx.train.GroupLasso(_llama(), (_x(),), example_kwargs=KW).penalty().detach())  # at the initial weights
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[prune, losses])
+    trainer.train()
+    # ratio 0.5: lambda * R(W0) == first loss (logged rounded)
+    assert prune.prunetrain.lasso.lam * r0 == pytest.approx(losses.by_step[1], rel=1e-3)
+    assert prune.history == [] and not model._forward_hooks  # the first-loss hook is gone
+
+    for field, value in (("torch_compile", True), ("restore_callback_states_from_checkpoint", True)):
+        bad = _args(tmp_path / "d")
+        setattr(bad, field, value)
+        with pytest.raises(PruneFxError, match=field):
+            transformers.Trainer(model=_llama(), args=bad, train_dataset=Tokens(),
+                                 callbacks=[PruneTrainCallback(example_inputs=(_x(),), every_steps=5)])
+    with pytest.raises(ValueError, match="one of every_steps"):
+        PruneTrainCallback(example_inputs=(_x(),), every_steps=5, every_epochs=1)
+
+
+def test_example_smoke(tmp_path: Path) -> None:
+    """The example as CI runs it: byte-level text from Python's own sources, a shrink at the end
+    of an epoch, a resume from the checkpoint after it, and a reload."""
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "hf_trainer_prunetrain.py"), "--smoke", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    report = json.loads((out / "summary.json").read_text())
+    assert report["shrinks"] >= 1 and report["params"][-1] < report["params"][0]
+    assert report["loss"][-1] < report["loss"][0]
+    assert report["resumed_loss_matches"] and report["reloaded_logits_match"]
