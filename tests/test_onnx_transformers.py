@@ -243,3 +243,32 @@ def test_an_op_without_onnx_translation_names_the_layer(tmp_path: Path) -> None:
     assert msg.startswith("cannot export LlamaForCausalLM to ONNX with the dynamo exporter: ONNX opset cannot express the operator 'prunefx_onnx_tf::jiggle'")
     assert "in module 'model.layers.1.mlp.act_fn' (Jiggle)" in msg and "test_onnx_transformers.py:" in msg
     assert list(tmp_path.iterdir()) == []
+
+
+def _mixtral():
+    cfg = transformers.MixtralConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=MLP, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    return transformers.MixtralForCausalLM(cfg)
+
+
+def test_moe_experts_kernel_is_refused_with_the_alternative_that_exports(tmp_path: Path) -> None:
+    """transformers' default grouped_mm experts kernel has no ONNX translation; the error says
+    which implementation exports, and the pruned MoE model then exports and verifies."""
+    torch.manual_seed(0)
+    model = _randomized(_mixtral())
+    args, kw = _split(_tokens(2, 8, 0, "left"))
+    kw["use_cache"] = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = prunefx.trace(model, args, example_kwargs={"use_cache": False})
+        small = prunefx.reconfigure(model, prunefx.masks.random(graph, 0.5, exact_only=True, seed=0), graph=graph)
+    assert small.config._experts_implementation == "grouped_mm"
+    with pytest.raises(prunefx.ExportError) as info:
+        prunefx.export_onnx(small, tmp_path / "m.onnx", args, example_kwargs=kw, exporter="torchscript")
+    msg = str(info.value)
+    assert "in module 'model.layers.0.mlp.experts' (MixtralExperts)" in msg
+    assert "what to do: transformers' grouped_mm experts kernel has no ONNX translation; set model.config._experts_implementation = 'eager'" in msg
+
+    small.config._experts_implementation = "eager"
+    result = prunefx.export_onnx(small, tmp_path / "m.onnx", args, example_kwargs=kw, exporter="torchscript", dynamic_axes={"input_ids": SEQ, "attention_mask": SEQ})
+    assert result.max_rel_diff <= 1e-4 and [s["sequence"] for s in result.verified_sizes] == [8, 11]

@@ -31,7 +31,28 @@ def _exporter_failure(exporter: str, exc: BaseException, model: nn.Module, input
     if op is None:
         return f"{type(exc).__name__}: {text}"
     where = _locate(model, op, inputs)
-    return f"ONNX opset cannot express the operator '{op}' ({'called at ' + where if where else 'location unknown'}); {type(exc).__name__}: {text}"
+    advice = _advice(op, where or "")
+    return (
+        f"ONNX opset cannot express the operator '{op}' ({'called at ' + where if where else 'location unknown'}); "
+        f"{'what to do: ' + advice + '; ' if advice else ''}{type(exc).__name__}: {text}"
+    )
+
+
+def _advice(op: str, where: str) -> str | None:
+    """What to do about an operator transformers calls that has an exportable alternative."""
+    if op in ("transformers::grouped_mm_fallback", "aten::histc") and "Experts)" in where:
+        return (
+            "transformers' grouped_mm experts kernel has no ONNX translation; set "
+            "model.config._experts_implementation = 'eager' (a loop over the experts, exported by the "
+            "TorchScript exporter) or 'batched_mm' (both exporters; gathers one weight matrix per token "
+            "and expert, which takes much memory at long sequences)"
+        )
+    if op == "aten::diff" and "create_causal_mask" in where:
+        return (
+            "transformers looks for packed sequences in the position ids when no attention mask is "
+            "given; pass example_kwargs={'attention_mask': ...}, or use the dynamo exporter"
+        )
+    return None
 
 
 def _summary(exc: BaseException) -> str:
