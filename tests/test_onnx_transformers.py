@@ -7,7 +7,10 @@ masked original (``apply_mask`` on a copy) at the example shape and at another b
 sequence length, with padding; and the file's weights are the pruned ones (fewer
 initializer elements than the dense model has parameters, no tensor of the dense MLP width).
 Tiny random-init configs; the dynamo exporter (the first choice) except where TorchScript
-is the point.
+is the point. Then what cannot be exported is refused naming the module and why: a cache in
+or out, an operator without translation (located in torch.export's graph), transformers'
+MoE experts kernel (with the implementation that exports); and the attention translation
+that makes left-padded batches verify.
 """
 
 from __future__ import annotations
