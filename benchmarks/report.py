@@ -16,7 +16,14 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from benchmarks import communication, onnx_latency, reconfigure_latency, scaling, training  # noqa: E402
+from benchmarks import (  # noqa: E402
+    communication,
+    onnx_latency,
+    profile_stages,
+    reconfigure_latency,
+    scaling,
+    training,
+)
 from benchmarks.common import CHECKS, TOL, Table, median  # noqa: E402
 
 __all__ = ["Run", "write"]
@@ -38,6 +45,8 @@ class Run:
     scaling: list[scaling.Point] = dataclasses.field(default_factory=list)
     training: list[training.Result] = dataclasses.field(default_factory=list)
     profile: Table | None = None
+    stages: list[profile_stages.Profile] = dataclasses.field(default_factory=list)
+    stages_repeats: int = 0
     onnx: list[onnx_latency.Row] = dataclasses.field(default_factory=list)
     onnx_options: onnx_latency.Options | None = None
     ddp: list[communication.Row] = dataclasses.field(default_factory=list)
@@ -209,6 +218,26 @@ def _training_text(run: Run) -> str:
     return "\n".join(out)
 
 
+def stages_section(run: Run) -> list[str]:
+    """The per-stage profile of ``trace`` and ``reconfigure`` (``benchmarks/profile_stages.py``)."""
+    return [
+        "### Where prunefx's time goes, stage by stage",
+        "",
+        "`benchmarks/profile_stages.py`: the setting of section 1 (`trace`, then `reconfigure` with a "
+        "50% random mask), every stage timed by wrapping the function that implements it "
+        "(`tracing.symbolic_trace`, `tracing._trace_other_mode`, `shapes.propagate_shapes`, "
+        "`analysis.analyze`, `analysis.build_groups`, `mask.resolve_mask`, `plan.make_plan`, "
+        "`RewriteState.start`, each pass's `run` and `verify`, `GraphModule.recompile`). Times are "
+        "exclusive (a stage excludes the wrapped stages it calls; `GraphModule codegen+compile` is "
+        "Python code generation and `compile`/`exec` wherever it happens), so each phase's rows add "
+        f"up to its total; `rest` is what no wrapped stage covers. Milliseconds, medians of {run.stages_repeats} "
+        "repeats, and the share of the phase. `named_modules walks` counts calls of "
+        "`nn.Module.named_modules` from the top of a module tree during one trace + reconfigure.",
+        "",
+        profile_stages.table(run.stages, run.stages_repeats).markdown(),
+    ]
+
+
 def write(run: Run, out: Path) -> Path:
     img = out / "img"
     img.mkdir(parents=True, exist_ok=True)
@@ -305,6 +334,8 @@ def write(run: Run, out: Path) -> Path:
             "![scaling](img/perf_scaling.png)",
             "",
         ]
+    if run.stages:
+        parts += stages_section(run)
     if run.training:
         _plot_training(run, img / "perf_training.png")
         parts += [
@@ -405,6 +436,8 @@ def tables(run: Run) -> Sequence[Table]:
         out.append(reconfigure_latency.table(run.latency_threads[1], True, run.latency_repeats))
     if run.scaling:
         out.append(scaling.table(run.scaling))
+    if run.stages:
+        out.append(profile_stages.table(run.stages, run.stages_repeats))
     if run.training:
         out.append(training.table(run.training, run.training_repeats))
     if run.profile is not None:

@@ -5,7 +5,7 @@
     make bench / make bench-quick
 
 Stages (``--only`` picks some): ``latency`` (prunefx vs Torch-Pruning), ``scaling`` (time vs
-graph size), ``training`` (step time vs FLOPs), ``onnx`` (ONNX Runtime), ``ddp`` (gradient
+graph size), ``stages`` (prunefx's time per pipeline stage), ``training`` (step time vs FLOPs), ``onnx`` (ONNX Runtime), ``ddp`` (gradient
 bytes). Exit status 1 when any reconfigured model differs from ``prunefx.apply_mask``.
 """
 
@@ -26,6 +26,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 from benchmarks import (  # noqa: E402
     communication,
     onnx_latency,
+    profile_stages,
     reconfigure_latency,
     report,
     scaling,
@@ -35,7 +36,7 @@ from benchmarks.common import CHECKS, LoadMonitor, console, machine, quiet  # no
 
 __all__ = ["STAGES", "main"]
 
-STAGES = ("latency", "scaling", "training", "onnx", "ddp")
+STAGES = ("latency", "scaling", "stages", "training", "onnx", "ddp")
 ROOT = Path(__file__).resolve().parent.parent
 THREAD_MODELS = ("resnet50", "mobilenet_v2", "efficientnet_b0")
 
@@ -90,6 +91,11 @@ def main(argv: list[str] | None = None) -> int:
         known = {r.model: r for r in run.latency}
         run.scaling = scaling.run(scaling.QUICK_MODELS if quick else scaling.MODELS, 2 if quick else 5, known)
         done("scaling")
+    if "stages" in args.only:
+        run.stages_repeats = 2 if quick else 5
+        run.stages = profile_stages.run(profile_stages.QUICK_MODELS if quick else profile_stages.MODELS,
+                                        run.stages_repeats)
+        done("stages")
     if "training" in args.only:
         run.training_repeats = 3 if quick else 10
         run.training = training.run(train_models, run.training_repeats)
