@@ -45,10 +45,12 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils import _pytree as pytree
 
 from prunefx.errors import PruneFxError
 from prunefx.fsdp import fsdp_process_group, gather, is_fsdp
-from prunefx.graph import trace
+from prunefx.graph import PruneGraph, trace
+from prunefx.guards import refuse_foreign_graph
 from prunefx.masks.zeros import from_zeros
 from prunefx.train.lasso import GroupLasso
 from prunefx.train.loop import StepBoundary, check_scaler, check_schedulers, unwrap_compiled
@@ -101,8 +103,14 @@ class PruneTrain:
             raise ValueError(f"every is a number of epochs >= 1, got {self.every}")
         if is_fsdp(self.model):
             self._check_fsdp()
+        self._graph: tuple[PruneGraph, tuple] | None = None  # the model's analysis and what it was traced on
         if self.lasso is None:
-            graph = trace(gather(self.model), self.example_inputs, **self._kw) if is_fsdp(self.model) else None  # FSDP: no rank holds the model
+            if is_fsdp(self.model):  # no rank holds the model
+                graph = trace(gather(self.model), self.example_inputs, **self._kw)
+            elif isinstance(self.model, DistributedDataParallel):
+                graph = None
+            else:  # the lasso's analysis serves the first shrink too
+                graph = self._remember(trace(self.module, self.example_inputs, **self._kw), self.example_inputs)
             self.lasso = GroupLasso(self.module, self.example_inputs, graph=graph, ratio=self.ratio, example_kwargs=self.example_kwargs)
         if self.boundary is None:
             self.boundary = StepBoundary(self.module, self.optimizers)
@@ -175,7 +183,7 @@ class PruneTrain:
             small, report, graph = self._reconfigure_fsdp(x, mask)
         else:
             small, report = shrink(self.model, mask, example_inputs=x, optimizer=self.optimizers, threshold=self.threshold,
-                                   **self._kw, **self._loop_state())
+                                   graph=self._remembered(x), **self._kw, **self._loop_state())
         event = Reconfiguration(epoch, report)
         self.history.append(event)
         if self.verbose:
@@ -183,6 +191,9 @@ class PruneTrain:
         if report.changed:
             self.model = small
             assert self.lasso is not None
+            if graph is None and not isinstance(self.model, DistributedDataParallel):
+                # one analysis per reconfiguration: the new model's, for the lasso and the next shrink
+                graph = self._remember(trace(self.module, x, **self._kw), x)
             self.lasso = self.lasso.rebind(self.module, x, graph=graph, **self._kw)
             assert self.boundary is not None
             self.boundary.watch(self.module)
@@ -251,6 +262,31 @@ class PruneTrain:
     def _kw(self) -> dict[str, Any]:
         """``example_kwargs=`` for trace and shrink when given (none: the fx front-end, as before)."""
         return {"example_kwargs": self.example_kwargs} if self.example_kwargs else {}
+
+    def _signature(self, x: Any) -> tuple:
+        """What an analysis of the model depends on besides its tensors: its module objects,
+        its train/eval mode and the example inputs' shapes and dtypes."""
+        leaves = pytree.tree_leaves((x, self.example_kwargs))
+        inputs = tuple((tuple(v.shape), v.dtype, v.device) if isinstance(v, torch.Tensor) else repr(v) for v in leaves)
+        modules = tuple((name, id(m)) for name, m in self.module.named_modules())
+        return modules, self.module.training, inputs
+
+    def _remember(self, graph: PruneGraph, x: Any) -> PruneGraph:
+        self._graph = (graph, self._signature(x))
+        return graph
+
+    def _remembered(self, x: Any) -> PruneGraph | None:
+        """The analysis of the model as it is now, when one was made (else the shrink traces)."""
+        if self._graph is None:
+            return None
+        graph, signature = self._graph
+        if signature != self._signature(x):
+            return None
+        try:
+            refuse_foreign_graph(self.module, graph)  # its tensors were replaced since
+        except PruneFxError:
+            return None
+        return graph
 
     def _loop_state(self) -> dict[str, Any]:
         return {"ema": self.ema, "scaler": self.scaler, "schedulers": self.schedulers, "boundary": self.boundary}

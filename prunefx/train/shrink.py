@@ -26,6 +26,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from prunefx.analysis.propagate import Role
+from prunefx.analysis.propagate import Member, Role
 from prunefx.flops import count_flops, count_params
 from prunefx.graph import PruneGraph, trace
 from prunefx.mask import Keep, resolve_mask
@@ -153,11 +154,12 @@ def shrink(
         _drop_from_optimizer(primary, model, gm)
         target, new_graph = gm, trace(gm, x, **kw)
         new_mask = _mask_by_tensor(graph, new_graph, keep)
-    elif fold.new_parameters:  # a new bias must be sliced with its layer's outputs: trace again to see it
+    elif fold.new_parameters and (folded := _with_new_biases(model, graph, fold)) is None:
+        # a new bias the graph cannot take as a member (an export graph calls the layer without one): trace again
         target, new_graph = model, trace(model, x, **kw)
         new_mask = _mask_by_tensor(graph, new_graph, keep)
-    else:
-        target, new_graph = model, graph
+    else:  # the same analysis: a new bias is sliced with its layer's outputs as a member of their channels
+        target, new_graph = model, folded if fold.new_parameters else graph
         new_mask = {g.name: torch.from_numpy(keep.of(g.slots)) for g in graph.groups if not keep.of(g.slots).all()}
     small = reconfigure(target, new_mask, example_inputs=x, optimizer=primary, policy=policy, graph=new_graph, **kw)
     for opt in optimizers[1:]:  # by tensor name, through the layouts: the rewrite re-points one optimizer
@@ -177,6 +179,38 @@ def shrink(
         kept_back=tuple(kept_back),
         seconds=time.perf_counter() - start,
     )
+
+
+def _with_new_biases(model: nn.Module, graph: PruneGraph, fold: FoldReport) -> PruneGraph | None:
+    """``graph`` with the biases the fold created as members: what tracing ``model`` again
+    would find, without tracing it. Each new bias writes its layer's output channels, the ids
+    of its weight's output dim (the conv and linear rules record a bias exactly so). None when
+    that does not hold: an export graph (its ``linear``/``convolution`` calls take no bias
+    argument), a layer the graph calls through another module object, a transposed or
+    unfamiliar layer, a weight without exactly one output member."""
+    if graph.traced.frontend != "fx":
+        return None
+    analysis = graph.analysis
+    members, aliases = list(analysis.members), dict(analysis.aliases)
+    traced_modules = {name: m for gm in graph.traced.graphs for name, m in gm.named_modules()}
+    for name, _ in fold.new_parameters:
+        owner = name.rpartition(".")[0]
+        layer = traced_modules.get(owner)
+        if layer is None or layer is not model.get_submodule(owner) or not isinstance(layer, (nn.Linear, nn.modules.conv._ConvNd)):
+            return None
+        if isinstance(layer, nn.modules.conv._ConvTransposeNd):
+            return None
+        weight = aliases.get(f"{owner}.weight", f"{owner}.weight")
+        at = [i for i, m in enumerate(members) if m.tensor == weight]
+        out = [members[i] for i in at if members[i].dim == 0 and members[i].role is Role.WRITE]
+        if len(out) != 1 or name in aliases:
+            return None
+        members.insert(at[-1] + 1, Member(name, 0, out[0].ids, Role.WRITE, out[0].node))
+        aliases[name] = name
+    folded = dataclasses.replace(analysis, members=tuple(members), aliases=aliases)
+    new = PruneGraph(graph.traced, graph.shapes, folded, graph.example_inputs, origin=graph.origin, example_kwargs=graph.example_kwargs)
+    new.model_inputs = graph.model_inputs
+    return new
 
 
 def _keep_unfoldable(model: nn.Module, graph: PruneGraph, keep: Keep, x: Any, why: list[str]) -> Keep:
