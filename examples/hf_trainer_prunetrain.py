@@ -36,9 +36,11 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--epochs", type=int, default=None, help="default 8 (--smoke: 2)")
     ap.add_argument("--sequences", type=int, default=2048, help="of --length bytes (--smoke: 96)")
     ap.add_argument("--length", type=int, default=64, help="bytes per sequence (--smoke: 32)")
-    ap.add_argument("--lam", type=float, default=6.0,
+    ap.add_argument("--lam", type=float, default=0.7,
                     help="the lasso's lambda; 0: set from the first loss (PruneTrain's ratio, made for SGD: too weak "
                     "under AdamW, see docs/integrations.md)")
+    ap.add_argument("--weighting", choices=("uniform", "size"), default="size",
+                    help="size: each channel group weighed by sqrt(its number of weights), heads and MLP channels alike")
     ap.add_argument("--ratio", type=float, default=0.2, help="with --lam 0: the lasso's share of the first loss")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--out", type=Path, default=None, help="checkpoints and summary.json (default: a temporary folder)")
@@ -130,7 +132,8 @@ def main() -> None:
 
     def callback() -> PruneTrainCallback:
         return PruneTrainCallback(example_inputs=(example,), every_epochs=1, stop_after=args.epochs - 1,
-                                  lam=args.lam or None, ratio=args.ratio, threshold=1e-6)
+                                  lam=args.lam or None, ratio=args.ratio,
+                                  weighting=args.weighting, threshold=1e-6)
 
     model, prune, losses = llama(), callback(), Losses()
     params = [model.num_parameters()]

@@ -1,7 +1,7 @@
 """prunefx.integrations.transformers_trainer: PruneTrain inside ``transformers.Trainer.train``
 on a tiny random-init Llama (GQA), CPU.
 
-The Trainer's model shrinks (MLP channels) at least twice; after each shrink the Trainer still
+The Trainer's model shrinks (attention heads and MLP channels) at least twice; after each shrink the Trainer still
 holds the same model, optimizer and LR scheduler objects, AdamW's state is the state before
 the shrink sliced by hand, and the scheduler's LR goes on; a checkpoint written after a shrink
 resumes into a fresh Trainer and original model with the same losses (and ends identical); the
@@ -70,8 +70,10 @@ def _args(out: Path) -> transformers.TrainingArguments:
 
 
 def _callback(x: torch.Tensor) -> PruneTrainCallback:
-    # lambda given (strong, with AdamW): MLP channels die within 5 steps; shrinks at steps 5, 10, 15
-    return PruneTrainCallback(example_inputs=(x,), every_steps=EVERY, stop_after=3 * EVERY, lam=10.0, threshold=1e-8)
+    # lambda given, each group weighed by sqrt(its size): MLP channels die within 5 steps, a KV
+    # head (with its query heads) within 10; shrinks at steps 5, 10, 15
+    return PruneTrainCallback(example_inputs=(x,), every_steps=EVERY, stop_after=3 * EVERY, lam=1.0, weighting="size",
+                              threshold=1e-8)
 
 
 def _sizes(model) -> list[tuple[int, int, int]]:
@@ -182,6 +184,7 @@ def test_trainer_shrinks_slices_adamw_exactly_resumes_and_reloads(tmp_path: Path
                                    callbacks=[before, prune, after, losses])
     trainer.train()
     assert len(after.shrinks) >= 2, prune.history
+    assert any(s["after"][0][:2] < s["before"][0][:2] for s in after.shrinks), "no attention head was removed"
     assert trainer.model is model and _sizes(model)[0][2] < 96
     assert trainer.lr_scheduler.last_epoch == STEPS  # the same scheduler stepped all along
     assert losses.by_step[STEPS] < losses.by_step[1]

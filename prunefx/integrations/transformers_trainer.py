@@ -57,6 +57,7 @@ from transformers.trainer_callback import ExportableState
 from prunefx.errors import PruneFxError
 from prunefx.provenance import LAYOUT_ATTR, layout_of
 from prunefx.train.callback import PruneTrain, Reconfiguration
+from prunefx.train.lasso import GroupLasso
 
 __all__ = ["PruneTrainCallback"]
 
@@ -73,7 +74,10 @@ class PruneTrainCallback(TrainerCallback, ExportableState):
     Shrink every ``every_steps`` optimizer steps or every ``every_epochs`` epochs (give one);
     ``start_after`` and ``stop_after`` count in the same unit. ``ratio``, ``threshold``: as
     ``prunefx.train.PruneTrain``. ``lam``: the lasso's lambda (default: set from the first
-    training loss, ``ratio`` of it).
+    training loss, ``ratio`` of it). ``weighting``: ``"size"`` weighs each channel group by
+    the square root of its number of weights (``prunefx.train.GroupLasso``), so heads and MLP
+    channels go at the same pace and one lambda of order 1 suits AdamW; ``"uniform"`` (default)
+    weighs every channel alike.
     """
 
     def __init__(
@@ -85,6 +89,7 @@ class PruneTrainCallback(TrainerCallback, ExportableState):
         every_epochs: int | None = None,
         ratio: float = 0.2,
         lam: float | None = None,
+        weighting: str = "uniform",
         threshold: float = 1e-4,
         start_after: int = 0,
         stop_after: int | None = None,
@@ -98,7 +103,9 @@ class PruneTrainCallback(TrainerCallback, ExportableState):
         self.example_inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
         self.example_kwargs = dict({"use_cache": False} if example_kwargs is None else example_kwargs)
         self.unit = "steps" if every_steps is not None else "epochs"
-        self.every, self.ratio, self.lam, self.threshold = every, ratio, lam, threshold
+        if weighting not in ("uniform", "size"):
+            raise ValueError(f'weighting is "uniform" or "size" (prunefx.train.GroupLasso), got {weighting!r}')
+        self.every, self.ratio, self.lam, self.weighting, self.threshold = every, ratio, lam, weighting, threshold
         self.start_after, self.stop_after = start_after, stop_after
         self.verbose = verbose
         self.prunetrain: PruneTrain | None = None
@@ -173,10 +180,12 @@ class PruneTrainCallback(TrainerCallback, ExportableState):
         if saved and saved.get("layout"):
             _restore_layout(model, _decode(saved["layout"]))
         self.history = list(saved.get("history", [])) if saved else []
+        lasso = GroupLasso(model, self.example_inputs, ratio=self.ratio, example_kwargs=self.example_kwargs,
+                           weighting=self.weighting)
         self.prunetrain = PruneTrain(
             model, inner, example_inputs=self.example_inputs, example_kwargs=self.example_kwargs, every=self.every,
             ratio=self.ratio, threshold=self.threshold, mode="proximal", start_after=self.start_after,
-            stop_after=self.stop_after,
+            stop_after=self.stop_after, lasso=lasso,
         )
         assert self.prunetrain.lasso is not None
         lam = saved.get("lam") if saved and saved.get("lam") is not None else self.lam
