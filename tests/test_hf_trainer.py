@@ -12,6 +12,7 @@ through the stock ``from_pretrained`` when the layers keep the same sizes; the e
 from __future__ import annotations
 
 import json
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -239,6 +240,8 @@ def test_lambda_from_first_loss_and_refusals(tmp_path: Path) -> None:
     # ratio 0.5: lambda * R(W0) == first loss (logged rounded)
     assert prune.prunetrain.lasso.lam * r0 == pytest.approx(losses.by_step[1], rel=1e-3)
     assert prune.history == [] and not model._forward_hooks  # the first-loss hook is gone
+    copy = pickle.loads(pickle.dumps(model))  # the resume hook does not drag the callback along
+    assert _sizes(copy) == _sizes(model)
 
     for field, value in (("torch_compile", True), ("restore_callback_states_from_checkpoint", True)):
         bad = _args(tmp_path / "d")

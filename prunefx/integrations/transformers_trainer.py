@@ -255,17 +255,21 @@ class PruneTrainCallback(TrainerCallback, ExportableState):
 class _Hook:
     """A hook on the model that calls a method of the callback. The module emitter deep-copies
     the model with its hooks: this one is shared by the copy, not copied with the callback
-    (and all it holds), and it holds the callback weakly."""
+    (and all it holds); it holds the callback weakly, and a pickled model gets a hook that
+    does nothing (the callback is not part of the model)."""
 
-    def __init__(self, method: Any) -> None:
-        self._method = weakref.WeakMethod(method)
+    def __init__(self, method: Any = None) -> None:
+        self._method = None if method is None else weakref.WeakMethod(method)
 
     def __call__(self, *args: Any) -> Any:
-        method = self._method()
+        method = None if self._method is None else self._method()
         return None if method is None else method(*args)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _Hook:
         return self
+
+    def __reduce__(self) -> tuple[type[_Hook], tuple[()]]:
+        return (_Hook, ())
 
 
 @contextlib.contextmanager
