@@ -5,6 +5,7 @@
     reconfigure_latency.py  1. trace+analysis+reconfigure vs Torch-Pruning
     scaling.py              1b. prunefx time vs fx graph size
     profile_stages.py       1c. prunefx time per pipeline stage (trace and reconfigure)
+    export_frontend.py      1d. the export front-end: prunefx analysis vs torch.export capture (tiny Llama)
     training.py             2. training step time vs the FLOPs limit, memory, round_to=8
     onnx_latency.py         3. ONNX Runtime latency dense vs reconfigured
     communication.py        4. gradient bytes all-reduced per DDP step

@@ -48,7 +48,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 import prunefx  # noqa: E402
 from benchmarks.common import Table, build, console, median, progress, quiet  # noqa: E402
 
-__all__ = ["MODELS", "QUICK_MODELS", "Profile", "profile", "run", "table", "main"]
+__all__ = ["MODELS", "QUICK_MODELS", "Clock", "Profile", "instrumented", "profile", "run", "table", "main"]
 
 MODELS = ("resnet50", "mobilenet_v2", "efficientnet_b0", "vit_b_16")
 QUICK_MODELS = ("mobilenet_v2",)
@@ -77,7 +77,7 @@ class Profile:
         return median([sum(v) for v in zip(*(self.seconds[(phase, s)] for s in self.stages(phase)), strict=True)])
 
 
-class _Clock:
+class Clock:
     """Exclusive wall time per stage: a wrapped call's time is charged to its stage and taken
     off the stage that called it."""
 
@@ -140,24 +140,28 @@ def _restore(owner: Any, attr: str, own: Any) -> None:
 
 
 @contextmanager
-def _instrumented(clock: _Clock, counter: list[int]) -> Iterator[None]:
+def instrumented(clock: Clock, stages: Sequence[tuple[Any, str, str]],
+                 walks: list[int] | None = None) -> Iterator[None]:
+    """Every (owner, attribute, stage) of ``stages`` timed by ``clock`` while inside; with
+    ``walks``, calls of ``nn.Module.named_modules`` from the top of a tree counted in walks[0]."""
     with ExitStack() as undo:
-        for owner, attr, stage in _stages():
+        for owner, attr, stage in stages:
             own = owner.__dict__.get(attr)  # None: inherited (a pass without its own verify)
             if isinstance(own, (classmethod, staticmethod)):
                 setattr(owner, attr, staticmethod(clock.wrap(own.__get__(None, owner), stage)))
             else:
                 setattr(owner, attr, clock.wrap(getattr(owner, attr), stage))
             undo.callback(_restore, owner, attr, own)
-        walk = nn.Module.named_modules
+        if walks is not None:
+            walk = nn.Module.named_modules
 
-        def counted(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-            if not args and not kwargs.get("prefix"):  # a walk from the top, not fx's recursion
-                counter[0] += 1
-            return walk(self, *args, **kwargs)
+            def counted(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+                if not args and not kwargs.get("prefix"):  # a walk from the top, not its recursion
+                    walks[0] += 1
+                return walk(self, *args, **kwargs)
 
-        nn.Module.named_modules = counted  # type: ignore[method-assign]
-        undo.callback(setattr, nn.Module, "named_modules", walk)
+            nn.Module.named_modules = counted  # type: ignore[method-assign]
+            undo.callback(setattr, nn.Module, "named_modules", walk)
         yield
 
 
@@ -169,9 +173,9 @@ def profile(name: str, repeats: int) -> Profile:
     prof = Profile(name, nodes=len(graph.module.graph.nodes))
     del graph
     for _ in range(repeats):
-        clock, counter = _Clock(), [0]
+        clock, counter = Clock(), [0]
         gc.collect()
-        with _instrumented(clock, counter):
+        with instrumented(clock, _stages(), counter):
             graph = clock.run("trace", prunefx.trace, model, x)
             mask = prunefx.masks.random(graph, RATIO, seed=0)  # not timed
             gc.collect()

@@ -13,6 +13,9 @@ over ``repeats`` runs:
   is not timed). Attention is declared to it the way its ViT/Swin examples do:
   ``num_heads={attention: heads}`` (``nn.MultiheadAttention``, Swin's ``qkv``), head dims
   pruned. When it raises or does not finish within ``tp_timeout`` seconds the row says so.
+- the copy limit: copying the same kept bytes with one ``index_select`` per pruned dim of each
+  tensor (``clone`` for an unpruned one), the indices read from the reconfigured model's
+  layout record; ``reconfigure / copy`` says how far the rewrite is from that limit.
 
 Both tools run inside the same repeat loop, one after the other, so load from other
 processes hits them alike. Before timing, the model is checked (``common.check_equivalent``)
@@ -53,6 +56,7 @@ from benchmarks.common import (  # noqa: E402
     spread,
     timed,
 )
+from prunefx.provenance import layout_of  # noqa: E402
 
 try:
     import torch_pruning as tp
@@ -85,6 +89,13 @@ class Row:
     tp_kept_params: float = float("nan")
     tp_error: str | None = None
     check_error: float = float("nan")
+    copy: list[float] = dataclasses.field(default_factory=list)  # the same kept bytes, index_select per tensor
+    kept_bytes: int = 0
+
+    @property
+    def copy_ratio(self) -> float:
+        """reconfigure / plain copy of the kept bytes, of medians."""
+        return median(self.reconfigure) / median(self.copy) if self.copy else float("nan")
 
     @property
     def total(self) -> list[float]:
@@ -104,11 +115,40 @@ class Row:
 
     @property
     def spread(self) -> float:
-        return max(spread(s) for s in (self.trace, self.reconfigure, self.tp_build, self.tp_prune) if s)
+        return max(spread(s) for s in (self.trace, self.reconfigure, self.copy, self.tp_build, self.tp_prune) if s)
 
 
 def example_input() -> torch.Tensor:
     return torch.randn(INPUT_SHAPE, generator=torch.Generator().manual_seed(0))
+
+
+def kept_slices(model: nn.Module, small: nn.Module) -> list[tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]]:
+    """For every tensor of ``small``: its source tensor in ``model`` and the kept indices per
+    pruned dim (from ``small``'s layout record)."""
+    own = dict((*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)))
+    records = (layout_of(small) or {}).get("tensors") or {}
+    out = []
+    for name, _ in (*small.named_parameters(), *small.named_buffers()):
+        src = own.get(name)
+        if src is None:
+            continue
+        kept = (records.get(name) or {}).get("kept") or {}
+        out.append((src, sorted((int(d), torch.as_tensor(v)) for d, v in kept.items() if v is not None)))
+    return out
+
+
+def copy_kept(slices: list[tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]]) -> list[torch.Tensor]:
+    """The copy limit: the kept bytes, one index_select per pruned dim, a clone otherwise."""
+    out = []
+    with torch.no_grad():
+        for src, index in slices:
+            t = src.detach()
+            if not index:
+                t = t.clone()
+            for dim, idx in index:
+                t = t.index_select(dim, idx)
+            out.append(t)
+    return out
 
 
 def _n_params(model: nn.Module) -> int:
@@ -190,7 +230,12 @@ def measure(name: str, repeats: int, *, with_tp: bool, tp_timeout: float = 90.0,
         row.reconfigure.append(t)
         row.cpu.append(trace_cpu + reconf_cpu)
         row.kept_params = _n_params(small) / row.params
+        slices = kept_slices(model, small)
         del small, graph
+        t, _, copies = timed(copy_kept, slices)
+        row.copy.append(t)
+        row.kept_bytes = sum(c.numel() * c.element_size() for c in copies)
+        del copies, slices
         if with_tp and row.tp_error is None:
             victim = copy.deepcopy(model)
             try:
@@ -232,14 +277,16 @@ def run(models: Sequence[str], repeats: int, *, with_tp: bool, tp_timeout: float
 
 
 def table(rows: Sequence[Row], with_tp: bool, repeats: int) -> Table:
-    headers = ["model", "fx nodes", "prunefx trace+analysis (s)", "prunefx reconfigure (s)", "prunefx total (s)"]
+    headers = ["model", "fx nodes", "prunefx trace+analysis (s)", "prunefx reconfigure (s)", "prunefx total (s)",
+               "copy of kept bytes (s)", "reconfigure / copy"]
     if with_tp:
         headers += ["TP build_dependency (s)", "TP prune step (s)", "TP total (s)",
                     "speedup TP/prunefx (wall)", "speedup (CPU time)"]
     headers += ["params kept prunefx" + (" / TP" if with_tp else ""), "spread", "check rel err"]
     t = Table(f"analysis + rewrite latency, medians of {repeats}", headers)
     for r in rows:
-        cells = [r.model, r.nodes, fmt_s(median(r.trace)), fmt_s(median(r.reconfigure)), fmt_s(median(r.total))]
+        cells = [r.model, r.nodes, fmt_s(median(r.trace)), fmt_s(median(r.reconfigure)), fmt_s(median(r.total)),
+                 fmt_s(median(r.copy)), f"{r.copy_ratio:.1f}x"]
         if with_tp:
             if r.tp_error:
                 cells += [f"failed: {r.tp_error}", "-", "-", "-", "-"]

@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from benchmarks import (  # noqa: E402
     communication,
+    export_frontend,
     onnx_latency,
     profile_stages,
     reconfigure_latency,
@@ -47,6 +48,8 @@ class Run:
     profile: Table | None = None
     stages: list[profile_stages.Profile] = dataclasses.field(default_factory=list)
     stages_repeats: int = 0
+    export: list[export_frontend.Row] = dataclasses.field(default_factory=list)
+    export_repeats: int = 0
     onnx: list[onnx_latency.Row] = dataclasses.field(default_factory=list)
     onnx_options: onnx_latency.Options | None = None
     ddp: list[communication.Row] = dataclasses.field(default_factory=list)
@@ -73,6 +76,14 @@ def goals(run: Run) -> Table:
               ("yes" if ok else "no") + (" (on every model Torch-Pruning could prune)" if failed and ok else ""))
     elif run.latency:
         t.add("prunefx >= 3x faster than Torch-Pruning", "torch_pruning not installed", "not measured")
+    copied = [r for r in run.latency if r.copy]
+    if copied:
+        worst = max(copied, key=lambda r: r.copy_ratio)
+        t.add("reconfigure within 2x of a plain copy of the same kept bytes on every model",
+              f"highest {worst.copy_ratio:.1f}x ({worst.model}); lowest {min(r.copy_ratio for r in copied):.1f}x",
+              "yes" if worst.copy_ratio <= 2 else "no")
+    if run.export:
+        t.add(*export_frontend.goal(run.export))
     for r in run.training:
         if r.model == "resnet50":
             e = r.efficiency(r.variants[1])
@@ -238,6 +249,23 @@ def stages_section(run: Run) -> list[str]:
     ]
 
 
+def export_section(run: Run) -> list[str]:
+    """prunefx's analysis on the export front-end next to torch.export's capture."""
+    return [
+        "### The export front-end: prunefx's analysis vs torch.export's capture",
+        "",
+        "`benchmarks/export_frontend.py`: `prunefx.trace(model, (ids,), example_kwargs={\"use_cache\": False})` "
+        "on tiny random-init `LlamaForCausalLM` configs (hidden 64, intermediate 96, 4 heads, 2 KV heads, "
+        "vocab 128, `input_ids` 2x16), split by stage inside the same call: `torch.export.export` as the "
+        "front-end calls it (dynamic batch and sequence, `strict=False`), the front-end's own work around it "
+        "(guards, the GraphModule built from the exported program) and prunefx's analysis (shape "
+        f"propagation, channel analysis, groups, heads kept whole). Medians of {run.export_repeats} "
+        "repeat(s); the ratios are of medians.",
+        "",
+        export_frontend.table(run.export, run.export_repeats).markdown(),
+    ]
+
+
 def write(run: Run, out: Path) -> Path:
     img = out / "img"
     img.mkdir(parents=True, exist_ok=True)
@@ -294,7 +322,10 @@ def write(run: Run, out: Path) -> Path:
             "prunefx (which also prunes the approximate residual stream), and on regnet_y_8gf the "
             "grouped convolutions are handled differently, so those rows are not like for like. "
             "`check rel err` is the "
-            "equivalence check with a 50% mask over the exact groups.",
+            "equivalence check with a 50% mask over the exact groups. `copy of kept bytes` is the copy "
+            "limit of `reconfigure`: the same kept bytes copied with one `index_select` per pruned dim of "
+            "each tensor (a `clone` for the others), timed in the same repeat loop; `reconfigure / copy` "
+            "is how far the rewrite is from it.",
             "",
             reconfigure_latency.table(run.latency, run.with_tp, run.latency_repeats).markdown(),
             "![latency](img/perf_latency.png)",
@@ -336,6 +367,8 @@ def write(run: Run, out: Path) -> Path:
         ]
     if run.stages:
         parts += stages_section(run)
+    if run.export:
+        parts += export_section(run)
     if run.training:
         _plot_training(run, img / "perf_training.png")
         parts += [
@@ -438,6 +471,8 @@ def tables(run: Run) -> Sequence[Table]:
         out.append(scaling.table(run.scaling))
     if run.stages:
         out.append(profile_stages.table(run.stages, run.stages_repeats))
+    if run.export:
+        out.append(export_frontend.table(run.export, run.export_repeats))
     if run.training:
         out.append(training.table(run.training, run.training_repeats))
     if run.profile is not None:

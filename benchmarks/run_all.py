@@ -5,7 +5,8 @@
     make bench / make bench-quick
 
 Stages (``--only`` picks some): ``latency`` (prunefx vs Torch-Pruning), ``scaling`` (time vs
-graph size), ``stages`` (prunefx's time per pipeline stage), ``training`` (step time vs FLOPs), ``onnx`` (ONNX Runtime), ``ddp`` (gradient
+graph size), ``stages`` (prunefx's time per pipeline stage), ``export`` (the export front-end vs torch.export's
+capture), ``training`` (step time vs FLOPs), ``onnx`` (ONNX Runtime), ``ddp`` (gradient
 bytes). Exit status 1 when any reconfigured model differs from ``prunefx.apply_mask``.
 """
 
@@ -25,6 +26,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 
 from benchmarks import (  # noqa: E402
     communication,
+    export_frontend,
     onnx_latency,
     profile_stages,
     reconfigure_latency,
@@ -36,7 +38,7 @@ from benchmarks.common import CHECKS, LoadMonitor, console, machine, quiet  # no
 
 __all__ = ["STAGES", "main"]
 
-STAGES = ("latency", "scaling", "stages", "training", "onnx", "ddp")
+STAGES = ("latency", "scaling", "stages", "export", "training", "onnx", "ddp")
 ROOT = Path(__file__).resolve().parent.parent
 THREAD_MODELS = ("resnet50", "mobilenet_v2", "efficientnet_b0")
 
@@ -96,6 +98,11 @@ def main(argv: list[str] | None = None) -> int:
         run.stages = profile_stages.run(profile_stages.QUICK_MODELS if quick else profile_stages.MODELS,
                                         run.stages_repeats)
         done("stages")
+    if "export" in args.only:
+        run.export_repeats = 1 if quick else 3
+        run.export = export_frontend.run(export_frontend.QUICK_LAYERS if quick else export_frontend.LAYERS,
+                                         run.export_repeats)
+        done("export")
     if "training" in args.only:
         run.training_repeats = 3 if quick else 10
         run.training = training.run(train_models, run.training_repeats)
