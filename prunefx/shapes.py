@@ -83,7 +83,7 @@ class _TrackingShapeProp(ShapeProp):
             nonlocal found
             if isinstance(obj, torch.Tensor):
                 found = True
-                return _extract_tensor_metadata(obj)
+                return _tensor_metadata(obj)
             return obj
 
         meta = map_aggregate(result, tensor_meta)
@@ -113,6 +113,19 @@ class _MetaShapeProp(_TrackingShapeProp):
         if isinstance(mod, _SHAPE_PRESERVING) and isinstance(x, torch.Tensor) and x.is_meta:
             return torch.empty_like(x)
         return super().call_module(target, args, kwargs)
+
+
+_FORMATS = (torch.contiguous_format, torch.channels_last, torch.channels_last_3d)
+
+
+def _tensor_metadata(t: torch.Tensor) -> TensorMetadata:
+    """``_extract_tensor_metadata(t)``, with the memory format found by the tensor's own
+    contiguity flags rather than fx's Python re-derivation of them from sizes and strides,
+    which took a quarter of shape propagation (same answer on concrete shapes)."""
+    if t.is_quantized or t.layout != torch.strided or isinstance(t, torch._subclasses.FakeTensor):
+        return _extract_tensor_metadata(t)
+    fmt = next((f for f in _FORMATS if t.is_contiguous(memory_format=f)), None)
+    return TensorMetadata(t.shape, t.dtype, t.requires_grad, t.stride(), fmt, False, {})
 
 
 def _mutable(x: Any) -> Any:

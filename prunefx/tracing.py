@@ -33,6 +33,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.fx.experimental import _config as fx_experimental_config
 
 from prunefx import guards
 from prunefx.errors import TraceError
@@ -261,9 +262,12 @@ def _trace_other_mode(model: nn.Module, leaves: tuple, concrete_args: Any, main:
         for m, flag in flags:
             m.training = flag
     _default_concrete(graph, concrete_args)
-    other = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
-    if other.code == main.code:
+    # the code GraphModule would generate, compared before building one (its module copies
+    # and compile are wasted when the modes run the same code, as in most models)
+    code = graph.python_code(root_module="self", record_func=fx_experimental_config.enrich_profiler_metadata).src
+    if code == main.code:
         return None
+    other = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
     sources.update(tracer.sources)
     return other
 
