@@ -16,6 +16,8 @@ nothing downloaded), each traced once through the export front-end:
   ``prunefx.masks.uniform_layers`` makes it uniform again (stock-loadable), with ``round_to``;
 - CLIP's vision tower and Whisper's encoder stay their class too (CLIP reloads through
   prunefx's loader);
+- mixtures of experts (Qwen2-MoE, Mixtral): the experts' channels, heads and the shared expert are
+  exact, whole experts pinned;
 - a pruned residual stream (approximate) sets ``config.hidden_size``; Qwen2-MoE's shared
   expert sets ``shared_expert_intermediate_size``; the loader checks the record;
 - layouts prunefx cannot write (T5's attention, Phi-3's config-read split with per-layer head
@@ -265,23 +267,49 @@ def test_loader_checks_the_record(llama, tmp_path) -> None:
         prunefx.transformers.from_pretrained(tmp_path)
 
 
-def test_qwen2_moe_shared_expert_and_heads(tmp_path) -> None:
-    """MoE: heads and the shared expert's channels are pruned (experts are not: their 3-D weights
-    run through a grouped matmul); config.shared_expert_intermediate_size follows, stock reload."""
-    cfg = transformers.Qwen2MoeConfig(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=48,
-                                      shared_expert_intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, num_experts=4, num_experts_per_tok=2)
+def _moe(family: str):
+    if family == "qwen2_moe":
+        cfg = transformers.Qwen2MoeConfig(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=48,
+                                          shared_expert_intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                          num_key_value_heads=2, num_experts=4, num_experts_per_tok=2)
+        return transformers.Qwen2MoeForCausalLM, cfg, "moe_intermediate_size"
+    cfg = transformers.MixtralConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    return transformers.MixtralForCausalLM, cfg, "intermediate_size"
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral"])
+def test_moe_experts_channels_heads_and_shared_expert(family: str, tmp_path) -> None:
+    """MoE: each expert's MLP channels (one group per layer: the grouped matmul keeps the same
+    width for every expert, so a channel goes from every expert), the heads and Qwen2-MoE's
+    shared expert are exact; whole experts are pinned (the router picks them per token). The
+    experts' width goes to the config (moe_intermediate_size; Mixtral: intermediate_size)
+    and the stock loader rebuilds the model."""
+    cls, cfg, width_field = _moe(family)
     torch.manual_seed(0)
-    model = _randomize(transformers.Qwen2MoeForCausalLM(cfg))
+    model = _randomize(cls(cfg))
     x = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
     graph = prunefx.trace(model, (x,), example_kwargs={"use_cache": False}, frontend="export")
+    experts = graph.group("model.layers.0.mlp.experts")  # the expert dim of its weights
+    assert not experts.prunable and "the router picks them per token" in experts.reason and experts.size == 4
+    with pytest.raises(prunefx.MaskError, match="router picks them per token"):
+        prunefx.reconfigure(model, {experts.name: torch.tensor([True, True, True, False])}, graph=graph)
     mask = prunefx.masks.random(graph, 0.5, exact_only=True, seed=0)
+    channels = [k for k in mask if k.startswith("model.layers.0.mlp.experts")]
+    assert len(channels) == 1 and graph.group(channels[0]).size == getattr(cfg, width_field)
     small = prunefx.reconfigure(model, mask, graph=graph)
-    assert (small.config.num_attention_heads, small.config.shared_expert_intermediate_size) == (2, 48)
+    assert type(small) is cls and _params(small) <= 0.8 * _params(model)
+    assert getattr(small.config, width_field) == getattr(cfg, width_field) // 2 and small.config.num_attention_heads == 2
+    assert [s.expert_intermediate_size for s in prunefx.transformers.layer_sizes(small)] == [getattr(cfg, width_field) // 2] * 2
+    if family == "qwen2_moe":
+        assert small.config.shared_expert_intermediate_size == 48
+    masked = prunefx.apply_mask(copy.deepcopy(model), mask, graph=graph)
+    _same_outputs(small, masked, (x, x[:1, :5], torch.randint(0, 128, (3, 11))), {"use_cache": False})
+    assert prunefx.transformers.stock_reason(small) is None
     small.save_pretrained(tmp_path)
-    again = transformers.Qwen2MoeForCausalLM.from_pretrained(tmp_path)
+    again = cls.from_pretrained(tmp_path)
     _same_outputs(again, small, (x,), {"use_cache": False})
-    _generates_alike(again, prunefx.apply_mask(copy.deepcopy(model), mask, graph=graph), x)
+    _generates_alike(again, masked, x)
 
 
 @pytest.mark.parametrize("family", ["llama_gqa", "gpt2"])

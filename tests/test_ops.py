@@ -23,8 +23,24 @@ def test_every_spelling_maps_to_exactly_one_record() -> None:
     for spec in table.specs:
         for kind, key in spec.spellings():
             assert seen.setdefault((kind, key), spec.name) == spec.name, f"{kind} {key!r}: {seen[(kind, key)]} and {spec.name}"
-    assert {k for k, _ in seen} == {"function", "method", "module"}
+    assert {k for k, _ in seen} == {"function", "method", "module", "operator"}
     assert len({s.name for s in table.specs}) == len(table.specs), "two records share a name"
+
+
+def test_an_operator_registered_after_the_table_is_found_by_name() -> None:
+    """Custom operators (transformers' grouped_mm_fallback) exist once their library is
+    imported, maybe after the table was built: records name them by schema."""
+    table = OpTable((OpSpec("twice", rules.identity, operators=("prunefx_test::twice",)),))
+
+    @torch.library.custom_op("prunefx_test::twice", mutates_args=())
+    def twice(x: torch.Tensor) -> torch.Tensor:
+        return 2 * x
+
+    graph = torch.fx.Graph()
+    node = graph.call_function(torch.ops.prunefx_test.twice.default, (graph.placeholder("x"),))
+    assert table.lookup(node, {}).name == "twice"
+    other = graph.call_function(torch.ops.aten.roll.default, (node, 1))
+    assert table.lookup(other, {}) is None
 
 
 def test_a_spelling_claimed_twice_is_refused() -> None:

@@ -777,6 +777,29 @@ def matmul(a: Analyzer, node: fx.Node) -> Any:
     return Layout(factors, _product_zero(factors, (ax, ay)))
 
 
+def grouped_mm(a: Analyzer, node: fx.Node) -> Any:
+    """``grouped_mm(input (S, K), weight (E, K, N), offs)``: row s of the input (tokens
+    sorted by expert) times the matrix of the expert it belongs to (a mixture of experts:
+    ``F.grouped_mm``, transformers' ``grouped_mm_fallback``). K is contracted: the input's
+    channels are united with every expert's rows. The output's N channels are the weight's
+    dim 2, one set of ids for all experts, so a channel goes from every expert at once; a
+    channel zero in every expert gives a zero output channel. The expert dim is pinned:
+    the router picks each token's experts at run time (removing an expert changes routing)."""
+    x, w = node.args[0], node.args[1]
+    lx, lw, sx, sw = a.value(x), a.value(w), a.shape(x), a.shape(w)
+    if not (isinstance(lx, Layout) and isinstance(lw, Layout) and len(sx) == 2 and len(sw) == 3):
+        return unknown(a, node)
+    rest_x, kx = a.drop_dim(lx, 1)
+    rest_w, kw = a.drop_dim(lw, 1)
+    _contract(a, node, (lx, kx), (lw, kw), "grouped matmul")
+    _only_on(a, node, rest_x, set(), "the rows of a grouped matmul (tokens sorted by expert)")
+    rest_w = _only_on(a, node, rest_w, {2}, "the experts of a grouped matmul: the router picks them per token")
+    for arg in (*node.args[2:], *node.kwargs.values()):
+        if isinstance(arg, fx.Node):
+            a.pin_value(a.value(arg), node, "grouped matmul offsets")
+    return Layout(rest_w.shift({2: 1}).factors, lw.zero)
+
+
 def _contract(a: Analyzer, node: fx.Node, x: tuple[Layout, np.ndarray | None], y: tuple[Layout, np.ndarray | None], what: str) -> None:
     """Both operands of a product contract one dim (``(layout, ids along it)``): its channels
     are united; removing them is exact when one operand's masked channels are zero; an

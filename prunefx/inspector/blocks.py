@@ -6,10 +6,11 @@ hundreds of nodes per layer) and say little about what matters when pruning it: 
 heads, KV heads and MLP channels each layer has, and which group removes them. A
 ``BlockRow`` says it per layer:
 
-- ``heads``, ``kv_heads``, ``head_dim``, ``mlp_channels``: read from the layer's weights
+- ``heads``, ``kv_heads``, ``head_dim``, ``mlp_channels``, ``experts`` and
+  ``expert_channels`` (a mixture of experts: how many, and their width): read from the layer's weights
   (``prunefx.transformers.layer_sizes``), so a pruned model shows what it keeps;
 - ``attention`` / ``mlp``: the prunable groups whose every member lies in the layer's
-  attention (MLP) module, and ``slot``: what one channel of the attention group is (a head;
+  attention (MLP; for an MoE block, its experts) module, and ``slot``: what one channel of the attention group is (a head;
   under grouped-query attention a KV head with its query heads);
 - ``params`` (the layer's parameters) and ``flops`` (the FLOPs of the nodes computed
   inside it: the export front-end records which module computed each node).
@@ -44,6 +45,8 @@ class BlockRow:
     kv_heads: int | None  # key/value heads (== heads without grouped-query attention)
     head_dim: int | None
     mlp_channels: int | None  # the dense MLP's hidden width
+    experts: int | None  # routed experts of a mixture-of-experts block
+    expert_channels: int | None  # their hidden width (the same for every expert)
     attention: tuple[str, ...]  # prunable groups inside the attention module
     slot: str | None  # what one channel of the attention group is
     mlp: tuple[str, ...]  # prunable groups inside the MLP module
@@ -69,7 +72,13 @@ def block_rows(model: nn.Module, graph: PruneGraph, layers: Sequence[LayerRow], 
     """A ``BlockRow`` per repeated block of ``model``; empty for other models."""
     if getattr(model, "config", None) is None:
         return ()
-    from prunefx.transformers.layers import attention_of, decoder_layers, layer_sizes, mlp_of
+    from prunefx.transformers.layers import (
+        attention_of,
+        decoder_layers,
+        experts_of,
+        layer_sizes,
+        mlp_of,
+    )
 
     blocks = decoder_layers(model)
     if not blocks:
@@ -83,15 +92,18 @@ def block_rows(model: nn.Module, graph: PruneGraph, layers: Sequence[LayerRow], 
     prunable = [g for g in groups if g.prunable]
     rows = []
     for (prefix, layer), s in zip(blocks, sizes, strict=True):
-        attn, mlp = attention_of(layer), mlp_of(layer)
+        attn, mlp, experts = attention_of(layer), mlp_of(layer), experts_of(layer)
         attn_path = f"{prefix}.{attn[0]}" if attn is not None else None
         mlp_path = f"{prefix}.{mlp[0]}" if mlp is not None else None
+        if mlp is None and experts is not None:  # an MoE block: its groups are the experts'
+            mlp_path = prefix + "." + next(n for n, m in layer.named_modules() if m is experts[0])
         attention = tuple(g.name for g in prunable if attn_path and _inside(attn_path, g.modules))
         mlp_groups = tuple(g.name for g in prunable if mlp_path and _inside(mlp_path, g.modules))
         first = next((g for g in prunable if attention and g.name == attention[0]), None)
         rows.append(BlockRow(
             name=prefix, heads=s.num_attention_heads, kv_heads=s.num_key_value_heads, head_dim=s.head_dim,
-            mlp_channels=s.intermediate_size, attention=attention,
+            mlp_channels=s.intermediate_size, experts=int(experts[0].down_proj.shape[0]) if experts is not None else None,
+            expert_channels=s.expert_intermediate_size, attention=attention,
             slot=_slot(s.num_attention_heads, s.num_key_value_heads, first.size) if first is not None else None,
             mlp=mlp_groups, params=sum(p.numel() for p in layer.parameters()),
             flops=sum(r.flops for r, path in node_owner if path is not None and (path == prefix or path.startswith(prefix + "."))),
@@ -116,7 +128,8 @@ def blocks_table(rows: Sequence[BlockRow], limit: int | None = None) -> Table:
     table = Table(title=f"Transformer blocks ({len(rows)})", title_justify="left", header_style="bold",
                   caption=("one slot of an attention group: " + "; ".join(slots)) if slots else None, caption_justify="left")
     table.add_column("block", no_wrap=True)
-    for col in ("heads", "KV", "dim", "MLP"):
+    moe = any(r.experts for r in rows)
+    for col in ("heads", "KV", "dim", "MLP", *(("experts",) if moe else ())):
         table.add_column(col, justify="right", no_wrap=True)
     table.add_column("attention group", no_wrap=True)
     table.add_column("MLP group", no_wrap=True)
@@ -124,8 +137,9 @@ def blocks_table(rows: Sequence[BlockRow], limit: int | None = None) -> Table:
     table.add_column("FLOPs", justify="right", no_wrap=True)
     for r in shown:
         table.add_row(escape(r.name), _opt(r.heads), _opt(r.kv_heads), _opt(r.head_dim), _opt(r.mlp_channels),
+                      *((f"{r.experts}×{r.expert_channels}" if r.experts else "-",) if moe else ()),
                       escape(_local(r.name, r.attention)), escape(_local(r.name, r.mlp)),
                       human(r.params), human(r.flops))
     if len(shown) < len(rows):
-        table.add_row(f"… {len(rows) - len(shown)} more: report.blocks_table(limit=None)", *[""] * 8)
+        table.add_row(f"… {len(rows) - len(shown)} more: report.blocks_table(limit=None)", *[""] * (len(table.columns) - 1))
     return table

@@ -38,6 +38,8 @@ class OpSpec:
     functions: tuple[Any, ...] = ()  # call_function targets: torch/F/operator callables, aten overloads
     methods: tuple[str, ...] = ()  # call_method targets
     modules: tuple[type, ...] = ()  # call_module types (subclasses match through the MRO)
+    operators: tuple[str, ...] = ()  # custom operators by schema name ("transformers::grouped_mm_fallback"):
+    # a library registers them when it is imported, which may be after the table is built
     fix: Fix | None = None  # rewrites size arguments after pruning (split sizes, view shapes, ...)
     size_args: bool = False  # integer arguments are sizes: `fix` owns them, FreezeStaleSizes leaves them
     empty_ok: bool = False  # works when an input has 0 channels (see prunefx/plan.py)
@@ -49,6 +51,7 @@ class OpSpec:
         yield from (("function", f) for f in self.functions)
         yield from (("method", m) for m in self.methods)
         yield from (("module", t) for t in self.modules)
+        yield from (("operator", o) for o in self.operators)
 
 
 class OpTable:
@@ -59,7 +62,9 @@ class OpTable:
         self.by_function: dict[Any, OpSpec] = {}
         self.by_method: dict[str, OpSpec] = {}
         self.by_module: dict[type, OpSpec] = {}
-        index: Mapping[str, dict] = {"function": self.by_function, "method": self.by_method, "module": self.by_module}
+        self.by_operator: dict[str, OpSpec] = {}
+        index: Mapping[str, dict] = {"function": self.by_function, "method": self.by_method, "module": self.by_module,
+                                     "operator": self.by_operator}
         for spec in specs:
             for kind, key in spec.spellings():
                 other = index[kind].get(key)
@@ -76,7 +81,9 @@ class OpTable:
 
     def lookup(self, node: fx.Node, modules: Mapping[str, nn.Module]) -> OpSpec | None:
         if node.op == "call_function":
-            return self.by_function.get(node.target)
+            spec = self.by_function.get(node.target)
+            schema = getattr(node.target, "_schema", None) if spec is None and self.by_operator else None
+            return self.by_operator.get(schema.name) if schema is not None else spec
         if node.op == "call_method":
             return self.by_method.get(node.target)  # type: ignore[arg-type]
         if node.op == "call_module":

@@ -215,6 +215,9 @@ SPECS: tuple[OpSpec, ...] = (
     OpSpec("matmul", r.matmul, functions=(
         torch.matmul, operator.matmul, torch.bmm, torch.mm, *_aten("matmul.default", "bmm.default", "mm.default"),
     ), methods=("matmul", "bmm"), weight_flops=True),
+    # mixture-of-experts weights (experts, in, out): transformers' experts, F.grouped_mm
+    OpSpec("grouped_mm", r.grouped_mm, functions=(*((F.grouped_mm,) if hasattr(F, "grouped_mm") else ()), *_aten("_grouped_mm.default")),
+           operators=("transformers::grouped_mm_fallback",), weight_flops=True),
     OpSpec("scaled_dot_product_attention", r.scaled_dot_product_attention, functions=(
         F.scaled_dot_product_attention, *_aten("scaled_dot_product_attention.default"),
     ), fix=fix.attention_scale),

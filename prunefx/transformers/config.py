@@ -7,6 +7,7 @@ When every layer keeps the same sizes, the config's own fields say them:
     head_dim                                  := unchanged (heads are removed whole), written
                                                  explicitly since it is no longer hidden / heads
     intermediate_size (GPT-2: n_inner, T5: d_ff) := the layers' MLP width
+    moe_intermediate_size (Mixtral: intermediate_size) := the routed experts' width
     hidden_size                               := the token embedding's width (when the
                                                  residual stream was pruned: approximate)
 
@@ -44,6 +45,7 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "head_dim": ("head_dim",),
     "intermediate_size": ("intermediate_size", "n_inner", "d_ff"),
     "shared_expert_intermediate_size": ("shared_expert_intermediate_size",),
+    "expert_intermediate_size": ("moe_intermediate_size", "intermediate_size"),  # Mixtral: its experts' width
 }
 
 

@@ -10,6 +10,7 @@ never changes and the head counts follow from the projections' shapes:
     KV heads      = k rows / head_dim            (Phi-3: (qkv rows / head_dim - query heads) / 2)
     KV groups     = query heads / KV heads
     intermediate  = the MLP's hidden width       (down_proj columns, c_fc / fc1 / dense rows)
+    experts       = the routed experts' width    (3-D down_proj (experts, hidden, width))
 
 One ``AttentionKind`` / ``MlpKind`` record per layout says how to read it; the attribute
 names a module has are then set (``num_heads``, ``num_attention_heads``,
@@ -33,7 +34,7 @@ from torch import nn
 
 from prunefx.errors import ReconfigureError
 
-__all__ = ["LayerSizes", "AttentionKind", "MlpKind", "ATTENTION", "MLP", "decoder_layers", "layer_sizes", "write_sizes", "attention_of", "mlp_of"]
+__all__ = ["LayerSizes", "AttentionKind", "MlpKind", "ATTENTION", "MLP", "decoder_layers", "layer_sizes", "write_sizes", "attention_of", "mlp_of", "experts_of"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class LayerSizes:
     head_dim: int | None = None
     intermediate_size: int | None = None
     shared_expert_intermediate_size: int | None = None  # MoE blocks with a shared expert (Qwen2-MoE)
+    expert_intermediate_size: int | None = None  # the routed experts' hidden width (one for every expert)
 
 
 def _rows(m: Any) -> int:
@@ -168,6 +170,16 @@ def mlp_of(layer: nn.Module) -> tuple[str, nn.Module, MlpKind] | None:
     return _mlp_of(layer, _moe_shared_width(layer)[1])
 
 
+def experts_of(layer: nn.Module) -> tuple[nn.Module, int] | None:
+    """The layer's routed experts (3-D ``gate_up_proj``/``up_proj`` and ``down_proj`` of shape
+    (experts, out, in), or (experts, in, out) when ``is_transposed``) and their hidden width."""
+    for m in layer.modules():
+        down = getattr(m, "down_proj", None)
+        if isinstance(down, nn.Parameter) and down.dim() == 3:
+            return m, int(down.shape[1] if getattr(m, "is_transposed", False) else down.shape[2])
+    return None
+
+
 def _moe_shared_width(layer: nn.Module) -> tuple[int | None, set[int]]:
     """A sparse MoE block's shared expert width, and the modules inside MoE blocks (not the
     layer's dense MLP)."""
@@ -203,7 +215,8 @@ def _sizes(prefix: str, layer: nn.Module) -> LayerSizes:
     mlp = _mlp_of(layer, moe)
     if mlp is not None:
         width = mlp[2].width(mlp[1])
-    return LayerSizes(heads, kv, d, width, shared)
+    experts = experts_of(layer)
+    return LayerSizes(heads, kv, d, width, shared, experts[1] if experts is not None else None)
 
 
 def layer_sizes(model: nn.Module) -> tuple[LayerSizes, ...]:
@@ -241,4 +254,7 @@ def write_sizes(model: nn.Module) -> tuple[LayerSizes, ...]:
         mlp = mlp_of(layer)
         if mlp is not None and isinstance(getattr(mlp[1], "intermediate_size", None), int):
             setattr(mlp[1], "intermediate_size", s.intermediate_size)  # noqa: B010 - a module attribute
+        experts = experts_of(layer)
+        if experts is not None and isinstance(getattr(experts[0], "intermediate_dim", None), int):
+            experts[0].intermediate_dim = experts[1]
     return sizes
