@@ -12,12 +12,12 @@ import copy
 
 import pytest
 import torch
+import torchvision as tv
 from torch import nn
 
 import prunefx
 from prunefx.errors import ReconfigureError, TraceError
 
-tv = pytest.importorskip("torchvision")
 D = tv.models.detection
 
 SMALL = dict(weights=None, weights_backbone=None, min_size=96, max_size=128)

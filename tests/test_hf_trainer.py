@@ -17,16 +17,15 @@ import runpy
 import sys
 from pathlib import Path
 
+import accelerate  # noqa: F401  the Trainer needs it (a dev dependency: a missing one fails, never skips)
 import pytest
 import torch
+import transformers
 
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("accelerate")  # the Trainer needs it (transformers[torch])
-
-import prunefx.transformers  # noqa: E402
-from prunefx.errors import PruneFxError  # noqa: E402
-from prunefx.integrations.transformers_trainer import PruneTrainCallback  # noqa: E402
-from prunefx.provenance import layout_of  # noqa: E402
+import prunefx.transformers
+from prunefx.errors import PruneFxError
+from prunefx.integrations.transformers_trainer import PruneTrainCallback
+from prunefx.provenance import layout_of
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB, STEPS, EVERY, LR = 128, 20, 5, 3e-3

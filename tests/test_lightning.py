@@ -14,17 +14,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning.pytorch as L
 import pytest
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, TensorDataset
 
-L = pytest.importorskip("lightning.pytorch")
-from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
-
-from prunefx.integrations.lightning import PruneTrainCallback  # noqa: E402
+from prunefx.integrations.lightning import PruneTrainCallback
 
 ROOT = Path(__file__).resolve().parents[1]
 GEN = torch.Generator().manual_seed(0)

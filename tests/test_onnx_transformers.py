@@ -24,12 +24,11 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 from torch import nn
 
 import prunefx
 from prunefx.export import onnx_session
-
-transformers = pytest.importorskip("transformers")
 
 VOCAB, HIDDEN, MLP = 128, 64, 80  # MLP: the dense intermediate size, which pruning halves
 SEQ = {1: "sequence"}
