@@ -142,3 +142,18 @@ def test_one_kv_head_left_keeps_heads_whole() -> None:
     smaller = prunefx.reconfigure(small, prunefx.masks.random(g2, 0.5, exact_only=True, seed=1), graph=g2)
     assert type(smaller) is transformers.LlamaForCausalLM
     assert prunefx.count_params(smaller) < prunefx.count_params(small) < prunefx.count_params(model)
+
+
+def test_flop_counter_counts_grouped_matmuls() -> None:
+    """torch has no FLOP formula for a mixture of experts' grouped matmul: prunefx's counter
+    (count_flops, the inspector, the cost model) counts 2 * S * K * N for it."""
+    import transformers.integrations.moe  # noqa: F401  registers transformers::grouped_mm_fallback
+
+    from prunefx.flops import flop_counter
+
+    x, w = torch.randn(5, 8), torch.randn(2, 8, 3)
+    offs = torch.tensor([2, 5], dtype=torch.int32)
+    with flop_counter() as counter:
+        out = torch.ops.transformers.grouped_mm_fallback(x, w, offs)
+    assert out.shape == (5, 3) and counter.get_total_flops() == 2 * 5 * 8 * 3
+    torch.testing.assert_close(out, torch.cat([x[:2] @ w[0], x[2:] @ w[1]]))

@@ -30,6 +30,7 @@ import torch.fx as fx
 from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils.flop_counter import FlopCounterMode
 
+from prunefx.flops import flop_counter
 from prunefx.graph import PruneGraph
 from prunefx.shapes import _MetaShapeProp, _to_meta, _TrackingShapeProp
 
@@ -78,7 +79,7 @@ class _RealCosts(_Recorder, _TrackingShapeProp):
 
 def _run(prop: _Recorder, inputs: tuple[Any, ...]) -> dict[fx.Node, NodeCost]:
     prop.costs = {}
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         prop.counter = counter
         prop.propagate(*inputs)  # type: ignore[attr-defined]
     return prop.costs

@@ -37,7 +37,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils.flop_counter import FlopCounterMode
 
 from prunefx import ops
-from prunefx.flops import count_flops, count_params
+from prunefx.flops import count_flops, count_params, flop_counter
 from prunefx.graph import PruneGraph
 from prunefx.mask import resolve_mask
 from prunefx.shapes import _MetaShapeProp, _to_meta
@@ -74,7 +74,7 @@ class _FlopsPerNode(_MetaShapeProp):
 
 def _node_flops(gm: fx.GraphModule, inputs: tuple[Any, ...]) -> dict[fx.Node, int]:
     meta = {n: torch.empty_like(t, device="meta") for n, t in (*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False))}
-    with _reparametrize_module(gm, meta), torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with _reparametrize_module(gm, meta), torch.no_grad(), flop_counter() as counter:
         run = _FlopsPerNode(gm, counter)
         run.propagate(*_to_meta(inputs))
     return run.flops
