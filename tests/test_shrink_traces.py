@@ -67,8 +67,11 @@ def _fold_net() -> _FoldNet:
     return net.eval()
 
 
-def test_one_analysis_per_reconfiguration_with_a_new_bias(analyses: list[str]) -> None:
+def test_one_analysis_per_reconfiguration_with_a_new_bias(analyses: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     net, x = _fold_net(), torch.randn(4, 3, 8, 8)
+    fx_traces: list[object] = []  # FLOPs are counted on the analysed graph and the result, not on a fresh trace
+    real_fx_trace = torch.fx.symbolic_trace
+    monkeypatch.setattr(torch.fx, "symbolic_trace", lambda root, *a, **k: fx_traces.append(root) or real_fx_trace(root, *a, **k))
     with torch.no_grad():
         expected = net(x)
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
@@ -83,6 +86,9 @@ def test_one_analysis_per_reconfiguration_with_a_new_bias(analyses: list[str]) -
     assert event.report.channels["conv1"] == (6, 4) and event.report.channels["conv2"] == (5, 4)
     assert small.conv2.bias.shape == (4,)
     assert analyses == ["fx"], f"{len(analyses)} analyses in one reconfiguration"
+    assert fx_traces == []
+    f0, f1 = event.report.flops
+    assert f0 == prunefx.flops.count_flops(_fold_net(), x) and 0 < f1 < f0
     with torch.no_grad():
         assert torch.allclose(small.eval()(x), expected, atol=1e-5)
 

@@ -142,7 +142,10 @@ def shrink(
     if keep.flags.all():
         return compiled_model, ShrinkReport(changed=False, kept_back=tuple(kept_back))
     before = {g.name: g.size for g in graph.groups if g.prunable}
-    params0, flops0 = count_params(model), count_flops(model, x)
+    # the traced graph is what fx would trace again to count FLOPs (not so for export and
+    # detection surrogates, whose graphs are not the model's forward at the module level)
+    counted = graph.module if graph.traced.frontend == "fx" and graph.model_inputs is None else model
+    params0, flops0 = count_params(model), count_flops(counted, x)
 
     snapshot = fold_snapshot(model) if emas else {}
     fold = fold_constants(model, graph, keep, x)
