@@ -11,11 +11,23 @@ conv, ``2 tokens |W|`` for a linear), and channel pruning leaves ``positions_n``
 
 where ``kept_d(W)`` counts the indices along dim d whose channel the mask keeps (dims that
 no group touches keep their size). Parameters: ``P' = sum_W numel'(W)``. Both are exact for
-CNNs made of convolutions and linear layers. A node without parameters (an attention
-matmul) is counted as unchanged, and a module other than a conv or linear layer (e.g.
-``nn.MultiheadAttention``: projections plus attention) is scaled by its largest parameter:
-those are the estimate's approximations (``CostModel.exact`` says whether there are any),
-which ``to_budget`` corrects by measuring real reconfigurations (``measure_cost``).
+CNNs made of convolutions and linear layers. Attention is exact too:
+
+- a product of activations (``matmul``/``bmm``, ``scaled_dot_product_attention``) costs a
+  product of its sizes, each linear: ``F'_n = F_n * prod_d kept_d / size_d`` over the
+  output's dims and the contracted one (the heads, a pruned head width), where ``kept_d``
+  counts the indices along d whose channel any kept cell holds (masks keep products of index
+  sets). SDPA's two products (scores over the q/k width E, values over the v width Ev) are
+  weighted ``E : Ev``;
+- ``nn.MultiheadAttention`` (self-attention, one in-projection) splits into its projections,
+  ``8 B L E^2`` FLOPs that scale with ``in_proj_weight`` like a linear layer, and its score
+  and value products, the rest, which scale with the heads it keeps (``in_proj_weight``'s
+  rows).
+
+Any other node without parameters is counted as unchanged, and any other module is scaled
+by its largest parameter: those are the estimate's approximations (``CostModel.exact`` says
+whether there are any), which ``to_budget`` corrects by measuring real reconfigurations
+(``measure_cost``).
 
 Example::
 
@@ -109,6 +121,64 @@ def _parameter_derived(gm: fx.GraphModule, params: dict[str, torch.Tensor]) -> d
     return derived
 
 
+Scaled = tuple[float, tuple[np.ndarray, ...]]  # FLOPs and, per dim they scale with, roots (size, rest)
+
+
+def _dims_of(uf: Any, lay: Any, dims: Any) -> list[np.ndarray]:
+    """Per tracked dim of ``lay`` among ``dims``: its union-find roots as (size along the dim,
+    the other cells of its factor)."""
+    out = []
+    for d in dims:
+        f = lay.on(d)
+        if f is not None:
+            moved = np.moveaxis(uf.find(f.ids), f.axis(d), 0)
+            out.append(moved.reshape(moved.shape[0], -1))
+    return out
+
+
+def _product_terms(graph: PruneGraph, node: fx.Node, flops: float) -> list[Scaled] | None:
+    """The scaled terms of a product of activations (see the module docstring), or None."""
+    from prunefx.analysis.layout import Layout
+
+    spec = ops.lookup(node, {})
+    if spec is None or spec.name not in ("matmul", "scaled_dot_product_attention"):
+        return None
+    layouts, uf = graph.analysis.layouts, graph.analysis.uf
+    out, x = layouts.get(node), layouts.get(node.args[0]) if node.args else None
+    shape, xs = graph.shapes.tensor(node), graph.shapes.tensor(node.args[0]) if node.args else None
+    if not (isinstance(out, Layout) and isinstance(x, Layout) and shape is not None and xs is not None):
+        return None
+    nd = len(shape)
+    if spec.name == "matmul":
+        if len(xs) < 2:
+            return None
+        return [(flops, tuple(_dims_of(uf, out, range(nd)) + _dims_of(uf, x, [len(xs) - 1])))]
+    e, ev = int(xs[-1]), int(shape[-1])  # SDPA: scores over E, values over Ev
+    rest = _dims_of(uf, out, range(nd - 1))
+    return [(flops * e / (e + ev), tuple(rest + _dims_of(uf, x, [len(xs) - 1]))),
+            (flops * ev / (e + ev), tuple(rest + _dims_of(uf, out, [nd - 1])))]
+
+
+def _attention_module_terms(graph: PruneGraph, node: fx.Node, m: Any, flops: float) -> tuple[float, list[Scaled]] | None:
+    """``nn.MultiheadAttention`` as self-attention: (its projections' FLOPs, which scale with
+    ``in_proj_weight``; the score and value products, scaled by the heads it keeps)."""
+    if not isinstance(m, torch.nn.MultiheadAttention) or not m._qkv_same_embed_dim or len(node.args) < 3:
+        return None
+    if not (node.args[0] is node.args[1] is node.args[2]):
+        return None
+    xs = graph.shapes.tensor(node.args[0])
+    if xs is None or len(xs) != 3:
+        return None
+    tokens, width = int(xs[0]) * int(xs[1]), int(m.in_proj_weight.shape[0]) // 3
+    proj = 8.0 * tokens * width * int(m.in_proj_weight.shape[1])
+    rows = next((r for mb in graph.analysis.members if mb.tensor == f"{node.target}.in_proj_weight" and mb.dim == 0
+                 for r in [graph.analysis.uf.find(mb.ids)]), None)
+    if proj > flops:
+        return None
+    heads = () if rows is None else (rows.reshape(-1, 1),)
+    return proj, [(flops - proj, heads)]
+
+
 @dataclass(frozen=True, eq=False)
 class CostModel:
     """The per-parameter FLOPs and per-dim channel ids a cost estimate needs (see module doc)."""
@@ -116,7 +186,8 @@ class CostModel:
     graph: PruneGraph
     flops: int  # of the original model
     params: int
-    fixed_flops: int  # of nodes that use no parameter
+    fixed_flops: int  # of nodes that use no parameter and do not scale
+    scaled: tuple[Scaled, ...]  # products of activations (attention): FLOPs times kept fractions
     approximate_flops: int  # of nodes whose FLOPs are not exactly proportional to their weight
     names: tuple[str, ...]  # canonical parameter names
     numel: np.ndarray
@@ -142,14 +213,23 @@ class CostModel:
         all_params = dict(gm.named_parameters(remove_duplicate=False))
         derived = _parameter_derived(gm, all_params)
         node_flops = _node_flops(gm, graph.flat_inputs)
+        scaled: list[Scaled] = []
         for node, f in node_flops.items():
             w = _weight_of(gm, node, all_params, derived)
-            if w is None:
+            attention = _attention_module_terms(graph, node, gm.get_submodule(str(node.target)), f) if node.op == "call_module" else None
+            products = _product_terms(graph, node, f) if w is None else None
+            if attention is not None and w is not None:
+                weight_flops[index[canon(w)]] += attention[0]
+                scaled += attention[1]
+            elif products is not None:
+                scaled += products
+            elif w is None:
                 fixed += f
+                approximate += f
             else:
                 weight_flops[index[canon(w)]] += f
-            if w is None or not _scales_exactly(gm, node):
-                approximate += f
+                if not _scales_exactly(gm, node):
+                    approximate += f
 
         rows_t, rows_s, rows_r = [], [], []
         uf = graph.analysis.uf
@@ -162,7 +242,7 @@ class CostModel:
             rows_r.append(uf.find(m.ids))
         return cls(
             graph=graph, flops=int(sum(node_flops.values())), params=int(numel.sum()), fixed_flops=int(fixed),
-            approximate_flops=int(approximate),
+            scaled=tuple(scaled), approximate_flops=int(approximate),
             names=names, numel=numel, weight_flops=weight_flops, row_tensor=np.array(rows_t, dtype=np.int64),
             row_size=np.array(rows_s, dtype=np.float64), row_roots=tuple(rows_r),
         )
@@ -189,6 +269,8 @@ class CostModel:
         ratio = np.ones(len(self.names), dtype=np.float64)
         np.multiply.at(ratio, self.row_tensor, kept / np.maximum(self.row_size, 1))
         flops = self.fixed_flops + float((self.weight_flops * ratio).sum())
+        for f, dims in self.scaled:
+            flops += f * float(np.prod([flags[r].any(axis=1).mean() for r in dims]))
         params = float((self.numel * ratio).sum())
         return Cost(int(round(flops)), int(round(params)), flops / max(self.flops, 1), params / max(self.params, 1))
 
