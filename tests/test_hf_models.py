@@ -332,3 +332,28 @@ def test_prunefx_checkpoint_of_a_causal_lm(family: str, tmp_path) -> None:
     state["prunefx"]["kwargs"] = {"use_cache": {"value": object()}}
     with pytest.raises(prunefx.PruneFxError, match=r"\['kwargs'\]\['use_cache'\]"):
         prunefx.load_state_dict(make().eval(), state)
+
+
+def test_a_training_model_is_captured_in_evaluation_mode() -> None:
+    """PruneTrain traces a model while it trains. torch.export would bake dropout (p=0.1 in
+    GPT-2) into the graph as a random op; a transformers model is captured in evaluation mode
+    instead, every module's flag left as it was, and the pruned model (its own class) keeps
+    training with dropout."""
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_inner=96, n_positions=32)
+    model = _randomize(transformers.GPT2LMHeadModel(cfg)).train()
+    model.transformer.h[1].mlp.eval()  # a mixed state, restored exactly
+    flags = [m.training for m in model.modules()]
+    x = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    graph = prunefx.trace(model, (x,), example_kwargs={"use_cache": False})
+    assert [m.training for m in model.modules()] == flags
+    dropouts = [n for n in graph.module.graph.nodes if n.target is torch.ops.aten.dropout.default]
+    assert dropouts and not any(n.args[2] for n in dropouts)  # dropout(x, p, train=False): the identity
+    mask = prunefx.masks.random(graph, 0.5, exact_only=True, seed=0)
+    small = prunefx.reconfigure(model, mask, graph=graph)
+    assert type(small) is type(model) and small.training
+    masked = prunefx.apply_mask(copy.deepcopy(model), mask, graph=graph).eval()
+    _same_outputs(small.eval(), masked, (x, torch.randint(0, 128, (3, 11))), {"use_cache": False})
+    small.train()
+    first, second = (small(x, use_cache=False).logits for _ in range(2))
+    assert not torch.equal(first, second)  # dropout is live in training mode

@@ -22,11 +22,12 @@ Source lines come from each node's ``stack_trace``, the module that computed a n
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -80,12 +81,34 @@ def export_trace(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, A
     (parameters as ``get_attr`` of their qualified names) and the flat inputs its
     placeholders take, in order."""
     kwargs = dict(kwargs or {})
-    ep = _guarded_capture(model, args, kwargs)
-    gm, owners = _graph_module(model, ep)
+    with _evaluation_mode(model) as training:
+        ep = _guarded_capture(model, args, kwargs)
+        gm, owners = _graph_module(model, ep)
     sources = {n: loc for n in gm.graph.nodes if (loc := _source_of(n)) is not None}
     flat = tuple(pytree.tree_leaves((tuple(args), kwargs)))
-    traced = Traced(gm, sources, None, model.training, frontend="export", owners=owners)
+    traced = Traced(gm, sources, None, training, frontend="export", owners=owners)
     return traced, flat
+
+
+@contextlib.contextmanager
+def _evaluation_mode(model: nn.Module) -> Iterator[bool]:
+    """A transformers model is captured in evaluation mode, whatever mode it is in (PruneTrain
+    traces it while it trains): torch.export bakes the mode into the graph (dropout becomes a
+    random op with ``train=True``), while the pruned model is a model of its own class whose
+    own forward follows ``.train()``/``.eval()`` (dropout changes no channel). Yields the mode
+    the graph holds; every module's flag is restored. Other models are captured as they are."""
+    from prunefx.emit import is_transformers_model
+
+    if not (model.training and is_transformers_model(model)):
+        yield model.training
+        return
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield False
+    finally:
+        for m, flag in flags:
+            m.training = flag
 
 
 def _guarded_capture(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.export.ExportedProgram:
