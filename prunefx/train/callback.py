@@ -107,8 +107,6 @@ class PruneTrain:
         if self.lasso is None:
             if is_fsdp(self.model):  # no rank holds the model
                 graph = trace(gather(self.model), self.example_inputs, **self._kw)
-            elif isinstance(self.model, DistributedDataParallel):
-                graph = None
             else:  # the lasso's analysis serves the first shrink too
                 graph = self._remember(trace(self.module, self.example_inputs, **self._kw), self.example_inputs)
             self.lasso = GroupLasso(self.module, self.example_inputs, graph=graph, ratio=self.ratio, example_kwargs=self.example_kwargs)
@@ -191,7 +189,7 @@ class PruneTrain:
         if report.changed:
             self.model = small
             assert self.lasso is not None
-            if graph is None and not isinstance(self.model, DistributedDataParallel):
+            if graph is None:
                 # one analysis per reconfiguration: the new model's, for the lasso and the next shrink
                 graph = self._remember(trace(self.module, x, **self._kw), x)
             self.lasso = self.lasso.rebind(self.module, x, graph=graph, **self._kw)
@@ -207,7 +205,7 @@ class PruneTrain:
         from prunefx.distributed import _broadcast_decision, reconfigure_ddp
 
         assert isinstance(self.model, DistributedDataParallel)
-        graph = trace(self.module, x, **self._kw)  # one trace serves the mask and the shrink
+        graph = self._remembered(x) or trace(self.module, x, **self._kw)  # one analysis serves the mask and the shrink
         mask, _ = _broadcast_decision(from_zeros(graph, self.threshold), "union", 0, self.model.process_group)
         if not mask:
             return self.model, ShrinkReport(changed=False)
