@@ -41,6 +41,7 @@ lint: $(STAMP)
 # (~15 min). bench-quick is the CI mode (< 3 min) and writes to $(BENCH_OUT) instead of docs/.
 BENCH_OUT ?= /tmp/prunefx-bench
 bench: $(STAMP)
+	$(PY) -m pip install --quiet --no-deps "torch-pruning==1.6.1"  # the peer it is compared with (its torch is ours)
 	$(PY) -m benchmarks
 
 .PHONY: bench-quick

@@ -21,6 +21,7 @@ import accelerate  # noqa: F401  the Trainer needs it (a dev dependency: a missi
 import pytest
 import torch
 import transformers
+from layouts import kept_indices, sliced_to
 
 import prunefx.transformers
 from prunefx.errors import PruneFxError
@@ -89,20 +90,6 @@ def _logits(model, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _kept(model, name: str, shape: torch.Size) -> list[torch.Tensor]:
-    """Per dim of tensor ``name``, the indices of the original model it holds (layout records)."""
-    entry = ((layout_of(model) or {}).get("tensors") or {}).get(name)
-    kept = {} if entry is None else entry["kept"]
-    return [torch.as_tensor(kept[d]) if kept.get(d) is not None else torch.arange(n) for d, n in enumerate(shape)]
-
-
-def _sliced(t: torch.Tensor, old: list[torch.Tensor], new: list[torch.Tensor]) -> torch.Tensor:
-    """``t`` (a tensor of the pre-shrink model) at the indices the shrunk model kept."""
-    for d, (o, n) in enumerate(zip(old, new, strict=True)):
-        at = torch.searchsorted(o, n)
-        assert torch.equal(o[at], n), "the shrunk model holds an index the model before it did not"
-        t = t.index_select(d, at)
-    return t
 
 
 class Losses(transformers.TrainerCallback):
@@ -128,7 +115,7 @@ class Before(transformers.TrainerCallback):
         if state.global_step % EVERY == 0:
             self.at[state.global_step] = {
                 "sizes": _sizes(model), "params": model.num_parameters(),
-                "kept": {n: _kept(model, n, p.shape) for n, p in model.named_parameters()},
+                "kept": {n: kept_indices(model, n, p.shape) for n, p in model.named_parameters()},
                 "state": {n: {k: v.clone() for k, v in optimizer.state[p].items()} for n, p in model.named_parameters()},
             }
 
@@ -164,7 +151,7 @@ class After(transformers.TrainerCallback):
             old, new = before["state"][name], optimizer.state[p]
             assert torch.equal(new["step"], old["step"])
             for key in ("exp_avg", "exp_avg_sq"):
-                assert torch.equal(new[key], _sliced(old[key], before["kept"][name], _kept(model, name, p.shape))), (name, key)
+                assert torch.equal(new[key], sliced_to(old[key], before["kept"][name], kept_indices(model, name, p.shape))), (name, key)
         # the scheduler set this step's LR on the re-pointed optimizer and goes on scheduling it
         assert optimizer.param_groups[0]["lr"] == pytest.approx(LR * (1 - step / STEPS))
         assert lr_scheduler.get_last_lr() == [g["lr"] for g in optimizer.param_groups]

@@ -538,7 +538,7 @@ def test_fold_creates_a_bias_that_the_optimizer_trains() -> None:
 
 def test_a_new_bias_is_sliced_with_its_layers_pruned_outputs() -> None:
     """conv2 gets a new bias from conv1's dead channels and loses outputs of its own: the bias
-    must be sliced with them (the graph is traced again after folding to see it)."""
+    must be sliced with them (the analysis gains the bias as a member of the layer's output channels)."""
     net = _fold_net(nn.Conv2d(6, 5, 1, bias=False), bn_after=False)
     x = torch.randn(4, 3, 8, 8)
     with torch.no_grad():  # conv2's output channel 2 is dead too (read by nothing alive)

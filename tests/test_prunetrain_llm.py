@@ -10,10 +10,10 @@ import copy
 import pytest
 import torch
 import transformers
+from layouts import kept_indices, sliced_to
 
 import prunefx
 import prunefx.transformers
-from prunefx.provenance import layout_of
 
 VOCAB = 128
 KW = {"use_cache": False}
@@ -39,20 +39,6 @@ def _loss(model, x) -> float:
         return float(model(input_ids=x, labels=x, **KW).loss)
 
 
-def _kept(model, name: str, shape: torch.Size) -> list[torch.Tensor]:
-    """Per dim of tensor ``name``, the indices of the original model it holds (layout records)."""
-    entry = ((layout_of(model) or {}).get("tensors") or {}).get(name)
-    kept = {} if entry is None else entry["kept"]
-    return [torch.as_tensor(kept[d]) if kept.get(d) is not None else torch.arange(n) for d, n in enumerate(shape)]
-
-
-def _sliced(t: torch.Tensor, old: list[torch.Tensor], new: list[torch.Tensor]) -> torch.Tensor:
-    """``t`` (a tensor of the pre-shrink model) at the indices the shrunk model kept."""
-    for d, (o, n) in enumerate(zip(old, new, strict=True)):
-        at = torch.searchsorted(o, n)
-        assert torch.equal(o[at], n), "the shrunk model holds an index the model before it did not"
-        t = t.index_select(d, at)
-    return t
 
 
 def _train(pt, model, opt, x, steps: int) -> None:
@@ -97,7 +83,7 @@ def test_prunetrain_shrinks_a_causal_lm_and_adamw_follows():
         if not pt.due(epoch):
             continue
         before = {"loss": _loss(model, x), "sizes": _sizes(model), "model": copy.deepcopy(model).eval(),
-                  "kept": {n: _kept(model, n, p.shape) for n, p in model.named_parameters()},
+                  "kept": {n: kept_indices(model, n, p.shape) for n, p in model.named_parameters()},
                   "state": {n: {k: v.clone() for k, v in opt.state[p].items()} for n, p in model.named_parameters()}}
         small = pt.epoch_end(epoch)
         if small is model:
@@ -119,10 +105,10 @@ def test_prunetrain_shrinks_a_causal_lm_and_adamw_follows():
         assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in params.values()}
         for name, p in params.items():  # AdamW's state: the pre-shrink state at the kept indices, exactly
             old_state, new_state = before["state"][name], opt.state[p]
-            new_kept = _kept(small, name, p.shape)
+            new_kept = kept_indices(small, name, p.shape)
             assert torch.equal(new_state["step"], old_state["step"])
             for key in ("exp_avg", "exp_avg_sq"):
-                assert torch.equal(new_state[key], _sliced(old_state[key], before["kept"][name], new_kept)), (name, key)
+                assert torch.equal(new_state[key], sliced_to(old_state[key], before["kept"][name], new_kept)), (name, key)
         shrinks.append({"epoch": epoch, "before": before["sizes"], "after": sizes, "loss": before["loss"], "loss_at_shrink": _loss(small, x)})
     assert shrinks, "no shrink removed a head or an MLP channel"
     fewer = [(a[0] < b[0], a[2] < b[2]) for s in shrinks for a, b in zip(s["after"], s["before"], strict=True)]
