@@ -135,3 +135,24 @@ def test_size_weighting_counts_the_weights_of_a_slot():
     torch.testing.assert_close(after, (norms - step * counts.sqrt()).clamp_min(0), rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="weighting"):
         prunefx.train.GroupLasso(model, (x,), example_kwargs=KW, weighting="heads")
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_shrink_of_a_model_whose_config_turns_the_cache_off():
+    """Training setups turn config.use_cache off; a Llama without a cache calls .item() on
+    its position ids, which meta tensors cannot do. The shrink's FLOPs of an export capture
+    come from the cost model of its graph (exact here), not from the model run on meta
+    tensors, and equal a real count of the graphs before and after."""
+    model, x = _llama(), _batch()
+    model.config.use_cache = False
+    with torch.no_grad():  # MLP channels 0-39 of layer 0 dead
+        mlp = model.model.layers[0].mlp
+        for w in (mlp.gate_proj.weight, mlp.up_proj.weight):
+            w[:40] = 0
+        mlp.down_proj.weight[:, :40] = 0
+    small, report = prunefx.train.shrink(model.eval(), example_inputs=(x,), example_kwargs=KW)
+    assert report.changed and report.channels["model.layers.0.mlp.gate_proj"] == (96, 56)
+    g_before = prunefx.trace(model, (x,), example_kwargs=KW)
+    g_after = prunefx.trace(small, (x,), example_kwargs=KW)
+    assert report.flops == (prunefx.count_flops(g_before.module, g_before.flat_inputs),
+                            prunefx.count_flops(g_after.module, g_after.flat_inputs))

@@ -43,9 +43,8 @@ Trainer is built. Only the proximal mode is offered: the Trainer computes the lo
 from __future__ import annotations
 
 import base64
-import contextlib
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -240,11 +239,10 @@ class PruneTrainCallback(TrainerCallback, ExportableState):
                                "replaced during training?)")
         training = model.training
         count = state.global_step if self.unit == "steps" else int(round(state.epoch or 0))
-        with _cache_on(model):
-            small = pt.reconfigure(count - 1)
-            event = pt.history[-1]
-            if event.report.changed:
-                _become(model, small)  # inside: the config use_cache is set back on is the shrunk model's
+        small = pt.reconfigure(count - 1)
+        event = pt.history[-1]
+        if event.report.changed:
+            _become(model, small)
         model.train(training)
         pt.model = model  # the same submodules and parameters as `small`, which the lasso holds
         self.history.append(_record(event, state))
@@ -270,25 +268,6 @@ class _Hook:
 
     def __reduce__(self) -> tuple[type[_Hook], tuple[()]]:
         return (_Hook, ())
-
-
-@contextlib.contextmanager
-def _cache_on(model: nn.Module) -> Iterator[None]:
-    """``config.use_cache`` on while the shrink runs ``model(*example_inputs)`` without the
-    example kwargs (fold measurements, FLOPs on meta tensors). The Trainer turns it off
-    (``TrainingArguments.use_cache``), and without a cache a Llama-family model inspects its
-    position ids for packed sequences with ``.item()``, which meta tensors cannot do."""
-    config = getattr(model, "config", None)
-    before = getattr(config, "use_cache", None)
-    if before is None or before:
-        yield
-        return
-    config.use_cache = True
-    try:
-        yield
-    finally:
-        config.use_cache = before
-        model.config.use_cache = before  # the shrunk model's config, when it took its place
 
 
 def _check_args(args: Any) -> None:

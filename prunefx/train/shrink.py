@@ -40,6 +40,7 @@ from prunefx.analysis.propagate import Member, Role
 from prunefx.flops import count_flops, count_params
 from prunefx.graph import PruneGraph, trace
 from prunefx.mask import Keep, resolve_mask
+from prunefx.masks.cost import CostModel
 from prunefx.masks.criteria import magnitude_scores
 from prunefx.masks.zeros import from_zeros
 from prunefx.provenance import layout_of
@@ -142,10 +143,13 @@ def shrink(
     if keep.flags.all():
         return compiled_model, ShrinkReport(changed=False, kept_back=tuple(kept_back))
     before = {g.name: g.size for g in graph.groups if g.prunable}
-    # the traced graph is what fx would trace again to count FLOPs (not so for export and
-    # detection surrogates, whose graphs are not the model's forward at the module level)
+    # the traced graph is what fx would trace again to count FLOPs; an export capture's costs
+    # come from the cost model of its graph (exact for linear layers and attention): running a
+    # transformers model on meta tensors can fail (without a cache, Llama calls .item() on its
+    # position ids); a detection surrogate's graph is not the model's forward, so the model runs
+    costs = CostModel.of(graph) if graph.traced.frontend == "export" and graph.model_inputs is None else None
     counted = graph.module if graph.traced.frontend == "fx" and graph.model_inputs is None else model
-    params0, flops0 = count_params(model), count_flops(counted, x)
+    params0, flops0 = count_params(model), (costs.flops if costs is not None else count_flops(counted, x))
 
     snapshot = fold_snapshot(model) if emas else {}
     fold = fold_constants(model, graph, keep, x)
@@ -176,7 +180,7 @@ def shrink(
         changed=True,
         channels={n: (before[n], after[n]) for n in before},
         params=(params0, count_params(small)),
-        flops=(flops0, count_flops(small, x)),
+        flops=(flops0, costs.estimate_flags(keep.flags).flops if costs is not None and gm is None else count_flops(small, x)),
         fold=fold,
         branches=branches,
         kept_back=tuple(kept_back),
