@@ -201,6 +201,7 @@ def _worker(rank: int, tmp: str) -> None:
         _check_refusals(rank)
         with open(os.path.join(tmp, f"rank{rank}.json"), "w") as f:
             json.dump(result, f)
+        dist.barrier()  # neither rank tears gloo down while the other is still in a collective
     finally:
         dist.destroy_process_group()
 
