@@ -33,7 +33,6 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.fx.experimental import _config as fx_experimental_config
 
 from prunefx import guards
 from prunefx.errors import TraceError
@@ -263,11 +262,13 @@ def _trace_other_mode(model: nn.Module, leaves: tuple, concrete_args: Any, main:
             m.training = flag
     _default_concrete(graph, concrete_args)
     # the code GraphModule would generate, compared before building one (its module copies
-    # and compile are wasted when the modes run the same code, as in most models)
-    code = graph.python_code(root_module="self", record_func=fx_experimental_config.enrich_profiler_metadata).src
-    if code == main.code:
+    # and compile are wasted when the modes run the same code, as in most models); when it
+    # differs (or a profiler option changes the generated code), the built module decides
+    if graph.python_code(root_module="self").src == main.code:
         return None
     other = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+    if other.code == main.code:
+        return None
     sources.update(tracer.sources)
     return other
 
