@@ -60,7 +60,7 @@ from prunefx.passes.base import RewriteState
 # pruned nn.MultiheadAttention is rebuilt); they read only state.tensors and state.plan.
 from prunefx.passes.rebuild_modules import REPLACEMENTS
 from prunefx.provenance import LAYOUT_ATTR
-from prunefx.tracing import SourceLoc
+from prunefx.tracing import SourceLoc, in_mode, is_transformers_model
 
 __all__ = ["emit_module", "update_size_attributes", "is_transformers_model"]
 
@@ -294,13 +294,6 @@ def update_size_attributes(model: nn.Module) -> None:
             setattr(m, attr, value)
 
 
-def is_transformers_model(model: nn.Module) -> bool:
-    """A Hugging Face ``PreTrainedModel`` (found by its bases: transformers is not imported)."""
-    return any(
-        c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers")
-        for c in type(model).__mro__
-    )
-
 
 # -- the check ----------------------------------------------------------------------------------
 
@@ -309,7 +302,7 @@ def _check(small: nn.Module, reference: nn.Module, graph: PruneGraph, other_mode
     """small == reference on the example inputs in eval mode (on meta tensors, shapes only);
     when the forward differs between modes, output shapes in training mode on meta copies."""
     args, kwargs = _inputs(graph, small)
-    with _eval(small), _eval(reference), torch.no_grad():
+    with in_mode(small, False), in_mode(reference, False), torch.no_grad():
         try:
             got = small(*args, **kwargs)
         except Exception as exc:  # any failure of user code means "cannot be expressed"
@@ -352,22 +345,6 @@ def placeholder(x: Any, device: torch.device, gen: torch.Generator) -> Any:
             return torch.randn(x.shape, generator=gen, dtype=x.dtype).to(device)
         return torch.zeros(x.shape, dtype=x.dtype, device=device)
     return x.to(device)
-
-
-class _eval:
-    """Eval mode for a model and all its submodules; every flag restored exactly."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.flags: list[tuple[nn.Module, bool]] = []
-
-    def __enter__(self) -> None:
-        self.flags = [(m, m.training) for m in self.model.modules()]
-        self.model.eval()
-
-    def __exit__(self, *exc: object) -> None:
-        for m, flag in self.flags:
-            m.training = flag
 
 
 def tensor_leaves(out: Any) -> list[torch.Tensor]:

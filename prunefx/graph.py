@@ -30,7 +30,7 @@ from prunefx.frontends.detection import detection_leaves, is_detection, surrogat
 from prunefx.nn import LEAF_MODULES
 from prunefx.provenance import layout_of
 from prunefx.shapes import Shapes, propagate_shapes
-from prunefx.tracing import Traced, guess_example_inputs, symbolic_trace
+from prunefx.tracing import Traced, guess_example_inputs, is_transformers_model, symbolic_trace
 
 __all__ = ["PruneGraph", "trace", "FRONTENDS"]
 
@@ -272,8 +272,6 @@ def _trace_fx(model: nn.Module, traced: Traced, example_inputs: Any) -> PruneGra
 def _model_constraints(model: nn.Module, analysis: ChannelAnalysis) -> ChannelAnalysis:
     """What the graph cannot say about the model: a transformers model keeps its heads
     whole (``prunefx.transformers.heads``)."""
-    from prunefx.emit import is_transformers_model
-
     if not is_transformers_model(model):
         return analysis
     from prunefx.transformers.heads import whole_heads

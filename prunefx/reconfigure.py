@@ -36,6 +36,7 @@ from prunefx.guards import refuse_foreign_graph
 from prunefx.mask import Keep, resolve_mask
 from prunefx.passes import DEFAULT_PIPELINE, Pipeline, RewriteState
 from prunefx.plan import make_plan
+from prunefx.tracing import is_transformers_model
 
 __all__ = ["reconfigure", "apply_mask"]
 
@@ -129,7 +130,7 @@ def _emitter(model: nn.Module, emit: str) -> str:
         return "module"
     if emit != "auto":
         return emit
-    return "module" if any(c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers") for c in type(model).__mro__) else "graph"
+    return "module" if is_transformers_model(model) else "graph"
 
 
 def apply_mask(

@@ -27,6 +27,7 @@ import sys
 import traceback
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +38,25 @@ from torch import nn
 from prunefx import guards
 from prunefx.errors import TraceError
 
-__all__ = ["SourceLoc", "Traced", "symbolic_trace", "describe_node", "guess_example_inputs"]
+__all__ = ["SourceLoc", "Traced", "symbolic_trace", "describe_node", "guess_example_inputs", "in_mode", "is_transformers_model"]
+
+
+def is_transformers_model(model: nn.Module) -> bool:
+    """A Hugging Face ``PreTrainedModel`` (found by its bases: transformers is not imported)."""
+    return any(c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers") for c in type(model).__mro__)
+
+
+@contextmanager
+def in_mode(model: nn.Module, training: bool) -> Iterator[None]:
+    """``model.train(training)`` for the duration; every module's own flag is restored exactly
+    afterwards (a model left in a mixed state comes back mixed)."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.train(training)
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 # Frames in these files are plumbing between the user's code and the node being created.
@@ -247,19 +266,15 @@ def _default_concrete(graph: fx.Graph, concrete_args: dict[str, Any] | None) -> 
 def _trace_other_mode(model: nn.Module, leaves: tuple, concrete_args: Any, main: fx.GraphModule, sources: dict) -> fx.GraphModule | None:
     """The graph of the other train/eval mode, or None when it is the same code. The
     model's mode flags are restored exactly."""
-    flags = [(m, m.training) for m in model.modules()]
     tracer = _Tracer(leaves)
     try:
-        model.train(not model.training)
-        graph = tracer.trace(model, concrete_args=concrete_args)
+        with in_mode(model, not model.training):
+            graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as exc:
         mode = "training" if not main.training else "evaluation"
         warnings.warn(f"prunefx: {type(model).__name__} cannot be traced in {mode} mode ({exc}); the reconfigured "
                       f"model reproduces only the mode it was traced in", stacklevel=3)
         return None
-    finally:
-        for m, flag in flags:
-            m.training = flag
     _default_concrete(graph, concrete_args)
     # the code GraphModule would generate, compared before building one (its module copies
     # and compile are wasted when the modes run the same code, as in most models); when it

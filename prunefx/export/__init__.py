@@ -70,7 +70,6 @@ from prunefx.export.inputs import (
     _as_inputs,
     _capture_inputs,
     _dynamic_axes,
-    _eval_mode,
     _input_names,
     _output_axes,
     _output_names,
@@ -81,6 +80,7 @@ from prunefx.export.sessions import check_device, gpu_providers, onnx_session
 from prunefx.export.staging import _checked_target, _Staging
 from prunefx.export.transforms import _check, _opset_of, _simplified, _stamp, _to_fp16
 from prunefx.export.verify import _verify
+from prunefx.tracing import in_mode
 
 __all__ = ["ExportResult", "export_onnx", "onnx_session", "gpu_providers", "check_device"]
 
@@ -159,7 +159,7 @@ def export_onnx(
     axes = _dynamic_axes(inputs, in_names, dynamic_batch, dynamic_axes)
     rtol = (_FP16_RTOL if fp16 else 1e-4) if rtol is None else rtol
 
-    with _eval_mode(model), torch.no_grad():
+    with in_mode(model, False), torch.no_grad():
         batches = _reference_batches(binding, inputs, axes, verify, verify_batch)  # PyTorch outputs at 1 or 2 sets of sizes
         out_names = _output_names(batches[0], output_names)
         axes = _output_axes(batches, axes, out_names)  # which output dims follow which input axis

@@ -39,7 +39,7 @@ from torch.utils import _pytree as pytree
 
 from prunefx import guards
 from prunefx.errors import TraceError
-from prunefx.tracing import _TORCH_DIR, SourceLoc, Traced
+from prunefx.tracing import _TORCH_DIR, SourceLoc, Traced, in_mode, is_transformers_model
 
 __all__ = ["export_trace", "dynamic_shapes_for"]
 
@@ -97,18 +97,11 @@ def _evaluation_mode(model: nn.Module) -> Iterator[bool]:
     random op with ``train=True``), while the pruned model is a model of its own class whose
     own forward follows ``.train()``/``.eval()`` (dropout changes no channel). Yields the mode
     the graph holds; every module's flag is restored. Other models are captured as they are."""
-    from prunefx.emit import is_transformers_model
-
     if not (model.training and is_transformers_model(model)):
         yield model.training
         return
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
+    with in_mode(model, False):
         yield False
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 def _guarded_capture(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.export.ExportedProgram:

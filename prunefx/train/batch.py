@@ -58,6 +58,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
+from prunefx.tracing import in_mode
+
 __all__ = [
     "DynamicBatch",
     "BatchDecision",
@@ -293,16 +295,12 @@ def _device_of(model: nn.Module) -> torch.device:
 def _preserved(model: nn.Module) -> Iterator[None]:
     """Train mode inside; afterwards every module's mode, every buffer's value (BatchNorm
     running stats, num_batches_tracked) and the RNG state (dropout) are as before."""
-    modes = [(m, m.training) for m in model.modules()]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     cuda = sorted({t.device.index or 0 for t in (*model.parameters(), *model.buffers()) if t.device.type == "cuda"})
     try:
-        with torch.random.fork_rng(devices=cuda):
-            model.train()
+        with in_mode(model, True), torch.random.fork_rng(devices=cuda):
             yield
     finally:
         with torch.no_grad():
             for b, value in buffers:
                 b.copy_(value)
-        for m, training in modes:
-            m.training = training
