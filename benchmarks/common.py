@@ -20,9 +20,9 @@ import platform
 import statistics
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torchvision
@@ -32,6 +32,8 @@ from rich.table import Table as RichTable
 from torch import nn
 
 import prunefx
+
+T = TypeVar("T")
 
 __all__ = [
     "TOL", "CHECKS", "Check", "Table", "LoadMonitor", "build", "check_equivalent", "console",
@@ -217,6 +219,19 @@ class LoadMonitor:
 def progress() -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TimeElapsedColumn(), console=console, transient=False)
+
+
+def tracked(items: Iterable[T], title: str, prefix: str, name: Callable[[T], str] = str) -> Iterator[T]:
+    """Each of ``items`` under a progress bar ``title``, the current one shown as ``prefix:
+    name(item)``, with warnings quiet while the caller measures it (the loop's body)."""
+    items = list(items)
+    with progress() as bar:
+        task = bar.add_task(title, total=len(items))
+        for item in items:
+            bar.update(task, description=f"{prefix}: {name(item)}")
+            with quiet():
+                yield item
+            bar.advance(task)
 
 
 @contextmanager

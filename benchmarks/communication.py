@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import prunefx
-from benchmarks.common import CHECKS, Table, build, check_equivalent, console, progress, quiet
+from benchmarks.common import CHECKS, Table, build, check_equivalent, console, tracked
 from prunefx.distributed import grad_bytes_per_step
 
 __all__ = ["Row", "measure", "run", "table", "main"]
@@ -86,13 +86,9 @@ def run(models: dict[str, tuple[dict[str, Any], int, int]]) -> list[Row]:
     with tempfile.TemporaryDirectory() as tmp:
         ddp = _init_group(Path(tmp) / "store")
         try:
-            with progress() as bar:
-                task = bar.add_task("DDP gradient bytes", total=len(models))
-                for name, (kwargs, _, size) in models.items():
-                    bar.update(task, description=f"ddp: {name}")
-                    with quiet():
-                        rows.append(measure(name, kwargs, size, ddp=ddp))
-                    bar.advance(task)
+            for name in tracked(models, "DDP gradient bytes", "ddp"):
+                kwargs, _, size = models[name]
+                rows.append(measure(name, kwargs, size, ddp=ddp))
         finally:
             if ddp:
                 dist.destroy_process_group()

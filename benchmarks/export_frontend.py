@@ -34,7 +34,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import prunefx  # noqa: E402
-from benchmarks.common import Table, fmt_s, median, progress, quiet  # noqa: E402
+from benchmarks.common import Table, fmt_s, median, quiet, tracked  # noqa: E402
 from benchmarks.profile_stages import REST, Clock, instrumented  # noqa: E402
 
 __all__ = ["LAYERS", "QUICK_LAYERS", "Row", "measure", "run", "table", "goal", "main"]
@@ -114,15 +114,7 @@ def warm_up() -> None:
 
 def run(layers: Sequence[int], repeats: int) -> list[Row]:
     warm_up()
-    rows = []
-    with progress() as bar:
-        task = bar.add_task("export front-end", total=len(layers))
-        for n in layers:
-            bar.update(task, description=f"export front-end: {n} layers")
-            with quiet():
-                rows.append(measure(n, repeats))
-            bar.advance(task)
-    return rows
+    return [measure(n, repeats) for n in tracked(layers, "export front-end", "export front-end", lambda n: f"{n} layers")]
 
 
 def table(rows: Sequence[Row], repeats: int) -> Table:

@@ -43,7 +43,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import prunefx  # noqa: E402
-from benchmarks.common import Table, build, check_equivalent, console, median, progress, quiet  # noqa: E402
+from benchmarks.common import Table, build, check_equivalent, console, median, tracked  # noqa: E402
 from prunefx.export import export_onnx, gpu_providers, onnx_session  # noqa: E402
 
 __all__ = ["MODELS", "QUICK_MODELS", "Options", "Row", "measure", "run", "table", "main"]
@@ -146,15 +146,11 @@ def session(path: Path, provider: str, opts: Options) -> ort.InferenceSession:
 
 def run(models: Sequence[str], opts: Options) -> list[Row]:
     rows: list[Row] = []
-    with tempfile.TemporaryDirectory() as tmp, progress() as bar:
-        task = bar.add_task("onnxruntime", total=len(models))
-        for name in models:
-            bar.update(task, description=f"onnx: {name}")
-            with quiet():
-                rows += measure(name, opts, Path(tmp))
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in tracked(models, "onnxruntime", "onnx"):
+            rows += measure(name, opts, Path(tmp))
             for f in Path(tmp).iterdir():  # a ViT file is 300 MiB; keep one model's files at a time
                 f.unlink()
-            bar.advance(task)
     return rows
 
 

@@ -46,7 +46,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import prunefx  # noqa: E402
-from benchmarks.common import Table, build, console, median, progress, quiet  # noqa: E402
+from benchmarks.common import Table, build, console, median, tracked  # noqa: E402
 
 __all__ = ["MODELS", "QUICK_MODELS", "Clock", "Profile", "instrumented", "profile", "run", "table", "main"]
 
@@ -191,15 +191,7 @@ def profile(name: str, repeats: int) -> Profile:
 
 
 def run(models: Sequence[str], repeats: int) -> list[Profile]:
-    out = []
-    with progress() as bar:
-        task = bar.add_task("stages", total=len(models))
-        for name in models:
-            bar.update(task, description=f"stages: {name}")
-            with quiet():
-                out.append(profile(name, repeats))
-            bar.advance(task)
-    return out
+    return [profile(name, repeats) for name in tracked(models, "stages", "stages")]
 
 
 def table(profiles: Sequence[Profile], repeats: int) -> Table:

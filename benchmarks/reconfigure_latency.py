@@ -44,17 +44,17 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import prunefx  # noqa: E402
-from benchmarks.common import (  # noqa: E402
+from benchmarks.common import (
     Table,
     build,
     check_equivalent,
     console,
     fmt_s,
     median,
-    progress,
     quiet,
     spread,
     timed,
+    tracked,  # noqa: E402
 )
 from prunefx.provenance import layout_of  # noqa: E402
 
@@ -264,15 +264,10 @@ def run(models: Sequence[str], repeats: int, *, with_tp: bool, tp_timeout: float
         on_row=None, check: bool = True) -> list[Row]:
     warm_up(with_tp)
     rows = []
-    with progress() as bar:
-        task = bar.add_task("analysis + rewrite latency", total=len(models))
-        for name in models:
-            bar.update(task, description=f"latency: {name}")
-            with quiet():
-                rows.append(measure(name, repeats, with_tp=with_tp, tp_timeout=tp_timeout, check=check))
-            if on_row:
-                on_row(rows[-1])
-            bar.advance(task)
+    for name in tracked(models, "analysis + rewrite latency", "latency"):
+        rows.append(measure(name, repeats, with_tp=with_tp, tp_timeout=tp_timeout, check=check))
+        if on_row:
+            on_row(rows[-1])
     return rows
 
 

@@ -21,7 +21,7 @@ import numpy as np
 
 import prunefx
 from benchmarks import reconfigure_latency
-from benchmarks.common import Table, build, check_equivalent, fmt_s, median, progress, quiet, timed
+from benchmarks.common import Table, build, check_equivalent, fmt_s, median, timed, tracked
 
 __all__ = ["MODELS", "QUICK_MODELS", "Point", "Fit", "measure", "run", "fit", "table", "main"]
 
@@ -82,17 +82,12 @@ def run(models: Sequence[str], repeats: int,
         known: Mapping[str, reconfigure_latency.Row] | None = None) -> list[Point]:
     known = known or {}
     points = []
-    with progress() as bar:
-        task = bar.add_task("scaling", total=len(models))
-        for name in models:
-            bar.update(task, description=f"scaling: {name}")
-            if name in known:
-                r = known[name]
-                points.append(Point(name, r.nodes, r.params, list(r.trace), list(r.reconfigure)))
-            else:
-                with quiet():
-                    points.append(measure(name, repeats))
-            bar.advance(task)
+    for name in tracked(models, "scaling", "scaling"):
+        if name in known:
+            r = known[name]
+            points.append(Point(name, r.nodes, r.params, list(r.trace), list(r.reconfigure)))
+        else:
+            points.append(measure(name, repeats))
     return points
 
 

@@ -43,9 +43,8 @@ from benchmarks.common import (
     check_equivalent,
     console,
     median,
-    progress,
-    quiet,
     spread,
+    tracked,
 )
 
 __all__ = ["MODELS", "QUICK_MODELS", "Variant", "Result", "measure", "run", "table", "op_profile", "main"]
@@ -170,13 +169,9 @@ def measure(name: str, repeats: int, *, kwargs: dict[str, Any], batch: int, size
 
 def run(models: dict[str, tuple[dict[str, Any], int, int]], repeats: int) -> list[Result]:
     results = []
-    with progress() as bar:
-        task = bar.add_task("training steps", total=len(models))
-        for name, (kwargs, batch, size) in models.items():
-            bar.update(task, description=f"training: {name}")
-            with quiet():
-                results.append(measure(name, repeats, kwargs=kwargs, batch=batch, size=size))
-            bar.advance(task)
+    for name in tracked(models, "training steps", "training"):
+        kwargs, batch, size = models[name]
+        results.append(measure(name, repeats, kwargs=kwargs, batch=batch, size=size))
     return results
 
 
