@@ -35,20 +35,9 @@ transformers.utils.logging.disable_progress_bar()
 transformers.utils.logging.set_verbosity_error()
 
 
-def _llama() -> transformers.LlamaForCausalLM:
-    """MLP channels start at graded strengths (0.05 to 1), so the lasso removes the weak ones
-    first and the rest later: a schedule of shrinks, not one collapse."""
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2)
-    model = transformers.LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        ramp = torch.linspace(0.05, 1.0, cfg.intermediate_size)
-        for layer in model.model.layers:
-            layer.mlp.gate_proj.weight.mul_(ramp[:, None])
-            layer.mlp.up_proj.weight.mul_(ramp[:, None])
-            layer.mlp.down_proj.weight.mul_(ramp[None, :])
-    return model
+# the example's model: MLP channels at graded strengths (0.05 to 1), so the lasso removes the
+# weak ones first and the rest later (a schedule of shrinks, not one collapse)
+_llama = runpy.run_path(str(ROOT / "examples" / "hf_trainer_prunetrain.py"))["llama"]
 
 
 class Tokens(torch.utils.data.Dataset):

@@ -25,6 +25,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
+from test_export import wobble
 from torch import nn
 
 import prunefx
@@ -218,19 +219,9 @@ def test_bad_dynamic_axes_fail_before_any_work(axes, words, llama: nn.Module, tm
     assert all(w in str(info.value) for w in words), str(info.value)
 
 
-@torch.library.custom_op("prunefx_onnx_tf::jiggle", mutates_args=())
-def jiggle(x: torch.Tensor) -> torch.Tensor:
-    return x * 2
-
-
-@jiggle.register_fake
-def _(x: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(x)
-
-
 class Jiggle(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return jiggle(x)
+        return wobble(x)  # test_export's operator without an ONNX translation
 
 
 def test_an_op_without_onnx_translation_names_the_layer(tmp_path: Path) -> None:
@@ -242,7 +233,7 @@ def test_an_op_without_onnx_translation_names_the_layer(tmp_path: Path) -> None:
     with pytest.raises(prunefx.ExportError) as info:
         prunefx.export_onnx(model, tmp_path / "m.onnx", IDS, example_kwargs={"use_cache": False}, exporter="dynamo")
     msg = str(info.value)
-    assert msg.startswith("cannot export LlamaForCausalLM to ONNX with the dynamo exporter: ONNX opset cannot express the operator 'prunefx_onnx_tf::jiggle'")
+    assert msg.startswith("cannot export LlamaForCausalLM to ONNX with the dynamo exporter: ONNX opset cannot express the operator 'prunefx_test::wobble'")
     assert "in module 'model.layers.1.mlp.act_fn' (Jiggle)" in msg and "test_onnx_transformers.py:" in msg
     assert list(tmp_path.iterdir()) == []
 
