@@ -20,10 +20,12 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import linecache
 import os
 import re
 import sys
+import threading
 import traceback
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
@@ -48,13 +50,15 @@ def is_transformers_model(model: nn.Module) -> bool:
 
 @contextmanager
 def in_mode(model: nn.Module, training: bool) -> Iterator[None]:
-    """``model.train(training)`` for the duration; every module's own flag is restored exactly
-    afterwards (a model left in a mixed state comes back mixed)."""
+    """``model.train(training)`` for the duration; afterwards ``model.train`` with the old mode
+    (an overridden ``train`` undoes what it did) and every module's own flag restored exactly
+    (a model left in a mixed state comes back mixed)."""
     flags = [(m, m.training) for m in model.modules()]
     model.train(training)
     try:
         yield
     finally:
+        model.train(flags[0][1])
         for m, flag in flags:
             m.training = flag
 
@@ -237,7 +241,8 @@ def symbolic_trace(
     leaves = tuple(leaf_modules)
     tracer = _Tracer(leaves)
     try:
-        graph = tracer.trace(model, concrete_args=concrete_args)
+        with _mode_reads(model) as reads:
+            graph = tracer.trace(model, concrete_args=concrete_args)
     except (TraceError, guards.CaptureRefused):
         raise  # a guard's refusal names its module and hook already
     except Exception as exc:  # fx raises many types; all mean "cannot trace"
@@ -246,8 +251,56 @@ def symbolic_trace(
     name = model.__class__.__name__
     main = fx.GraphModule(tracer.root, graph, class_name=name)
     sources = dict(tracer.sources)
-    other = _trace_other_mode(model, leaves, concrete_args, main, sources) if both_modes else None
+    # code that never read a `training` flag runs the same in the other mode: no second trace
+    mode_dependent = reads is None or bool(reads)
+    other = _trace_other_mode(model, leaves, concrete_args, main, sources) if both_modes and mode_dependent else None
     return Traced(main, sources, other, model.training)
+
+
+@contextmanager
+def _mode_reads(model: nn.Module) -> Iterator[list[str] | None]:
+    """The modules whose ``training`` flag the code run inside reads (type names, in order),
+    or None when the reads cannot be watched.
+
+    The other mode differs from this one only in the modules' ``training`` flags
+    (``model.train``), so code that never reads one traces the same in both modes. The
+    reads are seen by a property standing in for the flag on ``nn.Module`` for the
+    duration, counting this thread only. It cannot see a flag that a subclass redefines
+    (a class attribute or property named ``training`` shadows it), and an overridden
+    ``train`` may change more than the flags: those models get None, and their caller
+    traces the other mode.
+    """
+    if "training" in vars(nn.Module) or not all(_mode_is_a_flag(type(m)) for m in model.modules()):
+        yield None
+        return
+    owner = threading.get_ident()
+    seen: list[str] = []
+
+    def read(self: nn.Module) -> bool:
+        if threading.get_ident() == owner:
+            seen.append(type(self).__name__)
+        try:
+            return self.__dict__["training"]
+        except KeyError:
+            raise AttributeError("training") from None
+
+    def write(self: nn.Module, value: bool) -> None:
+        self.__dict__["training"] = value
+
+    nn.Module.training = property(read, write)  # type: ignore[assignment]
+    try:
+        yield seen
+    finally:
+        del nn.Module.training
+
+
+@functools.cache
+def _mode_is_a_flag(cls: type) -> bool:
+    """Whether a module of this class keeps its mode in the plain ``training`` flag that
+    ``nn.Module.train`` sets (see ``_mode_reads``)."""
+    if getattr(cls, "train", None) is not nn.Module.train:
+        return False
+    return not any("training" in vars(c) for c in cls.__mro__ if c is not nn.Module)
 
 
 def _default_concrete(graph: fx.Graph, concrete_args: dict[str, Any] | None) -> None:

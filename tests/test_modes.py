@@ -66,3 +66,78 @@ def test_compile_of_a_reconfigured_model() -> None:
     compiled = torch.compile(small, backend="aot_eager", fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), small(x))
+
+
+class _Gated(nn.Module):
+    """Dropout written out by hand: the training graph has an extra multiply."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return y * 0.5 if self.training else y
+
+
+class _Shadowed(_Gated):
+    training = False  # a class attribute: reads of the instance flag cannot be watched
+
+
+class _OwnTrain(nn.Module):
+    """``train`` does more than set the flags: what the other mode runs is only known by tracing it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.scale = 1.0
+
+    def train(self, mode: bool = True) -> _OwnTrain:
+        self.scale = 0.5 if mode else 1.0
+        return super().train(mode)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) * self.scale
+
+
+def _traced_twice(model: nn.Module, monkeypatch: pytest.MonkeyPatch) -> tuple[prunefx.tracing.Traced, int]:
+    calls = []
+    original = prunefx.tracing._trace_other_mode
+    monkeypatch.setattr(prunefx.tracing, "_trace_other_mode", lambda *a: calls.append(1) or original(*a))
+    traced = prunefx.tracing.symbolic_trace(model)
+    assert "training" not in vars(nn.Module), "the flag's stand-in is removed after the trace"
+    return traced, len(calls)
+
+
+def test_code_that_never_reads_the_mode_is_traced_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    traced, other_traces = _traced_twice(model, monkeypatch)
+    assert other_traces == 0 and traced.other is None
+    assert not model.training and not any(m.training for m in model.modules())
+
+
+@pytest.mark.parametrize("make", [_Gated, _Shadowed, _OwnTrain], ids=["reads-the-flag", "flag-shadowed", "own-train"])
+def test_code_that_may_depend_on_the_mode_is_traced_in_both(make: type[nn.Module], monkeypatch: pytest.MonkeyPatch) -> None:
+    model = make().eval()
+    traced, other_traces = _traced_twice(model, monkeypatch)
+    assert other_traces == 1
+    assert traced.other is not None, "the training graph differs and must be kept"
+    assert not model.training and getattr(model, "scale", 1.0) == 1.0, "tracing the other mode leaves the model as it was"
+    graph = prunefx.trace(model, torch.randn(1, 3, 8, 8))
+    small = prunefx.reconfigure(model, prunefx.masks.random(graph, 0.5, seed=0), graph=graph)
+    ref = prunefx.apply_mask(copy.deepcopy(model), prunefx.masks.random(graph, 0.5, seed=0), graph=graph)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        for mode in (False, True):
+            torch.testing.assert_close(small.train(mode)(x), ref.train(mode)(x))
+
+
+def test_a_failed_trace_removes_the_flags_stand_in() -> None:
+    class Broken(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x if self.training and x.sum() > 0 else -x  # data-dependent control flow
+
+    with pytest.raises(prunefx.TraceError):
+        prunefx.tracing.symbolic_trace(Broken())
+    assert "training" not in vars(nn.Module)
+    assert Broken().training
