@@ -6,6 +6,7 @@
     scaling.py              1b. prunefx time vs fx graph size
     profile_stages.py       1c. prunefx time per pipeline stage (trace and reconfigure)
     export_frontend.py      1d. the export front-end: prunefx analysis vs torch.export capture (tiny Llama)
+    budget.py               1e. masks by cost: to_budget's time and how close it lands (ViT-B/16, ResNet-50)
     training.py             2. training step time vs the FLOPs limit, memory, round_to=8
     onnx_latency.py         3. ONNX Runtime latency dense vs reconfigured
     communication.py        4. gradient bytes all-reduced per DDP step

@@ -17,6 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from benchmarks import (  # noqa: E402
+    budget,
     communication,
     export_frontend,
     onnx_latency,
@@ -50,6 +51,8 @@ class Run:
     stages_repeats: int = 0
     export: list[export_frontend.Row] = dataclasses.field(default_factory=list)
     export_repeats: int = 0
+    budget: list[budget.Row] = dataclasses.field(default_factory=list)
+    budget_repeats: int = 0
     onnx: list[onnx_latency.Row] = dataclasses.field(default_factory=list)
     onnx_options: onnx_latency.Options | None = None
     ddp: list[communication.Row] = dataclasses.field(default_factory=list)
@@ -84,6 +87,8 @@ def goals(run: Run) -> Table:
               "yes" if worst.copy_ratio <= 2 else "no")
     if run.export:
         t.add(*export_frontend.goal(run.export))
+    if run.budget:
+        t.add(*budget.goal(run.budget, run.quick))
     for r in run.training:
         if r.model == "resnet50":
             e = r.efficiency(r.variants[1])
@@ -266,6 +271,25 @@ def export_section(run: Run) -> list[str]:
     ]
 
 
+def budget_section(run: Run) -> list[str]:
+    """to_budget's time and how close the reconfigured model lands on the requested fraction."""
+    return [
+        "### Masks by cost: `to_budget`'s time and how close it lands",
+        "",
+        "`benchmarks/budget.py`: `prunefx.masks.to_budget(graph, \"magnitude\", flops=0.5)` (and `params=0.5`) "
+        "in the setting of section 1, each call on a freshly traced graph (the trace is not timed; the first "
+        "call on a graph also fills its lazy per-group state), the criterion's scores included. `achieved` is "
+        "measured for real: the model reconfigured with the mask, its FLOPs counted by `prunefx.count_flops` "
+        "on the same input (parameters by `prunefx.count_params`), over the dense model's; `error` = "
+        "|achieved - target| / target. `real reconfigures per call` counts the reconfigurations `to_budget` "
+        "made inside the timed call to measure its result (only when its analytic cost estimate is not exact, "
+        f"`estimate exact` = no). Medians of {run.budget_repeats} calls; `spread` is (max-min)/median. "
+        "A model whose mask has only exact groups is also checked against `apply_mask`.",
+        "",
+        budget.table(run.budget, run.budget_repeats).markdown(),
+    ]
+
+
 def write(run: Run, out: Path) -> Path:
     img = out / "img"
     img.mkdir(parents=True, exist_ok=True)
@@ -369,6 +393,8 @@ def write(run: Run, out: Path) -> Path:
         parts += stages_section(run)
     if run.export:
         parts += export_section(run)
+    if run.budget:
+        parts += budget_section(run)
     if run.training:
         _plot_training(run, img / "perf_training.png")
         parts += [
@@ -473,6 +499,8 @@ def tables(run: Run) -> Sequence[Table]:
         out.append(profile_stages.table(run.stages, run.stages_repeats))
     if run.export:
         out.append(export_frontend.table(run.export, run.export_repeats))
+    if run.budget:
+        out.append(budget.table(run.budget, run.budget_repeats))
     if run.training:
         out.append(training.table(run.training, run.training_repeats))
     if run.profile is not None:

@@ -6,8 +6,9 @@
 
 Stages (``--only`` picks some): ``latency`` (prunefx vs Torch-Pruning), ``scaling`` (time vs
 graph size), ``stages`` (prunefx's time per pipeline stage), ``export`` (the export front-end vs torch.export's
-capture), ``training`` (step time vs FLOPs), ``onnx`` (ONNX Runtime), ``ddp`` (gradient
-bytes). Exit status 1 when any reconfigured model differs from ``prunefx.apply_mask``.
+capture), ``budget`` (``to_budget``'s time and how close it lands), ``training`` (step time vs FLOPs),
+``onnx`` (ONNX Runtime), ``ddp`` (gradient bytes). Exit status 1 when any reconfigured model
+differs from ``prunefx.apply_mask``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import (  # noqa: E402
+    budget,
     communication,
     export_frontend,
     onnx_latency,
@@ -38,7 +40,7 @@ from benchmarks.common import CHECKS, LoadMonitor, console, machine, quiet  # no
 
 __all__ = ["STAGES", "main"]
 
-STAGES = ("latency", "scaling", "stages", "export", "training", "onnx", "ddp")
+STAGES = ("latency", "scaling", "stages", "export", "budget", "training", "onnx", "ddp")
 ROOT = Path(__file__).resolve().parent.parent
 THREAD_MODELS = ("resnet50", "mobilenet_v2", "efficientnet_b0")
 
@@ -103,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
         run.export = export_frontend.run(export_frontend.QUICK_LAYERS if quick else export_frontend.LAYERS,
                                          run.export_repeats)
         done("export")
+    if "budget" in args.only:
+        run.budget_repeats = 3 if quick else 5
+        run.budget = budget.run(budget.QUICK_MODELS if quick else budget.MODELS, run.budget_repeats)
+        done("budget")
     if "training" in args.only:
         run.training_repeats = 3 if quick else 10
         run.training = training.run(train_models, run.training_repeats)

@@ -31,12 +31,14 @@ def test_quick_benchmark_results_equal_apply_mask(tmp_path):
         f"{c.benchmark}/{c.model} ({c.what}): {c.rel_err:.3g} > {TOL:g}" for c in bad)
     assert status == 0
     stages = {c.benchmark for c in CHECKS}
-    assert {"latency", "scaling", "training", "onnx"} <= stages, stages
+    assert {"latency", "scaling", "budget", "training", "onnx"} <= stages, stages
 
     page = (tmp_path / "performance.md").read_text()
     for section in ("## Goals", "## 1. Analysis + rewrite latency", "### Where prunefx's time goes",
-                    "### The export front-end", "## 2. Training speed", "## 3. Deployment", "## 4. Communication"):
+                    "### The export front-end", "### Masks by cost", "## 2. Training speed", "## 3. Deployment", "## 4. Communication"):
         assert section in page
+    goal = next(line for line in page.splitlines() if line.startswith("| to_budget(flops=0.5) on ViT-B/16"))
+    assert "not measured" in goal, goal  # --quick measures no ViT-B/16: its row must not claim the goal
     for plot in ("perf_latency", "perf_scaling", "perf_training", "perf_onnx"):
         assert (tmp_path / "img" / f"{plot}.png").stat().st_size > 1000
     after = docs_page.stat().st_mtime_ns if docs_page.exists() else None
@@ -70,3 +72,23 @@ def test_the_check_catches_a_wrong_reconfiguration(monkeypatch):
         assert common.check_equivalent("test", "resnet18", "as is", model, mask, x).ok
     finally:
         del common.CHECKS[n:]
+
+
+@pytest.mark.xdist_group("bench")
+def test_the_budget_stage_counts_real_reconfigures():
+    """The column that says whether to_budget fell back to real reconfigurations must see them."""
+    import importlib
+
+    import torch
+
+    import prunefx
+    from benchmarks import budget, common
+
+    graph = prunefx.trace(common.build("resnet18"), torch.randn(1, 3, 32, 32))
+    reconf_mod = importlib.import_module("prunefx.reconfigure")
+    for verify in (False, True):  # verify=True measures its result by a real reconfigure
+        calls = [0]
+        with budget.counting(reconf_mod, "make_plan", calls):
+            prunefx.masks.to_budget(graph, "magnitude", flops=0.5, verify=verify)
+        assert (calls[0] > 0) == verify, (verify, calls[0])
+    assert reconf_mod.make_plan is importlib.import_module("prunefx.plan").make_plan  # unwrapped again
