@@ -3,7 +3,9 @@
 Runs ``torch.fx.passes.shape_prop.ShapeProp`` with every parameter and buffer swapped for a
 meta tensor of the same shape, so no real arithmetic is done and the model is left as it was.
 Shape-preserving modules (norms, activations, dropout) are not executed at all: their meta
-kernels are Python decompositions that cost ~5 ms per BatchNorm.
+kernels are Python decompositions that cost ~5 ms per BatchNorm. Linear and
+MultiheadAttention layers get their output from a shape formula (``_closed_form``, checked
+against their own meta run in tests/test_shapes.py) for the same reason.
 
 When a meta kernel is missing (data-dependent ops), it falls back to running a deep copy of
 the traced module on the real example inputs under ``torch.no_grad()``: never the model
@@ -115,6 +117,66 @@ class _MetaShapeProp(_TrackingShapeProp):
         return super().call_module(target, args, kwargs)
 
 
+class _ShapesOnly(_MetaShapeProp):
+    """Shapes without running the layers that have a shape formula (``_closed_form``); the
+    cost interpreters (``prunefx.flops`` and the others deriving from ``_MetaShapeProp``)
+    run them, since their FLOPs are counted as they run."""
+
+    def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
+        x = args[0] if args else None
+        if isinstance(x, torch.Tensor) and x.is_meta:
+            out = _closed_form(self.fetch_attr(target), x, args, kwargs)
+            if out is not None:
+                return out
+        return super().call_module(target, args, kwargs)
+
+
+def _closed_form(mod: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> Any:
+    """The output of ``mod(*args, **kwargs)`` on meta tensors by its shape formula, with the
+    strides the module's own meta run gives, for the layers whose meta kernels are Python
+    decompositions (a Linear ~0.7 ms, a MultiheadAttention ~4 ms: most of a ViT's shape
+    propagation); None for anything unusual (other dtypes, masks, sizes that do not fit),
+    which then runs the module itself, so its own checks still name what is wrong."""
+    if len(args) != 1 and not isinstance(mod, nn.MultiheadAttention):
+        return None
+    weight = getattr(mod, "weight", None) if not isinstance(mod, nn.MultiheadAttention) else mod.out_proj.weight
+    if not isinstance(weight, torch.Tensor) or x.dtype != weight.dtype:
+        return None
+    if type(mod) is nn.Linear and not kwargs and x.dim() >= 1 and x.shape[-1] == mod.in_features:
+        return x.new_empty((*x.shape[:-1], mod.out_features))
+    if type(mod) is nn.MultiheadAttention:
+        return _attention_out(mod, x, args, kwargs)
+    return None
+
+
+_ATTENTION_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights", "is_causal")
+
+
+def _attention_out(mod: nn.MultiheadAttention, query: torch.Tensor, args: tuple, kwargs: dict) -> Any:
+    """Self- or cross-attention of batched 3-D inputs without masks: ``(out, weights)``."""
+    call = dict(zip(_ATTENTION_ARGS, args, strict=False))  # more args than names: refused below
+    if len(args) > len(_ATTENTION_ARGS) or set(kwargs) - set(_ATTENTION_ARGS) or set(call) & set(kwargs):
+        return None
+    call.update(kwargs)
+    key, value = call.get("key"), call.get("value")
+    if call.get("key_padding_mask") is not None or call.get("attn_mask") is not None or call.get("is_causal"):
+        return None
+    if not all(isinstance(t, torch.Tensor) and t.is_meta and t.dim() == 3 and t.dtype == query.dtype for t in (query, key, value)):
+        return None
+    b = 0 if mod.batch_first else 1
+    batch, length, source = query.shape[b], query.shape[1 - b], key.shape[1 - b]  # type: ignore[union-attr]
+    if (query.shape[2], key.shape[2], value.shape[2]) != (mod.embed_dim, mod.kdim, mod.vdim) or key.shape[:2] != value.shape[:2] \
+            or key.shape[b] != batch:  # type: ignore[union-attr]
+        return None
+    out = query.new_empty((length, batch, mod.embed_dim))  # batch-first: a transposed view, as the module returns
+    out = out.transpose(0, 1) if mod.batch_first else out
+    if not call.get("need_weights", True):
+        return out, None
+    if call.get("average_attn_weights", True):
+        return out, query.new_empty((batch, length, source))
+    return out, query.new_empty((batch, mod.num_heads, length, source))
+
+
 _FORMATS = (torch.contiguous_format, torch.channels_last, torch.channels_last_3d)
 
 
@@ -184,7 +246,7 @@ def _propagate(traced: Traced, gm: fx.GraphModule, example_inputs: tuple[Any, ..
         name: torch.empty_like(t, device="meta")
         for name, t in (*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False))
     }
-    prop: _TrackingShapeProp = _MetaShapeProp(gm)
+    prop: _TrackingShapeProp = _ShapesOnly(gm)
     try:
         with _reparametrize_module(gm, meta_state), torch.no_grad():
             prop.propagate(*_to_meta(example_inputs))
