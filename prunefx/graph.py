@@ -95,7 +95,7 @@ class PruneGraph:
         roots = [r for _, channels in _call_sites(self, name) for r in channels] or self.analysis.uf.find(ids).tolist()
         seen: dict[int, ChannelGroup] = {}
         for r in roots:
-            g = self._table.group_of_root.get(r)
+            g = self._table.group_of(r)
             if g is not None:
                 seen.setdefault(id(g), g)
         return tuple(seen.values())

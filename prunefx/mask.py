@@ -150,7 +150,7 @@ def _refuse_ambiguous(graph: PruneGraph, name: str) -> None:
 
 
 def _groups_text(graph: PruneGraph, channels: tuple[int, ...]) -> str:
-    names = dict.fromkeys(g.name for r in channels if (g := graph._table.group_of_root.get(r)) is not None)
+    names = dict.fromkeys(g.name for r in channels if (g := graph._table.group_of(r)) is not None)
     return f"group {', '.join(repr(n) for n in names)}" if names else "channels of no group"
 
 
@@ -159,7 +159,7 @@ def _validate(graph: PruneGraph, flags: np.ndarray, keyed: np.ndarray, allow_emp
     pinned = dropped[graph.is_pinned(dropped)] if dropped.size else dropped
     if pinned.size:
         r = int(pinned[0])
-        group = graph._table.group_of_root.get(r)
+        group = graph._table.group_of(r)
         name = f"group '{group.name}'" if group is not None else "a channel"
         raise MaskError(f"cannot remove channels of {name}: it is pinned ({graph.pin_reason(r)})")
     for g in () if allow_empty else graph.groups:

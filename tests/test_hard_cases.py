@@ -24,6 +24,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import nn
 
 import prunefx
@@ -1206,3 +1207,45 @@ def test_in_place_leaf_update_survives_the_rewrite():
     small, diff = check_exact(model, x, mask, graph)
     assert diff <= 1e-5
     assert any(getattr(n.target, "__name__", "") == "_shift_add" for n in small.graph.nodes)
+
+
+def _index_maps_channel_by_channel(group: prunefx.ChannelGroup) -> list[tuple]:
+    """``ChannelGroup.members`` spelled out one channel at a time: the reference for its
+    vectorised form."""
+    pos = {int(r): i for i, r in enumerate(group.slots)}
+    out = []
+    for m, roots in group._members:
+        rows: list[list[int]] = [[] for _ in range(group.size)]
+        for index, r in enumerate(roots.tolist()):
+            if (i := pos.get(r)) is not None:
+                rows[i].append(index)
+        out.append((m.tensor, m.dim, tuple(tuple(r) for r in rows), m.role.value))
+    return out
+
+
+class _FlattenRepeat(nn.Module):
+    """Channels that own several indices (flatten), and channels read twice (repeat_interleave)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.fc = nn.Linear(6 * 2 * 2, 5)
+        self.up = nn.Conv2d(12, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        z = self.up(y.repeat_interleave(2, dim=1))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(y, 2), 1)) + z.mean((2, 3)).sum(1, keepdim=True)
+
+
+@pytest.mark.parametrize("make", [_FlattenRepeat, lambda: torchvision.models.densenet121(),
+                                  lambda: torchvision.models.VisionTransformer(224, 32, 2, 4, 64, 96)], ids=["flatten-repeat", "densenet121", "vit"])
+def test_index_maps_match_channel_by_channel(make) -> None:
+    model = make().eval()
+    x = torch.randn(1, 3, 8, 8) if isinstance(model, _FlattenRepeat) else torch.randn(1, 3, 224, 224)
+    graph = prunefx.trace(model, x)
+    several = False
+    for g in graph.groups:
+        assert [tuple(m) + (m.role,) for m in g.members] == _index_maps_channel_by_channel(g), g.name
+        several |= any(len(row) > 1 for m in g.members for row in m.index_map)
+    assert several or not isinstance(model, _FlattenRepeat), "a channel holding several indices is covered"

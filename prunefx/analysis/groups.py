@@ -51,15 +51,21 @@ class ChannelGroup:
 
     @cached_property
     def members(self) -> tuple[GroupMember, ...]:
-        pos = {int(r): i for i, r in enumerate(self.slots)}
+        order = np.argsort(self.slots, kind="stable")
+        ordered = self.slots[order]
         out = []
         for m, roots in self._members:
-            rows: list[list[int]] = [[] for _ in range(self.size)]
-            for index, r in enumerate(roots.tolist()):
-                i = pos.get(r)
-                if i is not None:
-                    rows[i].append(index)
-            out.append(GroupMember(m.tensor, m.dim, tuple(tuple(r) for r in rows), m.role.value))
+            at = np.searchsorted(ordered, roots).clip(max=len(ordered) - 1)
+            hit = ordered[at] == roots
+            channel = order[at[hit]]  # the group channel of each index along the dim that holds one
+            index = np.nonzero(hit)[0][np.argsort(channel, kind="stable")].tolist()  # ascending within a channel
+            counts = np.bincount(channel, minlength=self.size)
+            if len(index) == self.size and (counts == 1).all():
+                rows = tuple((i,) for i in index)
+            else:
+                ends = np.cumsum(counts).tolist()
+                rows = tuple(tuple(index[e - c:e]) for e, c in zip(ends, counts.tolist(), strict=True))
+            out.append(GroupMember(m.tensor, m.dim, rows, m.role.value))
         return tuple(out)
 
     def __repr__(self) -> str:
@@ -73,9 +79,14 @@ class ChannelGroup:
 class GroupTable:
     groups: tuple[ChannelGroup, ...]
     by_name: dict[str, ChannelGroup]
-    group_of_root: dict[int, ChannelGroup]
+    root_group: np.ndarray  # per root id: index into groups, or -1
     pin_reason: np.ndarray  # per root id: index into analysis.pins, or -1
     inexact_reason: np.ndarray  # per root id: index into analysis.inexact, or -1
+
+    def group_of(self, root: int) -> ChannelGroup | None:
+        """The group holding union-find root ``root``, or None (a root of no group)."""
+        i = int(self.root_group[root]) if 0 <= root < len(self.root_group) else -1
+        return self.groups[i] if i >= 0 else None
 
 
 def _first_note(analysis: ChannelAnalysis, notes: tuple[Note, ...]) -> np.ndarray:
@@ -119,7 +130,7 @@ def build_groups(analysis: ChannelAnalysis) -> GroupTable:
 
     groups: list[ChannelGroup] = []
     by_name: dict[str, ChannelGroup] = {}
-    group_of_root: dict[int, ChannelGroup] = {}
+    root_group = np.full(uf.size, -1, dtype=np.int64)
     for s in order:
         members = group_members[s]
         roots0 = member_roots[first_member[s]]
@@ -149,6 +160,5 @@ def build_groups(analysis: ChannelAnalysis) -> GroupTable:
         )
         groups.append(group)
         by_name[unique] = group
-        for r in slots.tolist():
-            group_of_root[r] = group
-    return GroupTable(tuple(groups), by_name, group_of_root, pin, inexact)
+        root_group[slots] = len(groups) - 1
+    return GroupTable(tuple(groups), by_name, root_group, pin, inexact)

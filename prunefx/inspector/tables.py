@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
+from prunefx.analysis.groups import GroupTable
 from prunefx.analysis.layout import Layout
 from prunefx.graph import PruneGraph
 from prunefx.inspector.costs import NodeCost
@@ -124,7 +125,7 @@ class NodeIndex:
 
     roots: dict[fx.Node, np.ndarray]  # union-find roots of the output's channels, primary dim first
     channels: dict[fx.Node, int | None]  # size of the primary channel dim
-    group_of_root: dict[int, str]
+    groups: GroupTable
     tensor_nodes: dict[str, tuple[fx.Node, ...]]  # canonical tensor name -> nodes holding it
 
     def groups_of(self, node: fx.Node) -> tuple[str, ...]:
@@ -132,8 +133,8 @@ class NodeIndex:
         if roots is None or roots.size == 0:
             return ()
         uniq, first = np.unique(roots, return_index=True)
-        names = (self.group_of_root.get(int(r)) for r in uniq[np.argsort(first)])
-        return tuple(dict.fromkeys(n for n in names if n is not None))
+        found = (self.groups.group_of(int(r)) for r in uniq[np.argsort(first)])
+        return tuple(dict.fromkeys(g.name for g in found if g is not None))
 
 
 def _layouts(value: Any) -> Iterator[Layout]:
@@ -183,7 +184,6 @@ def _tensor_nodes(graph: PruneGraph) -> dict[str, tuple[fx.Node, ...]]:
 
 
 def build_index(graph: PruneGraph) -> NodeIndex:
-    group_of_root = {int(r): g.name for g in graph.groups for r in g.slots.tolist()}
     roots, channels, seen = {}, {}, set()
     for node in graph.module.graph.nodes:
         first_call = node.op == "call_module" and node.target not in seen
@@ -191,7 +191,7 @@ def build_index(graph: PruneGraph) -> NodeIndex:
         ids = _factors(graph, node, first_call)
         roots[node] = _roots(graph, ids)
         channels[node] = int(ids[0].size) if ids else None
-    return NodeIndex(roots, channels, group_of_root, _tensor_nodes(graph))
+    return NodeIndex(roots, channels, graph._table, _tensor_nodes(graph))
 
 
 def _shape(s: Any) -> Shape:

@@ -251,7 +251,7 @@ def _keep_unremovable(model: nn.Module, graph: PruneGraph, keep: Keep, x: Any, w
         if m.role is not Role.READ or dim_removed is None or not dim_removed[1].all():
             continue
         roots = graph.analysis.uf.find(m.ids)
-        group = graph._table.group_of_root.get(int(roots[0]))
+        group = graph._table.group_of(int(roots[0]))
         if group is None:
             continue
         s = scores.get(group.name)
