@@ -1,18 +1,36 @@
-"""Cost of a model on given inputs: FLOPs (``torch.utils.flop_counter``) and parameters.
+"""Cost of a model on given inputs: FLOPs (``torch.utils.flop_counter``), activation bytes
+and parameters, from one meta-tensor interpreter.
 
-Runs on meta tensors (the model's parameters are swapped for meta copies for the duration
-of the call), so counting FLOPs of a large model costs no arithmetic and no memory. A
-traceable model runs through the same interpreter as shape propagation, which skips
-shape-preserving modules (FlopCounterMode counts no FLOPs for them).
+``node_costs(gm, inputs)`` is that interpreter: the graph runs once, node by node, on meta
+tensors (parameters and buffers swapped for meta copies for the duration, so a large model
+costs no arithmetic and no memory), and a node's FLOPs are what ``FlopCounterMode`` counts
+while it runs (the counter's total before and after it); its memory is the bytes of the
+tensors it outputs. Shape-preserving modules are skipped (FlopCounterMode counts no FLOPs
+for them). When a meta kernel is missing (a data-dependent op), a deep copy of the graph
+runs on the real inputs under ``torch.no_grad()`` instead (never the model itself: in
+training mode its BatchNorm layers would update their running statistics).
 
-``flop_counter()`` is the ``FlopCounterMode`` every count in prunefx uses (this module, the
-inspector, ``prunefx.masks`` cost measurements): torch's formulas plus the grouped matmul of a
-mixture of experts (``aten._grouped_mm``, transformers' ``grouped_mm_fallback``), which torch
-has no formula for: ``2 * S * K * N`` for ``S`` rows of ``K`` channels and ``N`` outputs.
+Every count in prunefx comes from it: ``count_flops`` sums it, and a traced graph computes
+it once and keeps it (``PruneGraph.node_costs``) for the inspector, the cost model of
+``prunefx.masks`` and ``shrink``.
+
+``flop_counter()`` is the ``FlopCounterMode`` it uses: torch's formulas plus the grouped
+matmul of a mixture of experts (``aten._grouped_mm``, transformers' ``grouped_mm_fallback``),
+which torch has no formula for: ``2 * S * K * N`` for ``S`` rows of ``K`` channels and
+``N`` outputs.
+
+Example::
+
+    >>> import torch, prunefx
+    >>> g = prunefx.trace(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3)), torch.randn(1, 3, 8, 8))
+    >>> {n.name: c.flops for n, c in g.node_costs.items()}  # 2 * 8*6*6 outputs * 3*3*3 MACs
+    {'input_1': 0, '_0': 15552, 'output': 0}
 """
 
 from __future__ import annotations
 
+import copy
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,9 +39,9 @@ from torch import nn
 from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils.flop_counter import FlopCounterMode
 
-from prunefx.shapes import _MetaShapeProp, _to_meta
+from prunefx.shapes import _MetaShapeProp, _to_meta, _TrackingShapeProp
 
-__all__ = ["count_flops", "count_params", "flop_counter"]
+__all__ = ["NodeCost", "count_flops", "count_params", "flop_counter", "node_costs", "tensor_bytes"]
 
 
 def _grouped_mm_flops(x_shape: Any, w_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
@@ -41,19 +59,86 @@ def flop_counter() -> FlopCounterMode:
     return FlopCounterMode(display=False, custom_mapping=extra)
 
 
+@dataclass(frozen=True)
+class NodeCost:
+    """What one node costs: FLOPs counted while it ran, bytes of its output tensors."""
+
+    flops: int
+    memory: int
+
+
+def tensor_bytes(value: Any) -> int:
+    """Bytes of every tensor in ``value`` (a tensor or a nested tuple/list/dict of them)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (list, tuple)):
+        return sum(tensor_bytes(v) for v in value)
+    if isinstance(value, dict):
+        return sum(tensor_bytes(v) for v in value.values())
+    return 0
+
+
+class _Recorder:
+    """Mixin for the shape interpreters: the FLOP counter's total around each node."""
+
+    counter: FlopCounterMode
+    costs: dict[fx.Node, NodeCost]
+
+    def run_node(self, n: fx.Node) -> Any:
+        before = self.counter.get_total_flops()
+        out = super().run_node(n)  # type: ignore[misc]
+        self.costs[n] = NodeCost(int(self.counter.get_total_flops() - before), tensor_bytes(out))
+        return out
+
+
+class _MetaCosts(_Recorder, _MetaShapeProp):
+    pass
+
+
+class _RealCosts(_Recorder, _TrackingShapeProp):
+    pass
+
+
+def _run(prop: _Recorder, inputs: tuple[Any, ...]) -> dict[fx.Node, NodeCost]:
+    prop.costs = {}
+    with flop_counter() as counter:
+        prop.counter = counter
+        prop.propagate(*inputs)  # type: ignore[attr-defined]
+    return prop.costs
+
+
+def _meta_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        name: torch.empty_like(t, device="meta")
+        for name, t in (*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False))
+    }
+
+
+def node_costs(gm: fx.GraphModule, inputs: tuple[Any, ...]) -> dict[fx.Node, NodeCost]:
+    """FLOPs and output bytes of every node of ``gm`` on ``inputs`` (its placeholders' values)."""
+    try:
+        with _reparametrize_module(gm, _meta_state(gm)), torch.no_grad():
+            return _run(_MetaCosts(gm), _to_meta(inputs))
+    except Exception:
+        if any(isinstance(x, torch.Tensor) and x.is_meta for x in inputs):
+            raise  # nothing real to fall back to
+    twin = copy.deepcopy(gm)
+    with torch.no_grad():
+        costs = _run(_RealCosts(twin), copy.deepcopy(inputs))
+    original = dict(zip(twin.graph.nodes, gm.graph.nodes, strict=True))
+    return {original[n]: c for n, c in costs.items()}
+
+
 def count_flops(model: nn.Module, example_inputs: Any) -> int:
     """Forward FLOPs of ``model(*example_inputs)`` as counted by FlopCounterMode."""
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-    try:  # norms and activations add no FLOPs in FlopCounterMode: skip their meta kernels
+    try:
         gm = model if isinstance(model, fx.GraphModule) else fx.symbolic_trace(model)
-        run = _MetaShapeProp(gm).propagate
     except Exception:  # not traceable: run the module itself on meta tensors
-        gm, run = model, model
-    # the module that runs (a traced graph holds only the modules its mode uses)
-    meta = {n: torch.empty_like(t, device="meta") for n, t in (*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False))}
-    with _reparametrize_module(gm, meta), torch.no_grad(), flop_counter() as counter:
-        run(*_to_meta(inputs))
-    return int(counter.get_total_flops())
+        with _reparametrize_module(model, _meta_state(model)), torch.no_grad(), flop_counter() as counter:
+            model(*_to_meta(inputs))
+        return int(counter.get_total_flops())
+    return sum(c.flops for c in node_costs(gm, inputs).values())
 
 
 def count_params(model: nn.Module) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -26,6 +27,7 @@ from torch.utils import _pytree as pytree
 
 from prunefx.analysis import ChannelAnalysis, ChannelGroup, analyze, build_groups
 from prunefx.errors import MaskError, TraceError
+from prunefx.flops import NodeCost, node_costs
 from prunefx.frontends.detection import detection_leaves, is_detection, surrogate, surrogate_inputs
 from prunefx.nn import LEAF_MODULES
 from prunefx.provenance import layout_of
@@ -52,6 +54,13 @@ class PruneGraph:
         self.analysis = analysis
         self.example_inputs = example_inputs
         self._table = build_groups(analysis)
+
+    @functools.cached_property
+    def node_costs(self) -> dict[fx.Node, NodeCost]:
+        """FLOPs and output bytes of every node of ``self.module`` on the example inputs
+        (``prunefx.flops.node_costs``), computed once, on first use, for everything that
+        needs them: the inspector, ``prunefx.masks``' cost model, ``shrink``."""
+        return node_costs(self.module, self.flat_inputs)
 
     @property
     def flat_inputs(self) -> tuple[Any, ...]:

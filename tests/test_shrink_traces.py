@@ -89,12 +89,32 @@ def test_one_analysis_per_reconfiguration_with_a_new_bias(analyses: list[str], m
     assert fx_traces == []
     f0, f1 = event.report.flops
     assert f0 == prunefx.flops.count_flops(_fold_net(), x) and 0 < f1 < f0
+    assert f1 == prunefx.flops.count_flops(small, x), "the exact estimate is the count"
     with torch.no_grad():
         assert torch.allclose(small.eval()(x), expected, atol=1e-5)
 
     analyses.clear()  # nothing dead any more: no analysis at all
     assert pt.epoch_end(1) is small and not pt.history[-1].report.changed
     assert analyses == []
+
+
+def test_one_meta_pass_per_graph(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The graph's per-node costs come from one run of the meta interpreter, shared by the
+    inspector, the masks' cost model, to_budget and a shrink's FLOPs report."""
+    runs: list[object] = []
+    real = prunefx.flops._run
+    monkeypatch.setattr(prunefx.flops, "_run", lambda prop, inputs: runs.append(prop) or real(prop, inputs))
+    net, x = _fold_net(), torch.randn(4, 3, 8, 8)
+    graph = prunefx.trace(net, x)
+    assert runs == [], "tracing needs shapes, not costs"
+    report = prunefx.inspect(net, graph=graph)
+    assert report.totals.flops == sum(c.flops for c in graph.node_costs.values()) > 0
+    model = prunefx.masks.CostModel.of(graph)
+    mask = prunefx.masks.to_budget(graph, "magnitude", flops=0.6)
+    assert prunefx.masks.estimate_cost(graph, mask) == model.estimate(mask)
+    assert len(runs) == 1
+    _, shrunk = SHRINK.shrink(net, example_inputs=x, graph=graph)
+    assert shrunk.changed and len(runs) == 1, "an exact estimate needs no count of the small model"
 
 
 def _members(graph: prunefx.PruneGraph) -> dict[str, set]:

@@ -37,7 +37,6 @@ from prunefx.graph import PruneGraph, trace
 from prunefx.inspector import render
 from prunefx.inspector.blocks import BlockRow, block_rows, blocks_table
 from prunefx.inspector.compare import Comparison, compare_rows
-from prunefx.inspector.costs import node_costs
 from prunefx.inspector.explain import Explanation, explain_group
 from prunefx.inspector.nxgraph import to_networkx
 from prunefx.inspector.tables import (
@@ -70,7 +69,7 @@ class Inspector:
         self.model = model
         self.graph = graph
         self._index = build_index(graph)
-        costs = node_costs(graph)
+        costs = graph.node_costs
         self.layers: tuple[LayerRow, ...] = layer_rows(graph, self._index, costs)
         self.totals: Totals = totals(self.layers, (), 0)  # FLOPs total, needed for the shares
         self.groups: tuple[GroupRow, ...] = group_rows(graph, self._index, costs, self.totals.flops)

@@ -11,7 +11,7 @@ How each column is derived:
 - ``params``: parameters a node holds, each tensor counted once, at its first use (a module
   called twice carries its parameters on the first call only; a ``get_attr`` node carries
   the parameter it reads).
-- ``flops`` / ``memory``: see ``prunefx.inspector.costs``.
+- ``flops`` / ``memory``: see ``prunefx.flops.node_costs``.
 - A group's ``layers`` are the nodes holding one of its members (a producer writing its
   channels, a consumer reading them, a norm carrying them); its ``flops`` are those layers'
   FLOPs, the cost that shrinks when the group is pruned. Groups overlap (a conv reads one
@@ -30,8 +30,8 @@ import torch.fx as fx
 
 from prunefx.analysis.groups import GroupTable
 from prunefx.analysis.layout import Layout
+from prunefx.flops import NodeCost
 from prunefx.graph import PruneGraph
-from prunefx.inspector.costs import NodeCost
 
 __all__ = ["LayerRow", "GroupRow", "MemberRow", "Totals", "NodeIndex", "build_index", "layer_rows", "group_rows", "totals"]
 

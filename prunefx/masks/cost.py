@@ -1,8 +1,8 @@
 """What a mask costs: FLOPs and parameters of the reconfigured model, estimated without
 building it, and measured by building it.
 
-The estimate measures each node's FLOPs once, on meta tensors, with FlopCounterMode and the
-same interpreter as ``prunefx.count_flops``. A node that uses a parameter W (a conv or linear
+The estimate takes each node's FLOPs from the graph's one meta-tensor pass
+(``PruneGraph.node_costs``, the interpreter of ``prunefx.count_flops``). A node that uses a parameter W (a conv or linear
 module's weight; for a module with several, the largest; for ``F.conv2d(x, self.w)``, the
 ``get_attr`` it reads) costs ``F_n = positions_n * numel(W)`` (``2 N H_out W_out |W|`` for a
 conv, ``2 tokens |W|`` for a linear), and channel pruning leaves ``positions_n`` alone, so
@@ -45,14 +45,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.fx as fx
-from torch.nn.utils.stateless import _reparametrize_module
-from torch.utils.flop_counter import FlopCounterMode
 
 from prunefx import ops
-from prunefx.flops import count_flops, count_params, flop_counter
+from prunefx.flops import count_flops, count_params
 from prunefx.graph import PruneGraph
 from prunefx.mask import resolve_mask
-from prunefx.shapes import _MetaShapeProp, _to_meta
 
 __all__ = ["Cost", "CostModel", "estimate_cost", "measure_cost"]
 
@@ -65,31 +62,6 @@ class Cost:
     params: int
     flops_ratio: float
     params_ratio: float
-
-
-class _FlopsPerNode(_MetaShapeProp):
-    """Meta-tensor interpreter that records the FLOPs each node adds."""
-
-    def __init__(self, gm: fx.GraphModule, counter: FlopCounterMode) -> None:
-        super().__init__(gm)
-        self.counter = counter
-        self.flops: dict[fx.Node, int] = {}
-
-    def run_node(self, n: fx.Node) -> Any:
-        before = self.counter.get_total_flops()
-        out = super().run_node(n)
-        added = self.counter.get_total_flops() - before
-        if added:
-            self.flops[n] = added
-        return out
-
-
-def _node_flops(gm: fx.GraphModule, inputs: tuple[Any, ...]) -> dict[fx.Node, int]:
-    meta = {n: torch.empty_like(t, device="meta") for n, t in (*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False))}
-    with _reparametrize_module(gm, meta), torch.no_grad(), flop_counter() as counter:
-        run = _FlopsPerNode(gm, counter)
-        run.propagate(*_to_meta(inputs))
-    return run.flops
 
 
 def _scales_exactly(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -212,7 +184,7 @@ class CostModel:
         fixed = approximate = 0
         all_params = dict(gm.named_parameters(remove_duplicate=False))
         derived = _parameter_derived(gm, all_params)
-        node_flops = _node_flops(gm, graph.flat_inputs)
+        node_flops = {n: c.flops for n, c in graph.node_costs.items() if c.flops}
         scaled: list[Scaled] = []
         for node, f in node_flops.items():
             w = _weight_of(gm, node, all_params, derived)
@@ -288,5 +260,5 @@ def measure_cost(graph: PruneGraph, mask: Mapping[str, Any], *, policy: str = "u
     small = reconfigure(graph.module, mask, graph=graph, policy=policy)
     flops, params = count_flops(small, graph.flat_inputs), count_params(small)
     if reference is None:
-        reference = Cost(count_flops(graph.module, graph.flat_inputs), count_params(graph.module), 1.0, 1.0)
+        reference = Cost(sum(c.flops for c in graph.node_costs.values()), count_params(graph.module), 1.0, 1.0)
     return Cost(flops, params, flops / max(reference.flops, 1), params / max(reference.params, 1))

@@ -143,13 +143,15 @@ def shrink(
     if keep.flags.all():
         return compiled_model, ShrinkReport(changed=False, kept_back=tuple(kept_back))
     before = {g.name: g.size for g in graph.groups if g.prunable}
-    # the traced graph is what fx would trace again to count FLOPs; an export capture's costs
-    # come from the cost model of its graph (exact for linear layers and attention): running a
-    # transformers model on meta tensors can fail (without a cache, Llama calls .item() on its
-    # position ids); a detection surrogate's graph is not the model's forward, so the model runs
-    costs = CostModel.of(graph) if graph.traced.frontend == "export" and graph.model_inputs is None else None
-    counted = graph.module if graph.traced.frontend == "fx" and graph.model_inputs is None else model
-    params0, flops0 = count_params(model), (costs.flops if costs is not None else count_flops(counted, x))
+    # FLOPs before from the graph's own costs (one meta pass, shared with the masks' cost
+    # model), and after from its estimate when that is exact (convolutions, linear layers,
+    # attention), else counted on the small model; an export capture always uses the
+    # estimate: running a transformers model on meta tensors can fail (without a cache,
+    # Llama calls .item() on its position ids). A detection surrogate's graph is not the
+    # model's forward, so the model itself is counted.
+    costs = CostModel.of(graph) if graph.model_inputs is None else None
+    estimated = costs is not None and (costs.exact or graph.traced.frontend == "export")
+    params0, flops0 = count_params(model), (costs.flops if costs is not None else count_flops(model, x))
 
     snapshot = fold_snapshot(model) if emas else {}
     fold = fold_constants(model, graph, keep, x)
@@ -180,7 +182,7 @@ def shrink(
         changed=True,
         channels={n: (before[n], after[n]) for n in before},
         params=(params0, count_params(small)),
-        flops=(flops0, costs.estimate_flags(keep.flags).flops if costs is not None and gm is None else count_flops(small, x)),
+        flops=(flops0, costs.estimate_flags(keep.flags).flops if estimated and gm is None else count_flops(small, x)),
         fold=fold,
         branches=branches,
         kept_back=tuple(kept_back),
