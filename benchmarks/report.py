@@ -85,6 +85,8 @@ def goals(run: Run) -> Table:
         t.add("reconfigure within 2x of a plain copy of the same kept bytes on every model",
               f"highest {worst.copy_ratio:.1f}x ({worst.model}); lowest {min(r.copy_ratio for r in copied):.1f}x",
               "yes" if worst.copy_ratio <= 2 else "no")
+    if run.scaling:
+        t.add(*scaling.goal(run.scaling, run.quick))
     if run.export:
         t.add(*export_frontend.goal(run.export))
     if run.budget:
@@ -196,18 +198,18 @@ def _scaling_text(run: Run) -> str:
     lines = []
     for what, label in (("trace", "trace+analysis"), ("total", "trace+analysis+reconfigure")):
         f = scaling.fit(run.scaling, what)
-        verdict = "close to linear" if f.linear else "not close to linear"
+        verdict = "at most linear" if f.linear else "not shown to be at most linear"
         lines.append(f"- **{label}**: {f.slope * 1e3:.2f} ms per node + {f.intercept:.3f} s, R² = {f.r2:.3f}; "
-                     f"fitted exponent of seconds ~ nodes^k: k = {f.exponent:.2f}. Verdict: {verdict} "
-                     "(rule: R² >= 0.9 and 0.75 <= k <= 1.25).")
+                     f"fitted exponent of seconds ~ nodes^k: k = {f.exponent:.2f}, R² = {f.r2_power:.3f}. "
+                     f"Verdict: {verdict} (rule: {scaling.Fit.RULE}).")
     for fam in ("ResNet", "ViT"):
         pts = sorted((p for p in run.scaling if p.family == fam), key=lambda p: p.nodes)
         if len(pts) >= 3:
             for what in ("trace", "total"):
                 f = scaling.fit(pts, what)
                 lines.append(f"- {fam} only, {what}: {f.slope * 1e3:.2f} ms per node + {f.intercept:.3f} s, "
-                             f"R² = {f.r2:.3f}, k = {f.exponent:.2f} "
-                             f"({'close to linear' if f.linear else 'not close to linear'}).")
+                             f"R² = {f.r2:.3f}, k = {f.exponent:.2f} (R² {f.r2_power:.3f}) "
+                             f"({'at most linear' if f.linear else 'not shown to be at most linear'}).")
         if len(pts) >= 2:
             a, b = pts[0], pts[-1]
             lines.append(f"- {fam}: {a.model} -> {b.model}: nodes x{b.nodes / a.nodes:.1f}, "

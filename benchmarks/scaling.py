@@ -3,9 +3,10 @@
 prunefx trace + analysis and reconfigure (50% random mask over every prunable group, one
 1x3x224x224 input) on two families of growing depth: ResNet-18/34/50/101/152 and
 ViT-B/16, ViT-L/16, ViT-H/14. Models already timed by ``reconfigure_latency`` in the same
-run reuse those samples. ``fit`` fits ``seconds = a * nodes + b`` by least squares and, as a
-second opinion, the exponent ``k`` of ``seconds ~ nodes^k`` (log-log slope): ``k`` near 1
-and R^2 near 1 is linear growth.
+run reuse those samples. ``fit`` fits ``seconds = a * nodes + b`` by least squares and the
+power law ``seconds ~ nodes^k`` (log-log slope, with its own R^2). The goal (issue 16) is
+``k <= 1.1`` with ``R^2 >= 0.95`` for trace+analysis: time that grows at most linearly with
+the graph (a fixed cost makes ``k`` smaller than 1).
 
     .venv/bin/python -m benchmarks.scaling --repeats 3
 """
@@ -52,12 +53,17 @@ class Fit:
     what: str
     slope: float  # seconds per node
     intercept: float
-    r2: float
+    r2: float  # of the straight line
     exponent: float  # log-log slope
+    r2_power: float  # of the power law (in log-log space)
+
+    RULE = "k <= 1.1 and R² of the power law >= 0.95"
 
     @property
     def linear(self) -> bool:
-        return self.r2 >= 0.9 and 0.75 <= self.exponent <= 1.25
+        """Time grows at most linearly with the graph, and the power law describes it (the
+        issue-16 goal for trace+analysis; a fixed cost makes k < 1)."""
+        return self.exponent <= 1.1 and self.r2_power >= 0.95
 
 
 def measure(name: str, repeats: int, *, check: bool = True) -> Point:
@@ -95,9 +101,21 @@ def fit(points: Sequence[Point], what: str = "total") -> Fit:
     n = np.array([p.nodes for p in points], dtype=float)
     s = np.array([median(getattr(p, what)) for p in points])
     a, b = np.polyfit(n, s, 1)
-    r2 = 1 - float(((s - (a * n + b)) ** 2).sum()) / max(float(((s - s.mean()) ** 2).sum()), 1e-30)
-    k = float(np.polyfit(np.log(n), np.log(s), 1)[0])
-    return Fit(what, float(a), float(b), r2, k)
+    k, c = np.polyfit(np.log(n), np.log(s), 1)
+    return Fit(what, float(a), float(b), _r2(s, a * n + b), float(k), _r2(np.log(s), k * np.log(n) + c))
+
+
+def _r2(y: np.ndarray, predicted: np.ndarray) -> float:
+    return 1 - float(((y - predicted) ** 2).sum()) / max(float(((y - y.mean()) ** 2).sum()), 1e-30)
+
+
+def goal(points: Sequence[Point], quick: bool) -> tuple[str, str, str]:
+    """The goals-table row: trace+analysis over the whole model set fits a power law with k <= 1.1."""
+    what = "trace+analysis ~ nodes^k, k <= 1.1 and R² >= 0.95 (ResNet-18/34/50/101/152, ViT-B/16, L/16, H/14)"
+    if quick or {p.model for p in points} != set(MODELS):
+        return what, "not measured in --quick mode (it needs every model)", "not measured"
+    f = fit(points, "trace")
+    return what, f"k = {f.exponent:.2f}, R² = {f.r2_power:.3f}", "yes" if f.linear else "no"
 
 
 def table(points: Sequence[Point]) -> Table:
