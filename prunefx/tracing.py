@@ -270,7 +270,11 @@ def _mode_reads(model: nn.Module) -> Iterator[list[str] | None]:
     ``train`` may change more than the flags: those models get None, and their caller
     traces the other mode.
     """
-    if "training" in vars(nn.Module) or not all(_mode_is_a_flag(type(m)) for m in model.modules()):
+    if not all(_mode_is_a_flag(type(m)) for m in model.modules()) or not _MODE_WATCH.acquire(blocking=False):
+        yield None  # (the lock: another thread's trace is watching)
+        return
+    if "training" in vars(nn.Module):  # someone else's stand-in
+        _MODE_WATCH.release()
         yield None
         return
     owner = threading.get_ident()
@@ -292,6 +296,10 @@ def _mode_reads(model: nn.Module) -> Iterator[list[str] | None]:
         yield seen
     finally:
         del nn.Module.training
+        _MODE_WATCH.release()
+
+
+_MODE_WATCH = threading.Lock()
 
 
 @functools.cache
