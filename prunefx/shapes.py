@@ -3,9 +3,10 @@
 Runs ``torch.fx.passes.shape_prop.ShapeProp`` with every parameter and buffer swapped for a
 meta tensor of the same shape, so no real arithmetic is done and the model is left as it was.
 Shape-preserving modules (norms, activations, dropout) are not executed at all: their meta
-kernels are Python decompositions that cost ~5 ms per BatchNorm. Linear and
-MultiheadAttention layers get their output from a shape formula (``_closed_form``, checked
-against their own meta run in tests/test_shapes.py) for the same reason.
+kernels are Python decompositions that cost ~5 ms per BatchNorm. For the same reason the
+ops whose record has a shape formula (``OpSpec.shape``: ``prunefx.shape_rules``, each checked
+against the meta kernel in tests/test_shapes.py) get their output from it: convolutions,
+linear layers, attention, elementwise ops and activations.
 
 When a meta kernel is missing (data-dependent ops), it falls back to running a deep copy of
 the traced module on the real example inputs under ``torch.no_grad()``: never the model
@@ -29,6 +30,7 @@ from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata, _extract_tensor_metadata
 from torch.nn.utils.stateless import _reparametrize_module
 
+from prunefx import ops
 from prunefx.errors import TraceError
 from prunefx.tracing import Traced
 
@@ -113,68 +115,38 @@ class _MetaShapeProp(_TrackingShapeProp):
         mod = self.fetch_attr(target)
         x = args[0] if args else None
         if isinstance(mod, _SHAPE_PRESERVING) and isinstance(x, torch.Tensor) and x.is_meta:
-            return torch.empty_like(x)
+            return _like(x)
         return super().call_module(target, args, kwargs)
+
+
+def _like(x: torch.Tensor) -> torch.Tensor:
+    """``torch.empty_like(x)``: on meta tensors a Python decomposition (~0.1 ms), so a dense
+    input takes its strides directly (~1 us)."""
+    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
+        return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=_META)
+    return torch.empty_like(x)
 
 
 class _ShapesOnly(_MetaShapeProp):
-    """Shapes without running the layers that have a shape formula (``_closed_form``); the
-    cost interpreters (``prunefx.flops`` and the others deriving from ``_MetaShapeProp``)
-    run them, since their FLOPs are counted as they run."""
+    """Shapes without running the ops whose record has a shape formula
+    (``prunefx.shape_rules``); the cost interpreters (``prunefx.flops``) run every op, since
+    FLOPs are counted as they run."""
+
+    def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
+        spec = ops.table().by_function.get(target)
+        out = spec.shape(target, args, kwargs) if spec is not None and spec.shape is not None else None
+        return out if out is not None else super().call_function(target, args, kwargs)
+
+    def call_method(self, target: Any, args: Any, kwargs: Any) -> Any:
+        spec = ops.table().by_method.get(target)
+        out = spec.shape(target, args, kwargs) if spec is not None and spec.shape is not None else None
+        return out if out is not None else super().call_method(target, args, kwargs)
 
     def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
-        x = args[0] if args else None
-        if isinstance(x, torch.Tensor) and x.is_meta:
-            out = _closed_form(self.fetch_attr(target), x, args, kwargs)
-            if out is not None:
-                return out
-        return super().call_module(target, args, kwargs)
-
-
-def _closed_form(mod: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> Any:
-    """The output of ``mod(*args, **kwargs)`` on meta tensors by its shape formula, with the
-    strides the module's own meta run gives, for the layers whose meta kernels are Python
-    decompositions (a Linear ~0.7 ms, a MultiheadAttention ~4 ms: most of a ViT's shape
-    propagation); None for anything unusual (other dtypes, masks, sizes that do not fit),
-    which then runs the module itself, so its own checks still name what is wrong."""
-    if len(args) != 1 and not isinstance(mod, nn.MultiheadAttention):
-        return None
-    weight = getattr(mod, "weight", None) if not isinstance(mod, nn.MultiheadAttention) else mod.out_proj.weight
-    if not isinstance(weight, torch.Tensor) or x.dtype != weight.dtype:
-        return None
-    if type(mod) is nn.Linear and not kwargs and x.dim() >= 1 and x.shape[-1] == mod.in_features:
-        return x.new_empty((*x.shape[:-1], mod.out_features))
-    if type(mod) is nn.MultiheadAttention:
-        return _attention_out(mod, x, args, kwargs)
-    return None
-
-
-_ATTENTION_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights", "is_causal")
-
-
-def _attention_out(mod: nn.MultiheadAttention, query: torch.Tensor, args: tuple, kwargs: dict) -> Any:
-    """Self- or cross-attention of batched 3-D inputs without masks: ``(out, weights)``."""
-    call = dict(zip(_ATTENTION_ARGS, args, strict=False))  # more args than names: refused below
-    if len(args) > len(_ATTENTION_ARGS) or set(kwargs) - set(_ATTENTION_ARGS) or set(call) & set(kwargs):
-        return None
-    call.update(kwargs)
-    key, value = call.get("key"), call.get("value")
-    if call.get("key_padding_mask") is not None or call.get("attn_mask") is not None or call.get("is_causal"):
-        return None
-    if not all(isinstance(t, torch.Tensor) and t.is_meta and t.dim() == 3 and t.dtype == query.dtype for t in (query, key, value)):
-        return None
-    b = 0 if mod.batch_first else 1
-    batch, length, source = query.shape[b], query.shape[1 - b], key.shape[1 - b]  # type: ignore[union-attr]
-    if (query.shape[2], key.shape[2], value.shape[2]) != (mod.embed_dim, mod.kdim, mod.vdim) or key.shape[:2] != value.shape[:2] \
-            or key.shape[b] != batch:  # type: ignore[union-attr]
-        return None
-    out = query.new_empty((length, batch, mod.embed_dim))  # batch-first: a transposed view, as the module returns
-    out = out.transpose(0, 1) if mod.batch_first else out
-    if not call.get("need_weights", True):
-        return out, None
-    if call.get("average_attn_weights", True):
-        return out, query.new_empty((batch, length, source))
-    return out, query.new_empty((batch, mod.num_heads, length, source))
+        mod = self.fetch_attr(target)
+        spec = ops.spec_of_module(mod)
+        out = spec.shape(mod, args, kwargs) if spec is not None and spec.shape is not None else None
+        return out if out is not None else super().call_module(target, args, kwargs)
 
 
 _FORMATS = (torch.contiguous_format, torch.channels_last, torch.channels_last_3d)

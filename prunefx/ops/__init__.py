@@ -1,6 +1,7 @@
 """What prunefx knows about each op, in one record per op (``OpSpec``).
 
-A record holds the op's channel rule (stage 3, ``prunefx.analysis.rules``), how the rewrite
+A record holds the op's channel rule (stage 3, ``prunefx.analysis.rules``), its output shape
+by formula where it has one (stage 2, ``prunefx.shape_rules``), how the rewrite
 fixes its size arguments (``passes/fix_shape_args.py``), whether it accepts a tensor whose
 channel dim a mask empties, whether it is pure size arithmetic that dead-code elimination
 may drop, and every spelling that maps to it: Python functions, ``Tensor`` method names,
@@ -46,6 +47,7 @@ class OpSpec:
     pure: bool = False  # size arithmetic: dead-code elimination may remove it when unused
     weight_flops: bool = False  # FLOPs proportional to the size of the weight it reads (masks/cost.py)
     foldable: bool = False  # + - * with broadcasting: a constant operand folds through it (train/branches.py)
+    shape: Callable[[Any, tuple, dict], Any] | None = None  # output on meta tensors by formula (prunefx/shape_rules.py)
 
     def spellings(self) -> Iterator[tuple[str, Any]]:
         yield from (("function", f) for f in self.functions)

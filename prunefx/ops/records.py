@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prunefx import nn as pnn
+from prunefx import shape_rules as sr
 from prunefx.analysis import rules as r
 from prunefx.ops import OpSpec
 from prunefx.passes import fix_shape_args as fix
@@ -90,19 +91,19 @@ SPECS: tuple[OpSpec, ...] = (
     # ---- elementwise -------------------------------------------------------------------------
     OpSpec("add", r.elementwise(r.ADD), functions=(
         operator.add, operator.sub, torch.add, torch.sub, torch.subtract, *_aten("add.Tensor", "sub.Tensor", "rsub.Scalar"),
-    ), methods=("add", "sub", "__add__", "__radd__"), empty_ok=True, pure=True, foldable=True),
+    ), methods=("add", "sub", "__add__", "__radd__"), empty_ok=True, pure=True, foldable=True, shape=sr.elementwise),
     OpSpec("add_", r.elementwise(r.ADD), functions=(operator.iadd, operator.isub, *_aten("add_.Tensor", "sub_.Tensor")),
            methods=("add_", "sub_"), empty_ok=True, foldable=True),
     OpSpec("maximum", r.elementwise(r.ADD), functions=(
         torch.maximum, torch.minimum, torch.fmax, torch.fmin, *_aten("maximum.default", "minimum.default"),
-    ), methods=("maximum", "minimum"), empty_ok=True, pure=True),
+    ), methods=("maximum", "minimum"), empty_ok=True, pure=True, shape=sr.elementwise),
     OpSpec("mul", r.elementwise(r.MUL), functions=(operator.mul, torch.mul, torch.multiply, *_aten("mul.Tensor")),
-           methods=("mul",), empty_ok=True, pure=True, foldable=True),
+           methods=("mul",), empty_ok=True, pure=True, foldable=True, shape=sr.elementwise),
     OpSpec("mul_", r.elementwise(r.MUL), functions=(operator.imul, *_aten("mul_.Tensor")), methods=("mul_",), empty_ok=True,
            foldable=True),
     OpSpec("div", r.elementwise(r.DIV), functions=(
         operator.truediv, torch.div, torch.true_divide, torch.divide, *_aten("div.Tensor", "div.Tensor_mode"),
-    ), methods=("div",), empty_ok=True, pure=True),
+    ), methods=("div",), empty_ok=True, pure=True, shape=sr.elementwise),
     OpSpec("div_", r.elementwise(r.DIV), functions=(operator.itruediv, *_aten("div_.Tensor")), methods=("div_",), empty_ok=True),
     OpSpec("compare", r.elementwise(r.NONZERO), functions=_aten(
         "eq.Tensor", "ne.Tensor", "lt.Tensor", "le.Tensor", "gt.Tensor", "ge.Tensor", "__and__.Tensor",
@@ -116,7 +117,7 @@ SPECS: tuple[OpSpec, ...] = (
     OpSpec("pow", r.power, functions=(torch.pow, operator.pow, *_aten("pow.Tensor_Scalar")), methods=("pow",),
            empty_ok=True, pure=True),
     OpSpec("neg", r.unary(True), functions=(torch.neg, operator.neg, *_aten("neg.default")), methods=("neg",),
-           empty_ok=True, pure=True),
+           empty_ok=True, pure=True, shape=sr.elementwise),
     OpSpec("zero-preserving activation", r.unary(True), functions=(
         torch.relu, torch.relu_, F.relu, F.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu,
         F.mish, F.hardswish, F.hardtanh, F.tanh, torch.tanh, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
@@ -127,14 +128,15 @@ SPECS: tuple[OpSpec, ...] = (
                "tanh_.default", "leaky_relu.default", "leaky_relu_.default", "elu.default", "elu_.default",
                "mish.default", "mish_.default", "abs.default", "sqrt.default", "square.default", "sin.default",
                "erf.default", "dropout.default", "dropout_.default", "feature_dropout.default"),
-    ), methods=("relu", "relu_", "tanh", "tanh_", "abs", "sqrt", "square"), modules=_ZERO_PRESERVING_MODULES, empty_ok=True),
+    ), methods=("relu", "relu_", "tanh", "tanh_", "abs", "sqrt", "square"), modules=_ZERO_PRESERVING_MODULES, empty_ok=True,
+        shape=sr.elementwise),
     OpSpec("non-zero activation", r.unary(False), functions=(
         torch.sigmoid, F.sigmoid, F.hardsigmoid, F.softplus, F.logsigmoid, torch.exp, torch.cos, torch.log,
         torch.rsqrt, torch.reciprocal,
         *_aten("sigmoid.default", "sigmoid_.default", "hardsigmoid.default", "hardsigmoid_.default",
                "softplus.default", "exp.default", "cos.default", "log.default", "rsqrt.default", "reciprocal.default"),
     ), methods=("sigmoid", "sigmoid_", "exp", "rsqrt"), modules=(nn.Sigmoid, nn.Hardsigmoid, nn.Softplus, nn.LogSigmoid),
-        empty_ok=True),
+        empty_ok=True, shape=sr.elementwise),
     OpSpec("zeros_like", r.like(True), functions=(torch.zeros_like, *_aten("zeros_like.default", "zero_.default")), methods=("zero_",)),
     OpSpec("constant_like", r.like(False), functions=(
         torch.ones_like, torch.empty_like, torch.full_like, torch.rand_like, torch.randn_like,
@@ -184,7 +186,7 @@ SPECS: tuple[OpSpec, ...] = (
     OpSpec("adaptive_avg_pool", r.spatial(None), functions=(
         F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
         *_aten("adaptive_avg_pool1d.default", "adaptive_avg_pool2d.default", "adaptive_avg_pool3d.default"),
-    ), modules=(nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d), empty_ok=True),
+    ), modules=(nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d), empty_ok=True, shape=sr.adaptive_avg_pool),
     OpSpec("pool", r.spatial(None), functions=(
         F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
         F.max_pool1d, F.max_pool2d, F.max_pool3d, F.lp_pool1d, F.lp_pool2d, F.interpolate, F.upsample,
@@ -202,7 +204,7 @@ SPECS: tuple[OpSpec, ...] = (
     # ---- layers with weights -----------------------------------------------------------------
     OpSpec("conv", r.conv_module, modules=(
         nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
-    ), weight_flops=True),
+    ), weight_flops=True, shape=sr.conv_module),
     *(OpSpec(f"conv{n}d", r.conv_function(n, transposed=False), functions=(f, *_aten(f"conv{n}d.default")), fix=fix.conv_groups,
              weight_flops=True)
       for n, f in ((1, F.conv1d), (2, F.conv2d), (3, F.conv3d))),
@@ -210,7 +212,7 @@ SPECS: tuple[OpSpec, ...] = (
              fix=fix.conv_groups, weight_flops=True)
       for n, f in ((1, F.conv_transpose1d), (2, F.conv_transpose2d), (3, F.conv_transpose3d))),
     OpSpec("linear", r.linear_function, functions=(F.linear, *_aten("linear.default")), empty_ok=True, weight_flops=True),
-    OpSpec("nn.Linear", r.linear_module, modules=(nn.Linear,), empty_ok=True, weight_flops=True),
+    OpSpec("nn.Linear", r.linear_module, modules=(nn.Linear,), empty_ok=True, weight_flops=True, shape=sr.linear_module),
     OpSpec("addmm", r.addmm, functions=(torch.addmm, *_aten("addmm.default")), weight_flops=True),
     OpSpec("matmul", r.matmul, functions=(
         torch.matmul, operator.matmul, torch.bmm, torch.mm, *_aten("matmul.default", "bmm.default", "mm.default"),
@@ -234,7 +236,8 @@ SPECS: tuple[OpSpec, ...] = (
     OpSpec("nn.PReLU", r.prelu_module, modules=(nn.PReLU,)),
     OpSpec("nn.LocalResponseNorm", r.lrn, modules=(nn.LocalResponseNorm,)),
     OpSpec("nn.ChannelShuffle", r.channel_shuffle_module, modules=(nn.ChannelShuffle,)),
-    OpSpec("nn.MultiheadAttention", r.multihead_attention, modules=(nn.MultiheadAttention, pnn.MultiheadAttention)),
+    OpSpec("nn.MultiheadAttention", r.multihead_attention, modules=(nn.MultiheadAttention, pnn.MultiheadAttention),
+           shape=sr.attention_module),
     OpSpec("prunefx.nn.BranchConstant", r.branch_constant, modules=(pnn.BranchConstant,)),
     OpSpec("shifted_window_attention", r.window_attention, functions=(pnn.shifted_window_attention,), fix=fix.window_attention),
 )
