@@ -524,6 +524,19 @@ def test_torch_prune_round_trip_gives_a_smaller_identical_model() -> None:
     torch.testing.assert_close(small(x), model(x), atol=1e-5, rtol=1e-5)
 
 
+def test_strip_torch_prune_right_after_pruning() -> None:
+    """The pruned weight is then a tensor computed with autograd on (not a leaf), which a
+    plain deepcopy refuses."""
+    model = _plain_chain()
+    tprune.ln_structured(model[0], "weight", amount=3, n=1, dim=0)
+    assert not model[0].weight.is_leaf
+    plain = prunefx.masks.strip_torch_prune(model)
+    assert isinstance(plain[0].weight, nn.Parameter) and not hasattr(plain[0], "weight_orig")
+    assert hasattr(model[0], "weight_orig") and not model[0].weight.is_leaf  # the input untouched
+    x = torch.randn(2, 3, 12, 12)
+    torch.testing.assert_close(plain(x), model(x))
+
+
 def test_prunefx_mask_to_torch_prune_and_back() -> None:
     model = net()
     graph = prunefx.trace(model, X)

@@ -95,7 +95,16 @@ def from_torch_prune(model: nn.Module, graph: PruneGraph | None = None, *, examp
 def strip_torch_prune(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with every ``torch.nn.utils.prune`` reparametrisation made
     permanent (``prune.remove``); ``model`` itself is not modified."""
-    out = copy.deepcopy(model)
+    # a pruned tensor is recomputed (orig * mask) by a forward pre-hook; computed with
+    # autograd on, it is not a leaf, which deepcopy refuses. The copy's value is replaced by
+    # prune.remove below, so it is copied detached
+    memo: dict[int, Any] = {}
+    for key in _pruned_tensors(model):
+        mod_name, name = key.rsplit(".", 1) if "." in key else ("", key)
+        t = getattr(model.get_submodule(mod_name), name, None)
+        if isinstance(t, torch.Tensor) and not t.is_leaf:
+            memo[id(t)] = t.detach().clone()
+    out = copy.deepcopy(model, memo)
     for mod_name, name in [tuple(k.rsplit(".", 1)) if "." in k else ("", k) for k in _pruned_tensors(out)]:
         tprune.remove(out.get_submodule(mod_name), name)
     return out
