@@ -55,8 +55,8 @@ def elementwise(op: Any, args: tuple, kwargs: dict) -> torch.Tensor | None:
     give a contiguous output of the broadcast shape in that dtype. In-place calls return
     their input: not handled."""
     schema = getattr(op, "_schema", None)  # an aten overload: in place when it mutates
-    if kwargs.get("inplace") or getattr(op, "inplace", False) or (schema.is_mutable if schema is not None else
-                                                                   str(getattr(op, "__name__", op)).endswith("_")):
+    if kwargs.get("inplace") or getattr(op, "inplace", False) or "out" in kwargs or (
+            schema.is_mutable if schema is not None else str(getattr(op, "__name__", op)).endswith("_")):
         return None
     tensors = [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)]
     if not tensors or not all(_plain(t) for t in tensors) or len({t.dtype for t in tensors}) != 1:

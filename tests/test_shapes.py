@@ -55,7 +55,6 @@ ELEMENTWISE = {
     "truediv int": (operator.truediv, (x4, 3), {}),
     "torch.add alpha": (torch.add, (x4, c4), {"alpha": 2}),
     "div rounding": (torch.div, (x4, c4), {"rounding_mode": "floor"}),
-    "maximum": (torch.maximum, (c4, x4), {}),
     "0-dim tensor": (operator.mul, (x4, _meta()), {}),
     "size-1 middle dims": (operator.add, (_meta(3, 1, 4), _meta(1, 5, 1)), {}),
     "half": (operator.add, (_meta(2, 3, dtype=torch.float16), _meta(3, dtype=torch.float16)), {}),
@@ -94,7 +93,8 @@ ELEMENTWISE_REFUSED = {
     "in place method": ("add_", (x4, c4), {}),
     "sizes that do not broadcast": (operator.add, (x4, _meta(3)), {}),
     "real tensor": (operator.add, (x4, torch.ones(1)), {}),
-    "device argument": (torch.add, (x4, c4), {"out": None, "device": torch.device("meta")}),
+    "device argument": (torch.add, (x4, c4), {"device": torch.device("meta")}),
+    "out argument": (torch.add, (x4, c4), {"out": _meta(2, 8, 5, 5)}),
 }
 
 

@@ -96,7 +96,7 @@ SPECS: tuple[OpSpec, ...] = (
            methods=("add_", "sub_"), empty_ok=True, foldable=True),
     OpSpec("maximum", r.elementwise(r.ADD), functions=(
         torch.maximum, torch.minimum, torch.fmax, torch.fmin, *_aten("maximum.default", "minimum.default"),
-    ), methods=("maximum", "minimum"), empty_ok=True, pure=True, shape=sr.elementwise),
+    ), methods=("maximum", "minimum"), empty_ok=True, pure=True),
     OpSpec("mul", r.elementwise(r.MUL), functions=(operator.mul, torch.mul, torch.multiply, *_aten("mul.Tensor")),
            methods=("mul",), empty_ok=True, pure=True, foldable=True, shape=sr.elementwise),
     OpSpec("mul_", r.elementwise(r.MUL), functions=(operator.imul, *_aten("mul_.Tensor")), methods=("mul_",), empty_ok=True,
