@@ -43,8 +43,11 @@ def test_zoo(name: str) -> None:
 
     small, diff = check_exact(model, x, mask, graph)
     assert diff <= 1e-4, f"reconfigured output differs from the masked model by {diff:.3g}"
-    flops, small_flops = prunefx.count_flops(model, x), prunefx.count_flops(small, x)
+    costs = prunefx.masks.CostModel.of(graph)  # what shrink reports FLOPs with
+    flops, small_flops = costs.flops, prunefx.count_flops(small, x)
     assert small_flops <= 0.8 * flops, f"FLOPs only fell to {small_flops / flops:.2f}"
+    if costs.exact:
+        assert costs.estimate(mask).flops == small_flops, "an exact estimate is the count"
     del small
 
     every = prunefx.reconfigure(model, prunefx.masks.random(graph, 0.5, seed=1), graph=graph)
