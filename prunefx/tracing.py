@@ -37,7 +37,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from prunefx import guards
+from prunefx import guards, ops
 from prunefx.errors import TraceError
 
 __all__ = ["SourceLoc", "Traced", "symbolic_trace", "describe_node", "guess_example_inputs", "in_mode", "is_transformers_model"]
@@ -170,7 +170,8 @@ class _Tracer(fx.Tracer):
         self.sources: dict[fx.Node, SourceLoc] = {}
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if module_qualified_name in self._leaf_names or isinstance(m, self._leaf_types) or _keeps_base_forward(m):
+        if module_qualified_name in self._leaf_names or isinstance(m, self._leaf_types) or _keeps_base_forward(m) \
+                or ops.is_leaf_type(type(m)):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 

@@ -141,3 +141,45 @@ def test_a_failed_trace_removes_the_flags_stand_in() -> None:
         prunefx.tracing.symbolic_trace(Broken())
     assert "training" not in vars(nn.Module)
     assert Broken().training
+
+
+class _Residual(nn.Module):
+    """A block with torchvision's StochasticDepth on its branch, as in EfficientNet and ConvNeXt."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.branch = nn.Sequential(nn.Conv2d(8, 16, 1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 8, 1))
+        self.drop = torchvision.ops.StochasticDepth(0.5, "row")
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.stem(x)
+        y = y + self.drop(self.branch(y))
+        return self.head(y.mean((2, 3)))
+
+
+def test_stochastic_depth_is_one_node_for_both_modes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its forward passes self.training on; kept as a module, it decides at run time, so the
+    model traces once and the reconfigured model matches the masked one in both modes (with
+    the same random draws in training)."""
+    torch.manual_seed(0)
+    model = randomize_norms(_Residual()).eval()
+    traced, other_traces = _traced_twice(model, monkeypatch)
+    assert other_traces == 0 and traced.other is None
+    assert [n.op for n in traced.module.graph.nodes if n.target == "drop"] == ["call_module"]
+    x = torch.randn(6, 3, 8, 8)
+    graph = prunefx.trace(model, x)
+    mask = prunefx.masks.random(graph, 0.5, seed=0)
+    assert "branch.0" in mask, "the branch's channels are prunable through StochasticDepth"
+    small, ref = prunefx.reconfigure(model, mask, graph=graph), prunefx.apply_mask(copy.deepcopy(model), mask, graph=graph)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), ref(x))
+        small.train(), ref.train()
+        torch.manual_seed(1)
+        out = small(x)
+        torch.manual_seed(1)
+        expected = ref(x)
+    torch.testing.assert_close(out, expected)
+    torch.manual_seed(2)
+    assert not torch.allclose(small(x), out), "training mode draws: some samples' branches are dropped"

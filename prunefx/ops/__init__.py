@@ -24,7 +24,7 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
-__all__ = ["OpSpec", "OpTable", "table", "lookup", "spec_of_module"]
+__all__ = ["OpSpec", "OpTable", "table", "lookup", "spec_of_module", "is_leaf_type"]
 
 Rule = Callable[[Any, fx.Node], Any]  # (Analyzer, node) -> output layout
 Fix = Callable[[Any, fx.Node, fx.Node], None]  # (RewriteState, traced node, its copy)
@@ -48,6 +48,8 @@ class OpSpec:
     weight_flops: bool = False  # FLOPs proportional to the size of the weight it reads (masks/cost.py)
     foldable: bool = False  # + - * with broadcasting: a constant operand folds through it (train/branches.py)
     shape: Callable[[Any, tuple, dict], Any] | None = None  # output on meta tensors by formula (prunefx/shape_rules.py)
+    leaf: bool = False  # fx keeps these modules one node (their forward branches on self.training; at run time the
+    # module does that itself, so both modes trace alike), when their class keeps the record's forward
 
     def spellings(self) -> Iterator[tuple[str, Any]]:
         yield from (("function", f) for f in self.functions)
@@ -108,3 +110,11 @@ def lookup(node: fx.Node, modules: Mapping[str, nn.Module]) -> OpSpec | None:
 
 def spec_of_module(m: nn.Module) -> OpSpec | None:
     return table().module(type(m))
+
+
+@cache
+def is_leaf_type(cls: type) -> bool:
+    """Whether fx keeps a module of this class as one node by its record (``OpSpec.leaf``):
+    the record's class itself, or a subclass that keeps its ``forward``."""
+    spec = table().module(cls)
+    return spec is not None and spec.leaf and any(getattr(cls, "forward", None) is base.forward for base in spec.modules)

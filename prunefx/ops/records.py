@@ -244,11 +244,15 @@ SPECS: tuple[OpSpec, ...] = (
 
 try:  # torchvision wraps these for fx, so they are single nodes in fx-traced graphs
     from torchvision.models import swin_transformer as _swin
+    from torchvision.ops import StochasticDepth as _StochasticDepth
     from torchvision.ops import stochastic_depth as _stochastic_depth
 
     SPECS = (
         *SPECS,
         OpSpec("stochastic_depth", r.unary(True), functions=(_stochastic_depth,)),  # scales whole samples
+        # a leaf: its forward passes self.training on, which would make the two modes' graphs differ
+        OpSpec("torchvision StochasticDepth", r.unary(True), modules=(_StochasticDepth,), empty_ok=True, leaf=True,
+               shape=sr.elementwise),
         OpSpec("torchvision shifted_window_attention", r.window_attention, functions=(_swin.shifted_window_attention,),
                fix=fix.window_attention),
         OpSpec("torchvision relative_position_bias", r.relative_position_bias, functions=(_swin._get_relative_position_bias,)),
