@@ -13,6 +13,7 @@ reconfiguration the replicas (parameters and momentum) are checked to be bit-ide
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import time
 
@@ -91,10 +92,7 @@ def mb(n: int) -> str:
     return f"{n / 1e6:.2f} MB"
 
 
-def main() -> None:
-    args = parse_args()
-    backend = args.backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    dist.init_process_group(backend)
+def train(args: argparse.Namespace, backend: str) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cpu")
     if backend == "nccl":
@@ -160,6 +158,18 @@ def main() -> None:
     log(f"  whole run: {sent:,} bytes instead of {initial * args.steps:,} without pruning: {whole_run:.1f}% less")
     log(f"  PruneTrain reported {PRUNETRAIN_REDUCTION:.0f}% less inter-accelerator communication; "
         f"prunefx here: {whole_run:.1f}% over this run, {per_step:.1f}% per step at the end")
+
+
+def main() -> None:
+    args = parse_args()
+    backend = args.backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    dist.init_process_group(backend)
+    train(args, backend)
+    # train's locals, the wrapped model and its optimizer among them, hold the process group:
+    # freed first, the group is torn down here and not at interpreter exit, where gloo's
+    # threads can abort the process ("terminate called without an active exception")
+    gc.collect()
+    dist.barrier()  # and no rank tears it down while another is still in a collective
     dist.destroy_process_group()
 
 

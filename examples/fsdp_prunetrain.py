@@ -16,6 +16,7 @@ gathered parameters, buffers and optimizer state (a digest compared across ranks
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import os
 import time
@@ -101,9 +102,7 @@ def shard(model: nn.Sequential) -> nn.Sequential:
     return model
 
 
-def main() -> None:
-    args = parse_args()
-    dist.init_process_group("gloo")
+def train(args: argparse.Namespace) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
 
@@ -156,6 +155,17 @@ def main() -> None:
     final = sum(p.numel() for p in pt.model.parameters())
     shrinks = sum(h.report.changed for h in pt.history)
     log(f"done: {shrinks} shrinks, params {params:,} -> {final:,} ({final / params:.1%}), loss {epoch_losses[0]:.4f} -> {epoch_losses[-1]:.4f}")
+
+
+def main() -> None:
+    args = parse_args()
+    dist.init_process_group("gloo")
+    train(args)
+    # train's locals, the wrapped model and its optimizer among them, hold the process group:
+    # freed first, the group is torn down here and not at interpreter exit, where gloo's
+    # threads can abort the process ("terminate called without an active exception")
+    gc.collect()
+    dist.barrier()  # and no rank tears it down while another is still in a collective
     dist.destroy_process_group()
 
 
