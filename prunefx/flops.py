@@ -39,7 +39,7 @@ from torch import nn
 from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils.flop_counter import FlopCounterMode
 
-from prunefx.shapes import _MetaShapeProp, _to_meta, _TrackingShapeProp
+from prunefx.shapes import _meta_state, _MetaShapeProp, _to_meta, _TrackingShapeProp
 
 __all__ = ["NodeCost", "count_flops", "count_params", "flop_counter", "node_costs", "tensor_bytes"]
 
@@ -105,13 +105,6 @@ def _run(prop: _Recorder, inputs: tuple[Any, ...]) -> dict[fx.Node, NodeCost]:
         prop.counter = counter
         prop.propagate(*inputs)  # type: ignore[attr-defined]
     return prop.costs
-
-
-def _meta_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {
-        name: torch.empty_like(t, device="meta")
-        for name, t in (*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False))
-    }
 
 
 def node_costs(gm: fx.GraphModule, inputs: tuple[Any, ...]) -> dict[fx.Node, NodeCost]:

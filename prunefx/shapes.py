@@ -133,20 +133,22 @@ class _ShapesOnly(_MetaShapeProp):
     FLOPs are counted as they run."""
 
     def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
-        spec = ops.table().by_function.get(target)
-        out = spec.shape(target, args, kwargs) if spec is not None and spec.shape is not None else None
+        out = _by_formula(ops.table().by_function.get(target), target, args, kwargs)
         return out if out is not None else super().call_function(target, args, kwargs)
 
     def call_method(self, target: Any, args: Any, kwargs: Any) -> Any:
-        spec = ops.table().by_method.get(target)
-        out = spec.shape(target, args, kwargs) if spec is not None and spec.shape is not None else None
+        out = _by_formula(ops.table().by_method.get(target), target, args, kwargs)
         return out if out is not None else super().call_method(target, args, kwargs)
 
     def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
         mod = self.fetch_attr(target)
-        spec = ops.spec_of_module(mod)
-        out = spec.shape(mod, args, kwargs) if spec is not None and spec.shape is not None else None
+        out = _by_formula(ops.spec_of_module(mod), mod, args, kwargs)
         return out if out is not None else super().call_module(target, args, kwargs)
+
+
+def _by_formula(spec: ops.OpSpec | None, op: Any, args: Any, kwargs: Any) -> Any:
+    """The op's output by its record's shape formula, or None (no formula, or not this call)."""
+    return spec.shape(op, args, kwargs) if spec is not None and spec.shape is not None else None
 
 
 _FORMATS = (torch.contiguous_format, torch.channels_last, torch.channels_last_3d)
@@ -213,14 +215,19 @@ def propagate_shapes(traced: Traced, example_inputs: tuple[Any, ...]) -> Shapes:
     return Shapes(of, dtypes)
 
 
-def _propagate(traced: Traced, gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> None:
-    meta_state = {
+def _meta_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A meta tensor like each parameter and buffer of ``module`` (shared ones by every name),
+    to swap in with ``_reparametrize_module``."""
+    return {
         name: torch.empty_like(t, device="meta")
-        for name, t in (*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False))
+        for name, t in (*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False))
     }
+
+
+def _propagate(traced: Traced, gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> None:
     prop: _TrackingShapeProp = _ShapesOnly(gm)
     try:
-        with _reparametrize_module(gm, meta_state), torch.no_grad():
+        with _reparametrize_module(gm, _meta_state(gm)), torch.no_grad():
             prop.propagate(*_to_meta(example_inputs))
     except Exception as meta_exc:  # a missing meta kernel: run for real, on a copy
         if any(isinstance(x, torch.Tensor) and x.is_meta for x in example_inputs):
