@@ -99,15 +99,20 @@ def strip_torch_prune(model: nn.Module) -> nn.Module:
     # autograd on, it is not a leaf, which deepcopy refuses. The copy's value is replaced by
     # prune.remove below, so it is copied detached
     memo: dict[int, Any] = {}
-    for key in _pruned_tensors(model):
-        mod_name, name = key.rsplit(".", 1) if "." in key else ("", key)
+    for mod_name, name in map(_owner_and_name, _pruned_tensors(model)):
         t = getattr(model.get_submodule(mod_name), name, None)
         if isinstance(t, torch.Tensor) and not t.is_leaf:
             memo[id(t)] = t.detach().clone()
     out = copy.deepcopy(model, memo)
-    for mod_name, name in [tuple(k.rsplit(".", 1)) if "." in k else ("", k) for k in _pruned_tensors(out)]:
+    for mod_name, name in map(_owner_and_name, _pruned_tensors(out)):
         tprune.remove(out.get_submodule(mod_name), name)
     return out
+
+
+def _owner_and_name(key: str) -> tuple[str, str]:
+    """``"layer1.0.conv1.weight"`` -> ``("layer1.0.conv1", "weight")``; a root tensor's module is ``""``."""
+    owner, _, name = key.rpartition(".")
+    return owner, name
 
 
 def to_torch_prune(model: nn.Module, mask: Mapping[str, Any], graph: PruneGraph | None = None, *,
