@@ -126,10 +126,10 @@ def test_code_that_may_depend_on_the_mode_is_traced_in_both(make: type[nn.Module
     graph = prunefx.trace(model, torch.randn(1, 3, 8, 8))
     small = prunefx.reconfigure(model, prunefx.masks.random(graph, 0.5, seed=0), graph=graph)
     ref = prunefx.apply_mask(copy.deepcopy(model), prunefx.masks.random(graph, 0.5, seed=0), graph=graph)
-    x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
-        for mode in (False, True):
-            torch.testing.assert_close(small.train(mode)(x), ref.train(mode)(x))
+        for x in (torch.randn(2, 3, 8, 8), torch.randn(5, 3, 11, 9)):  # the example shape and another
+            for mode in (False, True):
+                torch.testing.assert_close(small.train(mode)(x), ref.train(mode)(x))
 
 
 def test_a_failed_trace_removes_the_flags_stand_in() -> None:
@@ -175,6 +175,8 @@ def test_stochastic_depth_is_one_node_for_both_modes(monkeypatch: pytest.MonkeyP
     small, ref = prunefx.reconfigure(model, mask, graph=graph), prunefx.apply_mask(copy.deepcopy(model), mask, graph=graph)
     with torch.no_grad():
         torch.testing.assert_close(small(x), ref(x))
+        other = torch.randn(3, 3, 12, 10)  # another shape
+        torch.testing.assert_close(small(other), ref(other))
         small.train(), ref.train()
         torch.manual_seed(1)
         out = small(x)
