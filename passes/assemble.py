@@ -86,7 +86,8 @@ class Assemble(Pass):
     def run(self, state: RewriteState) -> None:
         aliases = state.plan.analysis.aliases
         owner = {n.target: gm for gm in reversed(state.sources) for n in gm.graph.nodes if n.op in ("call_module", "get_attr")}
-        root = nn.Module()
+        # modules and tensors go straight into the result (GraphModule(root, graph) would copy them again)
+        root = fx.GraphModule(nn.Module(), fx.Graph(), class_name=type(state.source).__name__)
         for graph in state.graphs:
             for node in graph.nodes:
                 if node.op == "call_module":
@@ -109,12 +110,12 @@ class Assemble(Pass):
                     main.get_attr(target)  # keep-alive: see the module docstring
             main.set_codegen(ModalCodeGen(other, state.plan.analysis.traced.training))
         main.lint()
-        gm = fx.GraphModule(root, main, class_name=type(state.source).__name__)
-        gm.training = state.plan.analysis.traced.training
-        state.result = gm
+        root.graph = main  # recompiles
+        root.training = state.plan.analysis.traced.training
+        state.result = root
 
     def verify(self, state: RewriteState) -> None:
         assert state.result is not None
-        names = {n for gm in state.sources for n, _ in gm.named_modules()}
+        names = state.plan.analysis.traced.modules
         for n, _ in state.result.named_modules():
             assert n in names, f"unexpected submodule {n}"

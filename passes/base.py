@@ -32,6 +32,7 @@ class RewriteState:
     origin: dict | None = None  # the input model's channel layout, if it was reconfigured before
     inputs: tuple = ()  # example inputs of the analysis (shapes and dtypes are recorded)
     log: list[str] = field(default_factory=list)
+    _source_tensors: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
     @classmethod
     def start(cls, plan: PrunePlan, origin: dict | None = None, inputs: tuple = ()) -> RewriteState:
@@ -60,11 +61,13 @@ class RewriteState:
 
     def source_tensors(self) -> dict[str, torch.Tensor]:
         """Every parameter and buffer of the traced graphs, by canonical name."""
-        out: dict[str, torch.Tensor] = {}
-        for gm in self.sources:
-            for name, t in (*gm.named_parameters(), *gm.named_buffers()):
-                out.setdefault(self.plan.analysis.aliases.get(name, name), t)
-        return out
+        if self._source_tensors is None:
+            aliases = self.plan.analysis.aliases
+            out: dict[str, torch.Tensor] = {}
+            for name, t in self.plan.analysis.traced.named_tensors:
+                out.setdefault(aliases.get(name, name), t)
+            self._source_tensors = out
+        return self._source_tensors
 
 
 @dataclass(frozen=True)

@@ -238,7 +238,7 @@ def attention_scale(state: RewriteState, node: fx.Node, new: fx.Node) -> None:
 @dataclass(frozen=True)
 class FixShapeArgs(Pass):
     def run(self, state: RewriteState) -> None:
-        modules = {n: m for gm in state.sources for n, m in gm.named_modules()}
+        modules = state.plan.analysis.traced.modules
         for node in list(state.source_nodes()):
             spec = ops.lookup(node, modules)
             if spec is not None and spec.fix is not None:

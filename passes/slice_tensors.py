@@ -22,13 +22,19 @@ __all__ = ["SliceTensors", "slice_tensor"]
 def slice_tensor(t: torch.Tensor, index: dict[int, torch.Tensor] | None) -> torch.Tensor:
     # normal tensors even under torch.inference_mode(), so the result can be trained
     with torch.inference_mode(False), torch.no_grad():
-        new = t.detach()
-        if not index:
-            new = new.clone()
-        for dim, idx in sorted((index or {}).items()):
-            new = new.index_select(dim, idx.to(new.device))
-        if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
-            new = new.contiguous(memory_format=torch.channels_last)
+        return _sliced(t, index)
+
+
+def _sliced(t: torch.Tensor, index: dict[int, torch.Tensor] | None) -> torch.Tensor:
+    """``slice_tensor`` without its grad-mode context (the caller holds it)."""
+    new = t.detach()
+    if not index:
+        new = new.clone()
+    else:
+        for dim, idx in sorted(index.items()):
+            new = new.index_select(dim, idx if idx.device == new.device else idx.to(new.device))
+    if new.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        new = new.contiguous(memory_format=torch.channels_last)
     if isinstance(t, nn.Parameter):
         return nn.Parameter(new, requires_grad=t.requires_grad)
     return new
@@ -38,8 +44,9 @@ def slice_tensor(t: torch.Tensor, index: dict[int, torch.Tensor] | None) -> torc
 class SliceTensors(Pass):
     def run(self, state: RewriteState) -> None:
         index = state.plan.index
-        for name, t in state.source_tensors().items():
-            state.tensors[name] = slice_tensor(t, index.get(name))
+        with torch.inference_mode(False), torch.no_grad():  # once for every tensor
+            for name, t in state.source_tensors().items():
+                state.tensors[name] = _sliced(t, index.get(name))
 
     def verify(self, state: RewriteState) -> None:
         for name, idx in state.plan.index.items():

@@ -150,20 +150,19 @@ def refuse_foreign_graph(model: nn.Module, graph: Any, *, same_tensors: bool = T
     of the same shape (``apply_mask`` only uses the graph's structure on ``model``'s own
     tensors: a graph of an identical copy is fine)."""
     own = dict((*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)))
-    for gm in graph.traced.graphs:
-        for name, t in (*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)):
-            mine = own.get(name)
-            if name.startswith(("_tensor_constant", "_prunefx_constants")) or mine is t:
-                continue
-            if not same_tensors and mine is not None and mine.shape == t.shape:
-                continue
-            why = "has no tensor of that name" if mine is None else "holds another tensor there" if same_tensors else (
-                f"holds a {tuple(mine.shape)} tensor there, not {tuple(t.shape)}")
-            raise MaskError(
-                f"graph= was not traced from this model: it computes with '{name}', and {type(model).__name__} {why} "
-                "(another instance, or its tensors were replaced since); trace this model (prunefx.trace(model, x)) "
-                "or omit graph="
-            )
+    for name, t in graph.traced.named_tensors:
+        mine = own.get(name)
+        if name.startswith(("_tensor_constant", "_prunefx_constants")) or mine is t:
+            continue
+        if not same_tensors and mine is not None and mine.shape == t.shape:
+            continue
+        why = "has no tensor of that name" if mine is None else "holds another tensor there" if same_tensors else (
+            f"holds a {tuple(mine.shape)} tensor there, not {tuple(t.shape)}")
+        raise MaskError(
+            f"graph= was not traced from this model: it computes with '{name}', and {type(model).__name__} {why} "
+            "(another instance, or its tensors were replaced since); trace this model (prunefx.trace(model, x)) "
+            "or omit graph="
+        )
 
 
 # ---- re-parametrised weights --------------------------------------------------------------

@@ -34,20 +34,21 @@ class PrunePlan:
     keep: Keep
     index: Mapping[str, Mapping[int, torch.Tensor]]
     new_shapes: Mapping[fx.Node, Any]
+    kept_ids: np.ndarray  # keep flag of every channel id (its root's), looked up by indexing
 
     def kept_along(self, value: Layout | None, size: int, dim: int) -> np.ndarray:
         """Bool per index along ``dim`` of a tensor with layout ``value``."""
         f = value.on(dim) if isinstance(value, Layout) else None
         if f is None:
             return np.ones(size, dtype=bool)
-        kept = self.keep.of(self.analysis.uf.find(f.ids))
+        kept = self.kept_ids[f.ids]
         k = f.axis(dim)
         other = tuple(a for a in range(kept.ndim) if a != k)
         return kept.any(axis=other) if other else kept
 
     def shape_of(self, old: Any, value: Any) -> Any:
         if isinstance(old, torch.Size):
-            if not isinstance(value, Layout):
+            if not isinstance(value, Layout) or not value.factors:
                 return old
             return torch.Size(int(self.kept_along(value, old[d], d).sum()) if value.on(d) is not None else old[d] for d in range(len(old)))
         if isinstance(old, (list, tuple)):
@@ -59,18 +60,19 @@ class PrunePlan:
 
 
 def make_plan(analysis: ChannelAnalysis, keep: Keep) -> PrunePlan:
+    kept_ids = keep.of(analysis.uf.find(np.arange(analysis.uf.size)))  # one find for every id
     index: dict[str, dict[int, torch.Tensor]] = {}
     for m in analysis.members:
-        kept = keep.of(analysis.uf.find(m.ids))
+        kept = kept_ids[m.ids]
         if not kept.all():
-            index.setdefault(m.tensor, {})[m.dim] = torch.from_numpy(np.nonzero(kept)[0])
-    plan = PrunePlan(analysis, keep, index, {})
+            index.setdefault(m.tensor, {})[m.dim] = torch.from_numpy(np.flatnonzero(kept))
+    plan = PrunePlan(analysis, keep, index, {}, kept_ids)
     new_shapes = {node: plan.shape_of(analysis.shapes[node], analysis.layouts.get(node)) for node in analysis.traced.nodes()}
-    modules = {n: m for gm in analysis.traced.graphs for n, m in gm.named_modules()}
+    modules = analysis.traced.modules
     for node in analysis.traced.nodes():
         if _emptied(analysis.shapes[node], new_shapes[node]):
             _check_consumers_accept_empty(analysis, node, modules)
-    return PrunePlan(analysis, keep, index, new_shapes)
+    return PrunePlan(analysis, keep, index, new_shapes, kept_ids)
 
 
 def _emptied(old: Any, new: Any) -> bool:

@@ -130,6 +130,21 @@ class Traced:
     def graphs(self) -> tuple[fx.GraphModule, ...]:
         return (self.module,) if self.other is None else (self.module, self.other)
 
+    @functools.cached_property
+    def modules(self) -> dict[str, nn.Module]:
+        """Every submodule of the traced graphs by qualified name, walked once at first use
+        (the graphs' module trees do not change after tracing)."""
+        return {n: m for gm in self.graphs for n, m in gm.named_modules()}
+
+    @functools.cached_property
+    def named_tensors(self) -> tuple[tuple[str, torch.Tensor], ...]:
+        """Every (name, parameter or buffer) of the traced graphs, the main graph first,
+        tied tensors under each of their names; walked once at first use."""
+        return tuple(
+            item for gm in self.graphs
+            for item in (*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False))
+        )
+
     def nodes(self) -> Iterator[fx.Node]:
         """Nodes of every graph, the main one first."""
         for gm in self.graphs:

@@ -18,7 +18,7 @@ The result is an immutable ``ChannelAnalysis``.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,7 +85,7 @@ class Analyzer:
     def __init__(self, traced: Traced, shapes: Shapes) -> None:
         self.traced = traced
         self.shapes = shapes
-        self.modules = {n: m for gm in traced.graphs for n, m in gm.named_modules()}
+        self.modules = traced.modules
         self.uf = UnionFind()
         self.layouts: dict[fx.Node, Any] = {}
         self._members: dict[tuple[str, int], Member] = {}
@@ -94,8 +94,8 @@ class Analyzer:
         self.inexacts: list[Note] = []
         self.grids: list[Factor] = []
         self.module_outputs: dict[str, np.ndarray] = {}
-        self.aliases = _aliases(traced.graphs)
-        self._tensors = {n: t for gm in traced.graphs for n, t in (*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False))}
+        self.aliases = _aliases(traced.named_tensors)
+        self._tensors = dict(traced.named_tensors)
 
     # ---- reading the graph -------------------------------------------------
     def module(self, node: fx.Node) -> nn.Module:
@@ -336,13 +336,9 @@ class Analyzer:
         )
 
 
-def _aliases(graphs: Sequence[nn.Module]) -> dict[str, str]:
+def _aliases(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, str]:
     first: dict[int, str] = {}
-    out: dict[str, str] = {}
-    for gm in graphs:
-        for name, t in (*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)):
-            out[name] = first.setdefault(id(t), name)
-    return out
+    return {name: first.setdefault(id(t), name) for name, t in named_tensors}
 
 
 def _constant_along(a: np.ndarray, axis: int) -> bool:
