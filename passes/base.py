@@ -64,7 +64,7 @@ class RewriteState:
         if self._source_tensors is None:
             aliases = self.plan.analysis.aliases
             out: dict[str, torch.Tensor] = {}
-            for name, t in self.plan.analysis.traced.named_tensors:
+            for name, t in self.plan.analysis.traced.named_tensors():
                 out.setdefault(aliases.get(name, name), t)
             self._source_tensors = out
         return self._source_tensors

@@ -150,7 +150,7 @@ def refuse_foreign_graph(model: nn.Module, graph: Any, *, same_tensors: bool = T
     of the same shape (``apply_mask`` only uses the graph's structure on ``model``'s own
     tensors: a graph of an identical copy is fine)."""
     own = dict((*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)))
-    for name, t in graph.traced.named_tensors:
+    for name, t in graph.traced.named_tensors():
         mine = own.get(name)
         if name.startswith(("_tensor_constant", "_prunefx_constants")) or mine is t:
             continue

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from prunefx import guards, ops
 from prunefx.errors import TraceError
@@ -136,14 +137,15 @@ class Traced:
         (the graphs' module trees do not change after tracing)."""
         return {n: m for gm in self.graphs for n, m in gm.named_modules()}
 
-    @functools.cached_property
-    def named_tensors(self) -> tuple[tuple[str, torch.Tensor], ...]:
+    def named_tensors(self) -> list[tuple[str, torch.Tensor]]:
         """Every (name, parameter or buffer) of the traced graphs, the main graph first,
-        tied tensors under each of their names; walked once at first use."""
-        return tuple(
+        tied tensors under each of their names. Walked anew at each call: the graphs share
+        their layers with the model, whose tensors can change after tracing (a constant fold
+        gives a layer a new bias)."""
+        return [
             item for gm in self.graphs
             for item in (*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False))
-        )
+        ]
 
     def nodes(self) -> Iterator[fx.Node]:
         """Nodes of every graph, the main one first."""
@@ -265,7 +267,9 @@ def symbolic_trace(
         raise _trace_error(model, tracer, exc) from exc
     _default_concrete(graph, concrete_args)
     name = model.__class__.__name__
-    main = fx.GraphModule(tracer.root, graph, class_name=name)
+    # its Python code is generated on first call or `.code` read: prunefx itself runs the graph
+    # with interpreters, so most traces never need it
+    main = _LazyGraphModule(tracer.root, graph, class_name=name)
     sources = dict(tracer.sources)
     # code that never read a `training` flag runs the same in the other mode: no second trace
     mode_dependent = reads is None or bool(reads)

@@ -94,8 +94,9 @@ class Analyzer:
         self.inexacts: list[Note] = []
         self.grids: list[Factor] = []
         self.module_outputs: dict[str, np.ndarray] = {}
-        self.aliases = _aliases(traced.named_tensors)
-        self._tensors = dict(traced.named_tensors)
+        named = traced.named_tensors()
+        self.aliases = _aliases(named)
+        self._tensors = dict(named)
 
     # ---- reading the graph -------------------------------------------------
     def module(self, node: fx.Node) -> nn.Module:
