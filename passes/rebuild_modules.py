@@ -33,8 +33,12 @@ def _shell_copy(m: nn.Module) -> nn.Module:
     if m._modules:
         return copy.deepcopy(m)
     new = m.__class__.__new__(m.__class__)
-    new.__dict__ = {k: (v.copy() if isinstance(v, dict) else v) for k, v in m.__dict__.items()}
-    new._non_persistent_buffers_set = set(m._non_persistent_buffers_set)
+    state = m.__dict__.copy()
+    for k, v in state.items():
+        if isinstance(v, dict):  # parameters, buffers, hooks: the copy's own
+            state[k] = v.copy()
+    state["_non_persistent_buffers_set"] = set(m._non_persistent_buffers_set)
+    new.__dict__ = state
     return new
 
 
@@ -122,21 +126,22 @@ class RebuildModules(Pass):
     def run(self, state: RewriteState) -> None:
         aliases = state.plan.analysis.aliases
         shapes = state.plan.new_shapes
+        modules = state.plan.analysis.traced.modules
         for node in state.source_nodes():
             if node.op != "call_module" or node.target in state.modules:
                 continue
-            old = node.graph.owning_module.get_submodule(node.target)
+            old = modules[node.target]
             replace = next((fn for kind, fn in REPLACEMENTS if isinstance(old, kind)), None)
             if replace is not None:
                 state.modules[node.target] = replace(old, state, node.target)
                 continue
             new = _shell_copy(old)
-            for prefix, sub in new.named_modules(prefix=node.target):
-                for kind in ("_parameters", "_buffers"):
-                    slots = getattr(sub, kind)
-                    for pname, t in list(slots.items()):
+            for prefix, sub in new.named_modules(prefix=node.target) if new._modules else ((node.target, new),):
+                for slots in (sub._parameters, sub._buffers):
+                    for pname, t in slots.items():
                         if t is not None:
-                            slots[pname] = state.tensors[aliases.get(f"{prefix}.{pname}", f"{prefix}.{pname}")]
+                            key = f"{prefix}.{pname}"
+                            slots[pname] = state.tensors[aliases.get(key, key)]
             x = shapes.get(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
             y = shapes.get(node)
             for kind, update in _ATTRIBUTES:

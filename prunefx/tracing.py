@@ -185,12 +185,15 @@ class _Tracer(fx.Tracer):
         self._leaf_types = tuple(x for x in leaves if isinstance(x, type))
         self._leaf_names = frozenset(x for x in leaves if isinstance(x, str))
         self.sources: dict[fx.Node, SourceLoc] = {}
+        self._leaf_memo: dict[tuple[int, str], bool] = {}  # fx and the guards ask ~5 times per module
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if module_qualified_name in self._leaf_names or isinstance(m, self._leaf_types) or _keeps_base_forward(m) \
-                or ops.is_leaf_type(type(m)):
-            return True
-        return super().is_leaf_module(m, module_qualified_name)
+        key = (id(m), module_qualified_name)  # the modules outlive the trace, so ids are not reused
+        leaf = self._leaf_memo.get(key)
+        if leaf is None:
+            leaf = self._leaf_memo[key] = module_qualified_name in self._leaf_names or isinstance(m, self._leaf_types) \
+                or _keeps_base_forward(m) or ops.is_leaf_type(type(m)) or super().is_leaf_module(m, module_qualified_name)
+        return leaf
 
     def trace(self, root: Any, concrete_args: Any = None) -> fx.Graph:
         """fx's trace, with custom autograd Functions kept opaque and the hooks of traced
