@@ -110,7 +110,7 @@ def _run(prop: _Recorder, inputs: tuple[Any, ...]) -> dict[fx.Node, NodeCost]:
 def node_costs(gm: fx.GraphModule, inputs: tuple[Any, ...]) -> dict[fx.Node, NodeCost]:
     """FLOPs and output bytes of every node of ``gm`` on ``inputs`` (its placeholders' values)."""
     try:
-        with _reparametrize_module(gm, _meta_state(gm)), torch.no_grad():
+        with torch.no_grad():  # the interpreter reads the model's tensors as meta ones
             return _run(_MetaCosts(gm), _to_meta(inputs))
     except Exception:
         if any(isinstance(x, torch.Tensor) and x.is_meta for x in inputs):

@@ -1,7 +1,8 @@
 """Stage 2 of the pipeline: shape propagation on meta tensors.
 
-Runs ``torch.fx.passes.shape_prop.ShapeProp`` with every parameter and buffer swapped for a
-meta tensor of the same shape, so no real arithmetic is done and the model is left as it was.
+Runs ``torch.fx.passes.shape_prop.ShapeProp`` on meta tensors: a ``get_attr`` reads a meta
+tensor like the attribute, a layer that runs has its parameters and buffers swapped for meta
+ones during its call, so no real arithmetic is done and the model is left as it was.
 Shape-preserving modules (norms, activations, dropout) are not executed at all: their meta
 kernels are Python decompositions that cost ~5 ms per BatchNorm. For the same reason the
 ops whose record has a shape formula (``OpSpec.shape``: ``prunefx.shape_rules``, each checked
@@ -80,7 +81,10 @@ class _TrackingShapeProp(ShapeProp):
 
     def run_node(self, n: fx.Node) -> Any:
         self.current = n
-        result = fx.Interpreter.run_node(self, n)  # what ShapeProp.run_node does, without fake mode or printing
+        # fx.Interpreter.run_node without its debug log and current-node metadata context (for
+        # tracing interpreters; nothing traces here), which cost as much as a shape formula
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        result = getattr(self, n.op)(n.target, args, kwargs)
         found = False
 
         def tensor_meta(obj: Any) -> Any:
@@ -116,7 +120,15 @@ class _MetaShapeProp(_TrackingShapeProp):
         x = args[0] if args else None
         if isinstance(mod, _SHAPE_PRESERVING) and isinstance(x, torch.Tensor) and x.is_meta:
             return _like(x)
-        return super().call_module(target, args, kwargs)
+        state = _meta_state(mod)
+        if not state:
+            return super().call_module(target, args, kwargs)
+        with _reparametrize_module(mod, state):  # only the layers that run see meta tensors
+            return super().call_module(target, args, kwargs)
+
+    def get_attr(self, target: Any, args: Any, kwargs: Any) -> Any:
+        value = super().get_attr(target, args, kwargs)
+        return torch.empty_like(value, device=_META) if isinstance(value, torch.Tensor) and not value.is_meta else value
 
 
 def _like(x: torch.Tensor) -> torch.Tensor:
@@ -225,9 +237,9 @@ def _meta_state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _propagate(traced: Traced, gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> None:
-    prop: _TrackingShapeProp = _ShapesOnly(gm)
+    prop: _TrackingShapeProp = _ShapesOnly(gm)  # meta tensors wherever the graph reads the model's
     try:
-        with _reparametrize_module(gm, _meta_state(gm)), torch.no_grad():
+        with torch.no_grad():
             prop.propagate(*_to_meta(example_inputs))
     except Exception as meta_exc:  # a missing meta kernel: run for real, on a copy
         if any(isinstance(x, torch.Tensor) and x.is_meta for x in example_inputs):

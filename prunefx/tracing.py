@@ -137,14 +137,22 @@ class Traced:
         (the graphs' module trees do not change after tracing)."""
         return {n: m for gm in self.graphs for n, m in gm.named_modules()}
 
+    @functools.cached_property
+    def _module_paths(self) -> tuple[tuple[tuple[str, nn.Module], ...], ...]:
+        """Per graph, ``named_modules(remove_duplicate=False)``: the walk ``named_parameters``
+        and ``named_buffers`` make, done once."""
+        return tuple(tuple(gm.named_modules(remove_duplicate=False)) for gm in self.graphs)
+
     def named_tensors(self) -> list[tuple[str, torch.Tensor]]:
         """Every (name, parameter or buffer) of the traced graphs, the main graph first,
-        tied tensors under each of their names. Walked anew at each call: the graphs share
-        their layers with the model, whose tensors can change after tracing (a constant fold
-        gives a layer a new bias)."""
+        tied tensors under each of their names: per graph, what ``named_parameters`` then
+        ``named_buffers`` (``remove_duplicate=False``) list. Read anew at each call: the graphs
+        share their layers with the model, whose tensors can change after tracing (a constant
+        fold gives a layer a new bias)."""
         return [
-            item for gm in self.graphs
-            for item in (*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False))
+            (f"{prefix}.{name}" if prefix else name, t)
+            for paths in self._module_paths for kind in ("_parameters", "_buffers")
+            for prefix, m in paths for name, t in getattr(m, kind).items() if t is not None
         ]
 
     def nodes(self) -> Iterator[fx.Node]:
