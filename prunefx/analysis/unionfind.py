@@ -38,7 +38,7 @@ class UnionFind:
         root = self._parent[flat]
         while True:
             up = self._parent[root]
-            if np.array_equal(up, root):
+            if (up == root).all():
                 break
             root = up
         self._parent[flat] = root
@@ -57,6 +57,8 @@ class UnionFind:
             hi = np.maximum(ra[differ], rb[differ])
             # Several pairs may share a `hi`; the last write wins and the loop unites the rest.
             self._parent[hi] = lo
+            if len(hi) == 1 or (len(hi) <= 4096 and (np.diff(np.sort(hi)) != 0).all()):
+                return  # no `hi` written twice: every pair is united (links only point to smaller ids)
 
     def unite_all(self, ids: np.ndarray) -> int:
         """Unite every id in ``ids`` into one class; returns its root."""
