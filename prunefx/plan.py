@@ -62,10 +62,14 @@ class PrunePlan:
 def make_plan(analysis: ChannelAnalysis, keep: Keep) -> PrunePlan:
     kept_ids = keep.of(analysis.uf.find(np.arange(analysis.uf.size)))  # one find for every id
     index: dict[str, dict[int, torch.Tensor]] = {}
+    kept_of: dict[int, torch.Tensor | None] = {}  # members often share their ids (a norm's weight, bias, statistics)
     for m in analysis.members:
-        kept = kept_ids[m.ids]
-        if not kept.all():
-            index.setdefault(m.tensor, {})[m.dim] = torch.from_numpy(np.flatnonzero(kept))
+        if id(m.ids) not in kept_of:
+            kept = kept_ids[m.ids]
+            kept_of[id(m.ids)] = None if kept.all() else torch.from_numpy(np.flatnonzero(kept))
+        idx = kept_of[id(m.ids)]
+        if idx is not None:
+            index.setdefault(m.tensor, {})[m.dim] = idx
     plan = PrunePlan(analysis, keep, index, {}, kept_ids)
     new_shapes = {node: plan.shape_of(analysis.shapes[node], analysis.layouts.get(node)) for node in analysis.traced.nodes()}
     modules = analysis.traced.modules
