@@ -102,21 +102,6 @@ def _owner(tensor: str) -> str:
     return tensor.rsplit(".", 1)[0] if "." in tensor else tensor
 
 
-def _signature_groups(sig: np.ndarray, member_roots: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-    """The distinct signatures the members' roots carry, in order of first appearance
-    (member by member, index by index), and for each the sorted indices of the members
-    carrying it; vectorised over all members at once."""
-    n = len(member_roots)
-    sigs = sig[np.concatenate(member_roots)] if n else np.zeros(0, dtype=sig.dtype)
-    member = np.repeat(np.arange(n, dtype=np.int64), [len(r) for r in member_roots])
-    distinct, first_pos, which = np.unique(sigs, return_index=True, return_inverse=True)
-    pairs = np.unique(which.astype(np.int64) * max(n, 1) + member)  # (signature, member), sorted
-    bounds = np.searchsorted(pairs // max(n, 1), np.arange(len(distinct) + 1))
-    holders = pairs % max(n, 1)
-    order = np.argsort(first_pos, kind="stable")
-    return distinct[order], [holders[bounds[g]:bounds[g + 1]] for g in order]
-
-
 def build_groups(analysis: ChannelAnalysis) -> GroupTable:
     uf = analysis.uf
     roots_of = uf.find(np.arange(uf.size, dtype=np.int64))  # one find; then every lookup is indexing
@@ -124,19 +109,36 @@ def build_groups(analysis: ChannelAnalysis) -> GroupTable:
     inexact = _first_note(roots_of, analysis.inexact)
     rng = np.random.default_rng(0x5EED)
     keys = rng.integers(1, 2**63 - 1, size=len(analysis.members) + 2, dtype=np.int64).astype(np.uint64)
-    member_roots = [roots_of[m.ids] for m in analysis.members]
     sig = np.zeros(uf.size, dtype=np.uint64)
-    if member_roots:  # sig[root] = sum of the keys of the members touching it (mod 2^64)
-        np.add.at(sig, np.concatenate(member_roots), np.repeat(keys[: len(member_roots)], [len(r) for r in member_roots]))
+    member_roots = []
+    for i, m in enumerate(analysis.members):
+        roots = roots_of[m.ids]
+        member_roots.append(roots)
+        np.add.at(sig, roots, keys[i])
     sig += (pin >= 0).astype(np.uint64) * keys[-1] + (inexact >= 0).astype(np.uint64) * keys[-2]
-    order, holders = _signature_groups(sig, member_roots)
+
+    order: list[np.uint64] = []  # group signatures in discovery order
+    first_member: dict[np.uint64, int] = {}
+    group_members: dict[np.uint64, list[int]] = {}
+    for i, roots in enumerate(member_roots):
+        sigs = sig[roots]
+        if len(sigs) and (sigs == sigs[0]).all():  # most members lie in one group
+            in_order = sigs[:1]
+        else:
+            uniq, first_pos = np.unique(sigs, return_index=True)
+            in_order = uniq[np.argsort(first_pos)]
+        for s in in_order:
+            if s not in first_member:
+                first_member[s] = i
+                order.append(s)
+            group_members.setdefault(s, []).append(i)
 
     groups: list[ChannelGroup] = []
     by_name: dict[str, ChannelGroup] = {}
     root_group = np.full(uf.size, -1, dtype=np.int64)
-    for s, held in zip(order, holders, strict=True):
-        members = held.tolist()
-        roots0 = member_roots[members[0]]
+    for s in order:
+        members = group_members[s]
+        roots0 = member_roots[first_member[s]]
         in_group = roots0[sig[roots0] == s]
         _, idx = np.unique(in_group, return_index=True)
         slots = in_group[np.sort(idx)]
