@@ -46,19 +46,22 @@ class UnionFind:
 
     def union(self, a: np.ndarray, b: np.ndarray) -> None:
         """Unite ``a[i]`` with ``b[i]`` for every i (arrays broadcast against each other)."""
-        a, b = np.broadcast_arrays(np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64))
+        a, b = np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
+        if a.shape != b.shape:
+            a, b = np.broadcast_arrays(a, b)
         a, b = a.ravel(), b.ravel()
         while True:
             ra, rb = self.find(a), self.find(b)
             differ = ra != rb
             if not differ.any():
                 return
-            lo = np.minimum(ra[differ], rb[differ])
-            hi = np.maximum(ra[differ], rb[differ])
-            # Several pairs may share a `hi`; the last write wins and the loop unites the rest.
+            ra, rb = ra[differ], rb[differ]
+            lo, hi = np.minimum(ra, rb), np.maximum(ra, rb)
             self._parent[hi] = lo
-            if len(hi) == 1 or (len(hi) <= 4096 and (np.diff(np.sort(hi)) != 0).all()):
-                return  # no `hi` written twice: every pair is united (links only point to smaller ids)
+            # Several pairs may share a `hi`: the last write wins, and the loop unites the rest.
+            # When every write stuck, every pair is linked (links only point to smaller ids).
+            if (self._parent[hi] == lo).all():
+                return
 
     def unite_all(self, ids: np.ndarray) -> int:
         """Unite every id in ``ids`` into one class; returns its root."""
