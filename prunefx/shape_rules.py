@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["ShapeRule", "elementwise", "adaptive_avg_pool", "conv_module", "linear_module", "attention_module"]
+__all__ = ["ShapeRule", "elementwise", "adaptive_avg_pool", "conv_module", "linear_module", "attention_module", "window_attention"]
 
 ShapeRule = Callable[[Any, tuple, dict], Any]  # (module or target, args, kwargs) -> output, or None
 
@@ -166,3 +166,58 @@ def attention_module(mod: nn.Module, args: tuple, kwargs: dict) -> Any:
     if call.get("average_attn_weights", True):
         return out, _empty((batch, length, source), query.dtype)
     return out, _empty((batch, mod.num_heads, length, source), query.dtype)
+
+
+_WINDOW_ARGS = ("input", "qkv_weight", "proj_weight", "relative_position_bias", "window_size", "num_heads", "shift_size",
+                "attention_dropout", "dropout", "qkv_bias", "proj_bias", "logit_scale", "training")
+
+
+def _ints(value: Any, count: int, least: int) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) == count and all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= least for v in value)
+
+
+def window_attention(inner_is_width: bool) -> ShapeRule:
+    """Swin's ``shifted_window_attention(input, qkv_weight, proj_weight, ...)``: ``(N, H, W, C)``
+    -> ``(N, H, W, proj_weight.shape[0])``, contiguous (the windows are padded, attended and
+    cropped back). Swin v1 calls only (no ``logit_scale``), with every tensor a meta tensor of
+    the input's dtype and sizes that fit: ``qkv_weight`` ``(3 * inner, C)`` with ``inner`` a
+    multiple of ``num_heads``, ``proj_weight`` ``(out, inner)``, a relative position bias
+    broadcasting to ``(1, heads, tokens, tokens)``. ``inner_is_width``: torchvision's function,
+    which reshapes the attention and the projection's outputs to ``C`` channels, so ``inner``
+    and ``out`` must be ``C`` (``prunefx.nn.shifted_window_attention`` takes any sizes)."""
+
+    def rule(op: Any, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        call = dict(zip(_WINDOW_ARGS, args, strict=False))
+        if len(args) > len(_WINDOW_ARGS) or set(kwargs) - set(_WINDOW_ARGS) or set(call) & set(kwargs):
+            return None
+        call.update(kwargs)
+        x, qkv, proj, bias = (call.get(k) for k in ("input", "qkv_weight", "proj_weight", "relative_position_bias"))
+        window, heads, shift = call.get("window_size"), call.get("num_heads"), call.get("shift_size")
+        if call.get("logit_scale") is not None or not _plain(x) or x.dim() != 4 or 0 in x.shape:
+            return None
+        tensors = [qkv, proj, bias, *(t for t in (call.get("qkv_bias"), call.get("proj_bias")) if t is not None)]
+        if not all(isinstance(t, torch.Tensor) and t.is_meta and t.dtype == x.dtype for t in tensors):
+            return None
+        if not _ints(window, 2, 1) or not _ints(shift, 2, 0) or not isinstance(heads, int) or isinstance(heads, bool) or heads < 1:
+            return None
+        width = x.shape[-1]
+        if qkv.dim() != 2 or proj.dim() != 2 or qkv.shape[1] != width or qkv.shape[0] % (3 * heads):
+            return None
+        inner = qkv.shape[0] // 3
+        if proj.shape[1] != inner or (inner_is_width and (inner != width or proj.shape[0] != width)):
+            return None
+        qkv_bias, proj_bias = call.get("qkv_bias"), call.get("proj_bias")
+        if (qkv_bias is not None and tuple(qkv_bias.shape) != (3 * inner,)) or (
+                proj_bias is not None and tuple(proj_bias.shape) != (proj.shape[0],)):
+            return None
+        tokens = window[0] * window[1]
+        try:
+            if torch.broadcast_shapes(bias.shape, (1, heads, tokens, tokens)) != (1, heads, tokens, tokens):
+                return None
+        except RuntimeError:
+            return None
+        return _empty((*x.shape[:3], proj.shape[0]), x.dtype)
+
+    return rule
+

@@ -37,6 +37,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 from torch.fx._lazy_graph_module import _LazyGraphModule
+from torch.fx.proxy import ParameterProxy
 
 from prunefx import guards, ops
 from prunefx.errors import TraceError
@@ -194,6 +195,7 @@ class _Tracer(fx.Tracer):
         self._leaf_names = frozenset(x for x in leaves if isinstance(x, str))
         self.sources: dict[fx.Node, SourceLoc] = {}
         self._leaf_memo: dict[tuple[int, str], bool] = {}  # fx and the guards ask ~5 times per module
+        self._tensor_names: tuple[dict[int, tuple[str, Any]], dict[int, tuple[str, Any]]] | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         key = (id(m), module_qualified_name)  # the modules outlive the trace, so ids are not reused
@@ -203,9 +205,34 @@ class _Tracer(fx.Tracer):
                 or _keeps_base_forward(m) or ops.is_leaf_type(type(m)) or super().is_leaf_module(m, module_qualified_name)
         return leaf
 
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        """fx's ``getattr`` (a parameter or buffer read as a module attribute becomes a
+        ``get_attr`` node, one per name), with the tensor's name looked up in a table: fx
+        searches ``root.named_parameters()`` from the start at every read, which made tracing
+        quadratic in the model's size (Swin-T reads its attention weights as attributes:
+        ~10 ms of each trace). Names the table does not hold go to fx's search."""
+        if not isinstance(attr_val, torch.Tensor):
+            return attr_val
+        if self._tensor_names is None:
+            params = {id(p): (n, p) for n, p in reversed(list(self.root.named_parameters()))}  # the first name wins
+            buffers = {id(b): (n, b) for n, b in reversed(list(self.root.named_buffers()))}
+            self._tensor_names = (params, buffers)
+        params, buffers = self._tensor_names
+        found = params.get(id(attr_val)) if isinstance(attr_val, nn.Parameter) else None
+        if found is None and self.proxy_buffer_attributes:
+            found = buffers.get(id(attr_val))
+        if found is None or found[1] is not attr_val:
+            return super().getattr(attr, attr_val, parameter_proxy_cache)
+        name = found[0]
+        if name not in parameter_proxy_cache:
+            factory = (lambda node: ParameterProxy(self, node, name, attr_val)) if self.param_shapes_constant else None
+            parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {}, proxy_factory_fn=factory)
+        return parameter_proxy_cache[name]
+
     def trace(self, root: Any, concrete_args: Any = None) -> fx.Graph:
         """fx's trace, with custom autograd Functions kept opaque and the hooks of traced
         modules watched; what cannot be kept is refused (``prunefx.guards``)."""
+        self._tensor_names = None  # built at the first attribute read of this trace
         if not isinstance(root, nn.Module):
             return super().trace(root, concrete_args)
         guards.refuse_reparametrized(root)

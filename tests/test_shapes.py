@@ -208,6 +208,48 @@ def test_unusual_calls_run_the_module() -> None:
     assert sr.attention_module(mha, (_meta(7, 32),) * 3, {}) is None, "unbatched"
 
 
+def _window_call(width: int = 16, inner: int | None = None, out: int | None = None, size: tuple[int, int] = (8, 8), *,
+                 bias: bool = True, shift: tuple[int, int] = (2, 2), dtype: torch.dtype = torch.float32) -> tuple:
+    inner, out = width if inner is None else inner, width if out is None else out
+    heads, window = 4, [4, 4]
+    return (_meta(2, *size, width, dtype=dtype), _meta(3 * inner, width, dtype=dtype), _meta(out, inner, dtype=dtype),
+            _meta(1, heads, 16, 16, dtype=dtype), window, heads, list(shift), 0.0, 0.0,
+            _meta(3 * inner, dtype=dtype) if bias else None, _meta(out, dtype=dtype) if bias else None)
+
+
+WINDOWS = {
+    "torchvision, shifted": (torchvision.models.swin_transformer.shifted_window_attention, _window_call(), True),
+    "torchvision, not shifted, no biases": (
+        torchvision.models.swin_transformer.shifted_window_attention, _window_call(bias=False, shift=(0, 0)), True),
+    "torchvision, padded windows": (torchvision.models.swin_transformer.shifted_window_attention, _window_call(size=(6, 9)), True),
+    "torchvision, window larger than the map": (
+        torchvision.models.swin_transformer.shifted_window_attention, _window_call(size=(3, 2)), True),
+    "prunefx, pruned heads and output": (prunefx.nn.shifted_window_attention, _window_call(inner=8, out=12), False),
+    "prunefx, half": (prunefx.nn.shifted_window_attention, _window_call(inner=8, dtype=torch.float16), False),
+}
+
+
+@pytest.mark.parametrize("op, args, inner_is_width", WINDOWS.values(), ids=WINDOWS.keys())
+def test_window_attention(op: Any, args: tuple, inner_is_width: bool) -> None:
+    _same_as_kernel(sr.window_attention(inner_is_width), op, args)
+
+
+def test_window_attention_refuses() -> None:
+    tv = sr.window_attention(inner_is_width=True)
+    fn = torchvision.models.swin_transformer.shifted_window_attention
+    call = _window_call()
+    assert tv(fn, _window_call(inner=8), {}) is None, "torchvision reshapes the attention to the input width"
+    assert tv(fn, _window_call(out=12), {}) is None, "and the projection's output too"
+    assert tv(fn, call[:11] + (_meta(4, 1, 1),), {}) is None, "Swin v2's logit scale"
+    assert tv(fn, (call[0].permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1), *call[1:]), {}) is None, "strided input"
+    assert tv(fn, (call[0], _meta(48, 12), *call[2:]), {}) is None, "qkv weight of another width"
+    assert tv(fn, (*call[:3], _meta(1, 4, 9, 9), *call[4:]), {}) is None, "bias of another window"
+    assert tv(fn, (*call[:5], 5, *call[6:]), {}) is None, "heads that do not divide the width"
+    assert tv(fn, (*call[:9], _meta(47), call[10]), {}) is None, "qkv bias of another size"
+    assert tv(fn, (call[0], call[1].to(torch.float64), *call[2:]), {}) is None, "mixed dtypes"
+    assert tv(fn, call, {"window_size": [4, 4]}) is None, "an argument twice"
+
+
 def _metadata(graph: prunefx.PruneGraph) -> list[str]:
     return [repr(n.meta.get("tensor_meta")) for gm in graph.traced.graphs for n in gm.graph.nodes]
 

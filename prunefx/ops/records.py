@@ -239,7 +239,8 @@ SPECS: tuple[OpSpec, ...] = (
     OpSpec("nn.MultiheadAttention", r.multihead_attention, modules=(nn.MultiheadAttention, pnn.MultiheadAttention),
            shape=sr.attention_module),
     OpSpec("prunefx.nn.BranchConstant", r.branch_constant, modules=(pnn.BranchConstant,)),
-    OpSpec("shifted_window_attention", r.window_attention, functions=(pnn.shifted_window_attention,), fix=fix.window_attention),
+    OpSpec("shifted_window_attention", r.window_attention, functions=(pnn.shifted_window_attention,), fix=fix.window_attention,
+           shape=sr.window_attention(inner_is_width=False)),
 )
 
 try:  # torchvision wraps these for fx, so they are single nodes in fx-traced graphs
@@ -254,7 +255,7 @@ try:  # torchvision wraps these for fx, so they are single nodes in fx-traced gr
         OpSpec("torchvision StochasticDepth", r.unary(True), modules=(_StochasticDepth,), empty_ok=True, leaf=True,
                shape=sr.elementwise),
         OpSpec("torchvision shifted_window_attention", r.window_attention, functions=(_swin.shifted_window_attention,),
-               fix=fix.window_attention),
+               fix=fix.window_attention, shape=sr.window_attention(inner_is_width=True)),
         OpSpec("torchvision relative_position_bias", r.relative_position_bias, functions=(_swin._get_relative_position_bias,)),
         OpSpec("torchvision patch_merging_pad", r.patch_merging_pad, functions=(_swin._patch_merging_pad,)),
     )
