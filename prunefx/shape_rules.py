@@ -4,9 +4,10 @@ Shape propagation (``prunefx.shapes``) runs every node on meta tensors. For many
 kernel is a Python decomposition: an elementwise op ~0.1 ms, a ReLU ~0.4 ms, a convolution
 ~0.08 ms, a Linear ~0.7 ms, a MultiheadAttention ~4 ms, Swin's window attention ~1.5 ms,
 against a few microseconds for ``torch.empty``. A rule here gives the same output (shape,
-strides, dtype) from the inputs' sizes for the common, unambiguous case, and ``None`` for anything else (other dtypes,
-channels-last or strided inputs, masks, sizes that do not fit, in-place calls), which then
-runs the real meta kernel, so its own checks still name what is wrong.
+strides, dtype) from the inputs' sizes for the common, unambiguous case, and ``None`` for
+anything else (other dtypes, channels-last or strided inputs, masks, sizes that do not fit,
+in-place calls), which then runs the real meta kernel, so its own checks still name what
+is wrong.
 
 A rule is attached to an op in its record (``OpSpec.shape`` in ``prunefx/ops/records.py``)
 and called as ``rule(op, args, kwargs)``: ``op`` is the module of a ``call_module`` node,
