@@ -294,25 +294,44 @@ def symbolic_trace(
     """
     if not isinstance(model, nn.Module):
         raise TraceError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    leaves = tuple(leaf_modules)
-    tracer = _Tracer(leaves)
-    try:
-        with _mode_reads(model) as reads:
-            graph = tracer.trace(model, concrete_args=concrete_args)
-    except (TraceError, guards.CaptureRefused):
-        raise  # a guard's refusal names its module and hook already
-    except Exception as exc:  # fx raises many types; all mean "cannot trace"
-        raise _trace_error(model, tracer, exc) from exc
-    _default_concrete(graph, concrete_args)
-    name = model.__class__.__name__
-    # its Python code is generated on first call or `.code` read: prunefx itself runs the graph
-    # with interpreters, so most traces never need it
-    main = _LazyGraphModule(tracer.root, graph, class_name=name)
-    sources = dict(tracer.sources)
-    # code that never read a `training` flag runs the same in the other mode: no second trace
-    mode_dependent = reads is None or bool(reads)
-    other = _trace_other_mode(model, leaves, concrete_args, main, sources) if both_modes and mode_dependent else None
+    with _constants_removed_after(model):
+        leaves = tuple(leaf_modules)
+        tracer = _Tracer(leaves)
+        try:
+            with _mode_reads(model) as reads:
+                graph = tracer.trace(model, concrete_args=concrete_args)
+        except (TraceError, guards.CaptureRefused):
+            raise  # a guard's refusal names its module and hook already
+        except Exception as exc:  # fx raises many types; all mean "cannot trace"
+            raise _trace_error(model, tracer, exc) from exc
+        _default_concrete(graph, concrete_args)
+        name = model.__class__.__name__
+        # its Python code is generated on first call or `.code` read: prunefx itself runs the
+        # graph with interpreters, so most traces never need it
+        main = _LazyGraphModule(tracer.root, graph, class_name=name)
+        sources = dict(tracer.sources)
+        # code that never read a `training` flag runs the same in the other mode: no second trace
+        mode_dependent = reads is None or bool(reads)
+        other = _trace_other_mode(model, leaves, concrete_args, main, sources) if both_modes and mode_dependent else None
     return Traced(main, sources, other, model.training)
+
+
+_FX_CONSTANTS = ("_tensor_constant", "_torchbind_obj", "_tree_spec_constant", "_opaque_obj")
+
+
+@contextmanager
+def _constants_removed_after(model: nn.Module) -> Iterator[None]:
+    """fx stores each constant a trace creates (``torch.tensor([2.0])`` in a forward) on the
+    traced model itself, as ``model._tensor_constant0``, ... under names no attribute has yet;
+    the GraphModule takes its own reference. Removed once the traces of both modes are built
+    (so their constants keep distinct names), also when tracing fails: the model is left as
+    it was, and repeated traces (a PruneTrain shrink) do not pile up attributes."""
+    before = set(model.__dict__)
+    try:
+        yield
+    finally:
+        for key in [k for k in model.__dict__ if k not in before and k.startswith(_FX_CONSTANTS)]:
+            del model.__dict__[key]
 
 
 @contextmanager

@@ -185,3 +185,38 @@ def test_stochastic_depth_is_one_node_for_both_modes(monkeypatch: pytest.MonkeyP
     torch.testing.assert_close(out, expected)
     torch.manual_seed(2)
     assert not torch.allclose(small(x), out), "training mode draws: some samples' branches are dropped"
+
+
+class _ConstantPerMode(nn.Module):
+    """A tensor created in forward, different per mode: fx stores each as a constant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = torch.tensor([2.0]) if self.training else torch.tensor([3.0])
+        return self.head(self.conv(x) * scale)
+
+
+def test_constants_of_both_modes_stay_apart_and_off_the_model() -> None:
+    model, x = _ConstantPerMode().eval(), torch.randn(2, 3, 8, 8)
+    attributes = set(vars(model))
+    graph = prunefx.trace(model, x)
+    assert graph.traced.other is not None
+    assert set(vars(model)) == attributes, "fx's constants were left on the model"
+    constants = [n.target for gm in graph.traced.graphs for n in gm.graph.nodes if n.op == "get_attr"]
+    assert len(set(constants)) == 2, f"each mode's constant has its own name: {constants}"
+    mask = {"conv": torch.arange(8) % 2 == 0}
+    small = prunefx.reconfigure(model, mask, graph=graph)
+    ref = prunefx.apply_mask(copy.deepcopy(model), mask, graph=graph)
+    smaller = prunefx.reconfigure(small, {"conv": torch.arange(4) < 3}, example_inputs=x)  # traced again
+    ref2 = prunefx.apply_mask(copy.deepcopy(ref), {"conv": torch.tensor([True, False, True, False, True, False, False, False])},
+                              example_inputs=x)
+    for mode in (False, True):
+        with torch.no_grad():
+            assert torch.allclose(small.train(mode)(x), ref.train(mode)(x), atol=1e-6), f"training={mode}"
+            assert torch.allclose(smaller.train(mode)(x), ref2.train(mode)(x), atol=1e-6), f"again, training={mode}"
+    for _ in range(3):  # PruneTrain traces at every shrink
+        prunefx.trace(model, x)
+    assert set(vars(model)) == attributes
