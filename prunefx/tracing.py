@@ -214,8 +214,9 @@ class _Tracer(fx.Tracer):
         if not isinstance(attr_val, torch.Tensor):
             return attr_val
         if self._tensor_names is None:
-            params = {id(p): (n, p) for n, p in reversed(list(self.root.named_parameters()))}  # the first name wins
-            buffers = {id(b): (n, b) for n, b in reversed(list(self.root.named_buffers()))}
+            # each tensor once, under its first name: the one fx's search finds
+            params = {id(p): (n, p) for n, p in self.root.named_parameters()}
+            buffers = {id(b): (n, b) for n, b in self.root.named_buffers()}
             self._tensor_names = (params, buffers)
         params, buffers = self._tensor_names
         found = params.get(id(attr_val)) if isinstance(attr_val, nn.Parameter) else None
