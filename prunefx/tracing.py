@@ -42,7 +42,7 @@ from torch.fx.proxy import ParameterProxy
 from prunefx import guards, ops
 from prunefx.errors import TraceError
 
-__all__ = ["SourceLoc", "Traced", "symbolic_trace", "describe_node", "guess_example_inputs", "in_mode", "is_transformers_model"]
+__all__ = ["SourceLoc", "Traced", "symbolic_trace", "describe_node", "guess_example_inputs", "in_mode", "is_transformers_model", "constants_removed_after"]
 
 
 def is_transformers_model(model: nn.Module) -> bool:
@@ -295,7 +295,7 @@ def symbolic_trace(
     """
     if not isinstance(model, nn.Module):
         raise TraceError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    with _constants_removed_after(model):
+    with constants_removed_after(model):
         leaves = tuple(leaf_modules)
         tracer = _Tracer(leaves)
         try:
@@ -321,7 +321,7 @@ _FX_CONSTANTS = ("_tensor_constant", "_torchbind_obj", "_tree_spec_constant", "_
 
 
 @contextmanager
-def _constants_removed_after(model: nn.Module) -> Iterator[None]:
+def constants_removed_after(model: nn.Module) -> Iterator[None]:
     """fx stores each constant a trace creates (``torch.tensor([2.0])`` in a forward) on the
     traced model itself, as ``model._tensor_constant0``, ... under names no attribute has yet;
     the GraphModule takes its own reference. Removed once the traces of both modes are built

@@ -217,6 +217,11 @@ def test_constants_of_both_modes_stay_apart_and_off_the_model() -> None:
         with torch.no_grad():
             assert torch.allclose(small.train(mode)(x), ref.train(mode)(x), atol=1e-6), f"training={mode}"
             assert torch.allclose(smaller.train(mode)(x), ref2.train(mode)(x), atol=1e-6), f"again, training={mode}"
+    x2 = torch.randn(3, 3, 11, 9)  # and at another shape
+    for mode in (False, True):
+        with torch.no_grad():
+            assert torch.allclose(smaller.train(mode)(x2), ref2.train(mode)(x2), atol=1e-6), f"{tuple(x2.shape)}, training={mode}"
     for _ in range(3):  # PruneTrain traces at every shrink
         prunefx.trace(model, x)
+    prunefx.count_flops(model, x)  # traces with fx itself
     assert set(vars(model)) == attributes
