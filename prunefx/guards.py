@@ -73,15 +73,17 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.node import map_aggregate
 from torch.nn.utils import parametrize
+from torch.nn.utils.prune import BasePruningMethod
 
 from prunefx.errors import MaskError, PruneFxError, TraceError
 
 __all__ = [
-    "CaptureRefused", "refuse_foreign_graph", "refuse_reparametrized", "refuse_instance_forward", "refuse_traced_backward_hooks", "watch_hooks", "HookWatch", "run_with_hooks",
+    "CaptureRefused", "refuse_foreign_graph", "refuse_reparametrized", "refuse_instance_forward", "refuse_traced_backward_hooks", "traced_modules", "watch_hooks", "HookWatch", "run_with_hooks",
     "hooks_within", "HookedChannels", "OpaqueFunction", "custom_functions_opaque", "custom_functions_refused",
 ]
 
 IsLeaf = Callable[[nn.Module, str], bool]
+Named = list[tuple[str, nn.Module]]  # (qualified name, module), the model first as ""
 
 
 class CaptureRefused(PruneFxError):
@@ -120,24 +122,27 @@ def _module_text(name: str, model: nn.Module) -> str:
 def _own_hooks(m: nn.Module, kinds: tuple[tuple[str, str], ...]) -> list[tuple[str, Any]]:
     """(kind, hook) of ``m``'s own hooks of these kinds; torch.nn.utils.prune's are not ours
     to judge (``reconfigure`` refuses them, the masks interop reads them)."""
-    from torch.nn.utils.prune import BasePruningMethod
-
+    found = [(kind, h) for attr, kind in kinds for h in getattr(m, attr, {}).values()]
     return [
-        (kind, h) for attr, kind in kinds for h in getattr(m, attr, {}).values()
+        (kind, h) for kind, h in found
         if not isinstance(h, BasePruningMethod) and not isinstance(getattr(h, "hook", None), BasePruningMethod)
-    ]
+    ] if found else found
 
 
-def _traced_modules(model: nn.Module, is_leaf: IsLeaf) -> Iterator[tuple[str, nn.Module]]:
-    """Modules whose forward the trace runs: the model, and every module not inside a leaf."""
-    def walk(prefix: str, m: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-        yield prefix, m
+def traced_modules(model: nn.Module, is_leaf: IsLeaf) -> Named:
+    """Modules whose forward the trace runs: the model, and every module not inside a leaf.
+    A capture lists them once and hands the list to each guard."""
+    found: Named = []
+
+    def walk(prefix: str, m: nn.Module) -> None:
+        found.append((prefix, m))
         for child_name, child in m.named_children():
             name = f"{prefix}.{child_name}" if prefix else child_name
             if not is_leaf(child, name):
-                yield from walk(name, child)
+                walk(name, child)
 
-    yield from walk("", model)
+    walk("", model)
+    return found
 
 
 # ---- a graph passed in ------------------------------------------------------------------
@@ -173,7 +178,7 @@ def refuse_reparametrized(model: nn.Module) -> None:
     from torch.nn.utils.weight_norm import WeightNorm
 
     for name, m in model.named_modules():
-        if parametrize.is_parametrized(m):
+        if "parametrizations" in m._modules and parametrize.is_parametrized(m):  # a registered ModuleDict
             tensor, plist = next(iter(m.parametrizations.items()))
             kinds = ", ".join(type(p).__name__ for p in plist)
             raise CaptureRefused(
@@ -193,16 +198,17 @@ def refuse_reparametrized(model: nn.Module) -> None:
 
 # ---- forward replaced on an instance -------------------------------------------------------
 
-def refuse_instance_forward(model: nn.Module, is_leaf: IsLeaf) -> None:
+def refuse_instance_forward(model: nn.Module, traced: Named) -> None:
     """fx: TraceError for a ``forward`` set on the model instance (fx traces the class's
     forward) or on a leaf module or one inside it (the reconfigured model calls a copy of the
     module, whose ``forward`` attribute would still call into the original). torch.export runs
     the instance's forward, so ``frontend="auto"`` falls back to it. A module whose forward
-    is traced (non-leaf) is fine: fx calls it through ``nn.Module.__call__``."""
-    traced = {name for name, _ in _traced_modules(model, is_leaf)} - {""}
+    is traced (non-leaf) is fine: fx calls it through ``nn.Module.__call__``
+    (``traced``: ``traced_modules``)."""
+    runs = {name for name, _ in traced if name}
     for name, m in model.named_modules():
         fwd = m.__dict__.get("forward")
-        if fwd is None or name in traced:
+        if fwd is None or name in runs:
             continue
         where = "the class's forward" if not name else "a copy of the module, whose forward attribute still calls the original"
         raise TraceError(
@@ -214,8 +220,8 @@ def refuse_instance_forward(model: nn.Module, is_leaf: IsLeaf) -> None:
 
 # ---- hooks of traced modules ---------------------------------------------------------------
 
-def refuse_traced_backward_hooks(model: nn.Module, is_leaf: IsLeaf, frontend: str = "fx") -> None:
-    for name, m in _traced_modules(model, is_leaf):
+def refuse_traced_backward_hooks(model: nn.Module, traced: Named, frontend: str = "fx") -> None:
+    for name, m in traced:
         for kind, hook in _own_hooks(m, _BACKWARD):
             raise CaptureRefused(
                 f"{_module_text(name, model)} has a {kind} {hook_text(hook)}, but its forward is traced, so the reconfigured "
@@ -290,14 +296,14 @@ def _leaves_alone(result: Any, args: tuple[Any, ...], kind: str) -> bool:
 
 
 @contextlib.contextmanager
-def watch_hooks(model: nn.Module, is_leaf: IsLeaf, frontend: str = "fx") -> Iterator[HookWatch]:
+def watch_hooks(model: nn.Module, traced: Named, frontend: str = "fx") -> Iterator[HookWatch]:
     """For the duration of a capture, the forward (pre-)hooks of every traced module report
     calls that leave the values alone. The hook dicts are swapped, never edited, and put
     back as they were, also when the capture fails."""
     watch = HookWatch(model, frontend)
     swapped: list[tuple[nn.Module, str, Any]] = []
     try:
-        for name, m in _traced_modules(model, is_leaf):
+        for name, m in traced:
             for attr, kind in _FORWARD:
                 hooks = getattr(m, attr)
                 ours = {id(h) for _, h in _own_hooks(m, ((attr, kind),))}
@@ -319,8 +325,6 @@ def run_with_hooks(module: nn.Module, forward: Callable[..., Any], args: tuple[A
     """``forward(*args, **kwargs)`` with ``module``'s forward pre-hooks and hooks around it, in
     the order ``nn.Module.__call__`` runs them (for the model itself, whose forward fx calls
     directly; torch.nn.utils.prune's hooks are left out, as fx always left them)."""
-    from torch.nn.utils.prune import BasePruningMethod
-
     for hook_id, hook in module._forward_pre_hooks.items():
         if isinstance(hook, BasePruningMethod):
             continue

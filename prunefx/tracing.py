@@ -237,9 +237,10 @@ class _Tracer(fx.Tracer):
         if not isinstance(root, nn.Module):
             return super().trace(root, concrete_args)
         guards.refuse_reparametrized(root)
-        guards.refuse_instance_forward(root, self.is_leaf_module)
-        guards.refuse_traced_backward_hooks(root, self.is_leaf_module)
-        with guards.watch_hooks(root, self.is_leaf_module) as watch, guards.custom_functions_opaque():
+        traced = guards.traced_modules(root, self.is_leaf_module)
+        guards.refuse_instance_forward(root, traced)
+        guards.refuse_traced_backward_hooks(root, traced)
+        with guards.watch_hooks(root, traced) as watch, guards.custom_functions_opaque():
             graph = super().trace(root, concrete_args)
         watch.check()
         return graph

@@ -109,10 +109,10 @@ def _guarded_capture(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, 
     re-parametrised weights, backward hooks, forward hooks acting only by side effects
     (export runs every module's hooks and keeps what they return), custom autograd
     Functions (export inlines their forward and drops their backward)."""
-    never_leaf = lambda m, name: False  # noqa: E731 - export traces every module's forward
+    traced = guards.traced_modules(model, lambda m, name: False)  # export traces every module's forward
     guards.refuse_reparametrized(model)
-    guards.refuse_traced_backward_hooks(model, never_leaf, frontend="export")
-    with guards.watch_hooks(model, never_leaf, frontend="export") as watch, guards.custom_functions_refused(model):
+    guards.refuse_traced_backward_hooks(model, traced, frontend="export")
+    with guards.watch_hooks(model, traced, frontend="export") as watch, guards.custom_functions_refused(model):
         ep = _capture(model, args, kwargs)
     watch.check()
     return ep
