@@ -3,9 +3,9 @@
 Runs ``torch.fx.passes.shape_prop.ShapeProp`` on meta tensors: a ``get_attr`` reads a meta
 tensor like the attribute, a layer that runs has its parameters and buffers swapped for meta
 ones during its call, so no real arithmetic is done and the model is left as it was.
-Shape-preserving modules (norms, activations, dropout) are not executed at all: their meta
-kernels are Python decompositions that cost ~5 ms per BatchNorm. For the same reason the
-ops whose record has a shape formula (``OpSpec.shape``: ``prunefx.shape_rules``, each checked
+Shape-preserving modules (norms, activations, dropout: ``OpSpec.keeps_shape``) are not
+executed at all: their meta kernels are Python decompositions that cost 0.5-1 ms per
+BatchNorm. For the same reason the ops whose record has a shape formula (``OpSpec.shape``: ``prunefx.shape_rules``, each checked
 against the meta kernel in tests/test_shapes.py) get their output from it: convolutions,
 linear layers, attention, elementwise ops and activations.
 
@@ -36,17 +36,6 @@ from prunefx.errors import TraceError
 from prunefx.tracing import Traced
 
 __all__ = ["Shapes", "propagate_shapes"]
-
-_SHAPE_PRESERVING = (
-    nn.modules.batchnorm._NormBase,
-    nn.GroupNorm,
-    nn.LayerNorm,
-    nn.LocalResponseNorm,
-    nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
-    nn.LeakyReLU, nn.ELU, nn.Mish, nn.Hardtanh, nn.Identity, nn.PReLU, nn.SELU, nn.CELU,
-    nn.modules.dropout._DropoutNd,
-)
-
 
 @dataclass(frozen=True)
 class Shapes:
@@ -118,7 +107,8 @@ class _MetaShapeProp(_TrackingShapeProp):
     def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
         mod = self.fetch_attr(target)
         x = args[0] if args else None
-        if isinstance(mod, _SHAPE_PRESERVING) and isinstance(x, torch.Tensor) and x.is_meta:
+        spec = ops.spec_of_module(mod)
+        if spec is not None and spec.keeps_shape and isinstance(x, torch.Tensor) and x.is_meta:
             return _like(x)
         state = _meta_state(mod)
         if not state:

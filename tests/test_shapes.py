@@ -272,3 +272,38 @@ def test_propagation_records_what_the_kernels_give(make: Any, monkeypatch: pytes
     with_rules = _metadata(prunefx.trace(model, x))
     monkeypatch.setattr(shapes, "_ShapesOnly", shapes._MetaShapeProp)  # every op runs its kernel
     assert with_rules == _metadata(prunefx.trace(model, x))
+
+
+KEEPS_SHAPE_MODULES = {  # an instance of each abstract or argument-taking class that a record says keeps shape
+    nn.modules.batchnorm._NormBase: lambda: nn.BatchNorm2d(8),
+    nn.modules.dropout._DropoutNd: lambda: nn.Dropout2d(0.5),
+    nn.GroupNorm: lambda: nn.GroupNorm(2, 8),
+    nn.LayerNorm: lambda: nn.LayerNorm(5),
+    nn.LocalResponseNorm: lambda: nn.LocalResponseNorm(2),
+    nn.Threshold: lambda: nn.Threshold(0.1, 0.0),
+}
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("training", [False, True])
+def test_modules_said_to_keep_shape_do(memory_format: torch.memory_format, training: bool) -> None:
+    """The meta interpreters do not run a module whose record says ``keeps_shape``: they take
+    a tensor like its input. Every such module's own meta kernel must agree on shape and
+    dtype, and on strides for a contiguous input (for a channels-last one kernels differ:
+    GroupNorm keeps them on the CPU but not on meta, LayerNorm and InstanceNorm drop them;
+    the copy keeps them)."""
+    from prunefx import ops
+
+    checked = []
+    for spec in ops.table().specs:
+        if not spec.keeps_shape:
+            continue
+        for cls in spec.modules:
+            mod = KEEPS_SHAPE_MODULES.get(cls, cls)().to("meta").train(training)
+            x = _meta(2, 8, 5, 5).contiguous(memory_format=memory_format)
+            like, out = _layout(shapes._like(x)), _layout(_run(mod, (x,), {}))
+            if memory_format == torch.channels_last:
+                like, out = (like[0], like[2]), (out[0], out[2])
+            assert like == out, cls.__name__
+            checked.append(cls)
+    assert nn.modules.batchnorm._NormBase in checked and nn.ReLU in checked

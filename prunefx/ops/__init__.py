@@ -48,6 +48,9 @@ class OpSpec:
     weight_flops: bool = False  # FLOPs proportional to the size of the weight it reads (masks/cost.py)
     foldable: bool = False  # + - * with broadcasting: a constant operand folds through it (train/branches.py)
     shape: Callable[[Any, tuple, dict], Any] | None = None  # output on meta tensors by formula (prunefx/shape_rules.py)
+    keeps_shape: bool = False  # its modules return a tensor of their first input's shape and dtype (norms, activations,
+    # dropout): the meta interpreters take a copy of the input (strides too) rather than run their meta kernels (Python
+    # decompositions: up to milliseconds each); tests/test_shapes.py checks each against its kernel
     leaf: bool = False  # fx keeps these modules one node (their forward branches on self.training; at run time the
     # module does that itself, so both modes trace alike), when their class keeps the record's forward
 
