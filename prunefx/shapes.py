@@ -5,9 +5,10 @@ tensor like the attribute, a layer that runs has its parameters and buffers swap
 ones during its call, so no real arithmetic is done and the model is left as it was.
 Shape-preserving modules (norms, activations, dropout: ``OpSpec.keeps_shape``) are not
 executed at all: their meta kernels are Python decompositions that cost 0.5-1 ms per
-BatchNorm. For the same reason the ops whose record has a shape formula (``OpSpec.shape``: ``prunefx.shape_rules``, each checked
-against the meta kernel in tests/test_shapes.py) get their output from it: convolutions,
-linear layers, attention, elementwise ops and activations.
+BatchNorm. For the same reason the ops whose record has a shape formula (``OpSpec.shape``:
+``prunefx.shape_rules``, each checked against the meta kernel in tests/test_shapes.py) get
+their output from it: convolutions, linear layers, attention, elementwise ops and
+activations.
 
 When a meta kernel is missing (data-dependent ops), it falls back to running a deep copy of
 the traced module on the real example inputs under ``torch.no_grad()``: never the model
