@@ -79,7 +79,7 @@ from prunefx.errors import MaskError, PruneFxError, TraceError
 
 __all__ = [
     "CaptureRefused", "refuse_foreign_graph", "refuse_reparametrized", "refuse_instance_forward", "refuse_traced_backward_hooks", "traced_modules", "watch_hooks", "HookWatch", "run_with_hooks",
-    "hooks_within", "HookedChannels", "OpaqueFunction", "custom_functions_opaque", "custom_functions_refused",
+    "any_hooks", "hooks_within", "HookedChannels", "OpaqueFunction", "custom_functions_opaque", "custom_functions_refused",
 ]
 
 IsLeaf = Callable[[nn.Module, str], bool]
@@ -348,6 +348,12 @@ def run_with_hooks(module: nn.Module, forward: Callable[..., Any], args: tuple[A
 
 
 # ---- hooks of leaf modules ----------------------------------------------------------------
+
+def any_hooks(model: nn.Module) -> bool:
+    """Whether any module of ``model`` has a hook of its own (most models have none, and a
+    capture then skips looking inside each leaf call)."""
+    return any(_own_hooks(m, (*_FORWARD, *_BACKWARD)) for m in model.modules())
+
 
 def hooks_within(m: nn.Module) -> list[tuple[str, str, Any]]:
     """(submodule name, kind, hook) of every hook a call of leaf ``m`` runs, its own first."""

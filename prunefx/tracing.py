@@ -196,6 +196,7 @@ class _Tracer(fx.Tracer):
         self.sources: dict[fx.Node, SourceLoc] = {}
         self._leaf_memo: dict[tuple[int, str], bool] = {}  # fx and the guards ask ~5 times per module
         self._tensor_names: tuple[dict[int, tuple[str, Any]], dict[int, tuple[str, Any]]] | None = None
+        self._hooked = True  # whether any module of the model has a hook (a leaf's call then needs a look)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         key = (id(m), module_qualified_name)  # the modules outlive the trace, so ids are not reused
@@ -238,6 +239,7 @@ class _Tracer(fx.Tracer):
             return super().trace(root, concrete_args)
         guards.refuse_reparametrized(root)
         traced = guards.traced_modules(root, self.is_leaf_module)
+        self._hooked = guards.any_hooks(root)
         guards.refuse_instance_forward(root, traced)
         guards.refuse_traced_backward_hooks(root, traced)
         with guards.watch_hooks(root, traced) as watch, guards.custom_functions_opaque():
@@ -265,6 +267,8 @@ class _Tracer(fx.Tracer):
 
     def call_module(self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """A leaf module whose call runs hooks: the channels they see are pinned."""
+        if not self._hooked:
+            return super().call_module(m, forward, args, kwargs)
         name = self.path_of_module(m)
         hooks = guards.hooks_within(m) if self.is_leaf_module(m, name) else []
         if not hooks:
