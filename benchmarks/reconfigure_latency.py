@@ -16,6 +16,10 @@ over ``repeats`` runs:
 - the copy limit: copying the same kept bytes with one ``index_select`` per pruned dim of each
   tensor (``clone`` for an unpruned one), the indices read from the reconfigured model's
   layout record; ``reconfigure / copy`` says how far the rewrite is from that limit.
+- the fx floor: what any rewrite through torch.fx pays before doing its own work, i.e. fx's
+  plain ``torch.fx.Tracer().trace(model)``, the reconfigured GraphModule's code generation and
+  ``compile`` (``small.recompile()``) and the copy limit above. Set against a third of
+  Torch-Pruning's time, it shows how much of a 3x budget is left to prunefx's own stages.
 
 Both tools run inside the same repeat loop, one after the other, so load from other
 processes hits them alike. Before timing, the model is checked (``common.check_equivalent``)
@@ -38,6 +42,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
+import torch.fx as fx
 from torch import nn
 
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
@@ -91,6 +96,13 @@ class Row:
     check_error: float = float("nan")
     copy: list[float] = dataclasses.field(default_factory=list)  # the same kept bytes, index_select per tensor
     kept_bytes: int = 0
+    fx_trace: list[float] = dataclasses.field(default_factory=list)  # torch.fx.Tracer().trace alone
+    codegen: list[float] = dataclasses.field(default_factory=list)  # the result's recompile()
+
+    @property
+    def floor(self) -> float:
+        """The fx floor, of medians: fx's own trace + the result's codegen and compile + the copy."""
+        return median(self.fx_trace) + median(self.codegen) + median(self.copy) if self.codegen else float("nan")
 
     @property
     def copy_ratio(self) -> float:
@@ -230,6 +242,10 @@ def measure(name: str, repeats: int, *, with_tp: bool, tp_timeout: float = 90.0,
         row.reconfigure.append(t)
         row.cpu.append(trace_cpu + reconf_cpu)
         row.kept_params = _n_params(small) / row.params
+        if isinstance(small, fx.GraphModule):
+            row.codegen.append(timed(small.recompile)[0])
+            with prunefx.tracing.constants_removed_after(model):
+                row.fx_trace.append(timed(fx.Tracer().trace, model)[0])
         slices = kept_slices(model, small)
         del small, graph
         t, _, copies = timed(copy_kept, slices)
@@ -273,7 +289,7 @@ def run(models: Sequence[str], repeats: int, *, with_tp: bool, tp_timeout: float
 
 def table(rows: Sequence[Row], with_tp: bool, repeats: int) -> Table:
     headers = ["model", "fx nodes", "prunefx trace+analysis (s)", "prunefx reconfigure (s)", "prunefx total (s)",
-               "copy of kept bytes (s)", "reconfigure / copy"]
+               "copy of kept bytes (s)", "reconfigure / copy", "fx floor (s)"]
     if with_tp:
         headers += ["TP build_dependency (s)", "TP prune step (s)", "TP total (s)",
                     "speedup TP/prunefx (wall)", "speedup (CPU time)"]
@@ -281,7 +297,7 @@ def table(rows: Sequence[Row], with_tp: bool, repeats: int) -> Table:
     t = Table(f"analysis + rewrite latency, medians of {repeats}", headers)
     for r in rows:
         cells = [r.model, r.nodes, fmt_s(median(r.trace)), fmt_s(median(r.reconfigure)), fmt_s(median(r.total)),
-                 fmt_s(median(r.copy)), f"{r.copy_ratio:.1f}x"]
+                 fmt_s(median(r.copy)), f"{r.copy_ratio:.1f}x", fmt_s(r.floor) if r.codegen else "-"]
         if with_tp:
             if r.tp_error:
                 cells += [f"failed: {r.tp_error}", "-", "-", "-", "-"]
