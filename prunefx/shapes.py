@@ -90,6 +90,12 @@ class _TrackingShapeProp(ShapeProp):
         n.meta["type"] = type(result)
         return result
 
+    def fetch_attr(self, target: str) -> Any:
+        # a submodule from the interpreter's own name table (fx walks the dotted path with
+        # hasattr + getattr per part, a third of this pass); anything else as fx finds it
+        mod = self.submodules.get(target)
+        return mod if mod is not None else super().fetch_attr(target)
+
     def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
         # generated code passes fresh lists; the interpreter passes fx's immutable ones,
         # which functions that edit their arguments (Swin3D's window sizes) reject
