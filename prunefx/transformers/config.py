@@ -58,6 +58,9 @@ def update_config(model: nn.Module, sizes: tuple[LayerSizes, ...]) -> None:
     config = model.config
     previous = getattr(config, RECORD, None)
     original = dict(previous["original"]) if previous else {}
+    # every field as it was before any is written: a config may alias two of them to one
+    # attribute (Whisper: num_attention_heads and num_key_value_heads are encoder_attention_heads)
+    was = {f: getattr(config, f, None) for options in FIELDS.values() for f in options}
     for key, options in FIELDS.items():
         values = {getattr(s, key) for s in sizes} - {None}
         field = _field(config, options)
@@ -65,7 +68,7 @@ def update_config(model: nn.Module, sizes: tuple[LayerSizes, ...]) -> None:
             continue
         field = field or "head_dim"
         before = getattr(config, field, None)
-        original.setdefault(field, before)
+        original.setdefault(field, was.get(field))
         new = max(values)
         if before != new or key == "head_dim":
             setattr(config, field, new)
