@@ -15,7 +15,8 @@ nothing downloaded), each traced once through the export front-end:
   ``prunefx.transformers.from_pretrained`` only (with the per-layer sizes recorded), and
   ``prunefx.masks.uniform_layers`` makes it uniform again (stock-loadable), with ``round_to``;
 - CLIP's vision tower and Whisper's encoder stay their class too (CLIP reloads through
-  prunefx's loader);
+  prunefx's loader); so do encoder-decoder models (BART, Whisper, T5: both stacks'
+  attention, the decoder's cross-attention included, reload through prunefx's loader);
 - mixtures of experts (Qwen2-MoE, Mixtral): the experts' channels, heads and the shared expert are
   exact, whole experts pinned;
 - a pruned residual stream (approximate) sets ``config.hidden_size``; Qwen2-MoE's shared
@@ -247,6 +248,63 @@ def test_other_encoders_stay_their_class(make, tmp_path) -> None:
         assert "hidden_size / num_attention_heads" in prunefx.transformers.stock_reason(small)
         small.save_pretrained(tmp_path)
         _same_outputs(prunefx.transformers.from_pretrained(tmp_path), small, (x, other), {})
+
+
+def _bart():
+    cfg = transformers.BartConfig(vocab_size=128, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                                  decoder_attention_heads=4, encoder_ffn_dim=96, decoder_ffn_dim=96, max_position_embeddings=64,
+                                  pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2)
+    return transformers.BartForConditionalGeneration(cfg), torch.randint(3, 128, (2, 12)), torch.randint(3, 128, (2, 7))
+
+
+def _whisper():
+    cfg = _whisper_encoder()[0].config
+    return transformers.WhisperForConditionalGeneration(cfg), torch.randn(2, 16, 32), torch.randint(1, 128, (2, 5))
+
+
+def _t5():
+    cfg = transformers.T5Config(vocab_size=128, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4, decoder_start_token_id=0)
+    return transformers.T5ForConditionalGeneration(cfg), torch.randint(1, 128, (2, 12)), torch.randint(1, 128, (2, 7))
+
+
+def _grown(x: torch.Tensor, dec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One more sample, and (token inputs) a longer decoder sequence."""
+    return torch.cat([x, x[:1]]), torch.cat([torch.cat([dec, dec[:, :2]], 1)] * 2)[:3]
+
+
+@pytest.mark.parametrize("make", [_bart, _whisper, _t5], ids=["bart", "whisper", "t5"])
+def test_encoder_decoder_models(make, tmp_path) -> None:
+    """Both stacks of an encoder-decoder model: every attention module (the decoder's self-
+    and cross-attention too) gets the head counts of its weights, groups inside a head are
+    pinned in either stack (T5's decoder: its attention is left whole), and the model reloads
+    through prunefx's loader (Whisper's config aliases num_key_value_heads to
+    encoder_attention_heads: the sizes it was built with are recorded before any is written)."""
+    torch.manual_seed(0)
+    model, x, dec = make()
+    model = _randomize(model.eval())
+    kwargs = {"decoder_input_ids": dec, "use_cache": False}
+    graph = prunefx.trace(model, (x,), example_kwargs=kwargs, frontend="export")
+    mask = prunefx.masks.random(graph, 0.5, exact_only=True, seed=0)
+    small = prunefx.reconfigure(model, mask, graph=graph)
+    assert type(small) is type(model) and _params(small) <= 0.9 * _params(model)
+    ref = prunefx.apply_mask(copy.deepcopy(model), mask, graph=graph)
+    x2, dec2 = _grown(x, dec)
+    for inp, d in ((x, dec), (x2, dec2)):
+        _same_outputs(small, ref, [inp], {"decoder_input_ids": d, "use_cache": False})
+    attentions = prunefx.transformers.layers.attention_modules(small)
+    assert len(attentions) == 6 and any(".decoder." in n or n.startswith("decoder.") for n, _, _ in attentions)
+    for name, attn, kind in attentions:
+        heads, kv = kind.heads(attn, kind.head_dim(attn))
+        assert getattr(attn, "num_heads", getattr(attn, "n_heads", heads)) == heads, name
+    if make is _t5:  # the decoder's heads are pinned by name, as the encoder's
+        pinned = graph.group_of("decoder.block.0.layer.0.SelfAttention.v")
+        assert not pinned.prunable and "T5Attention" in pinned.reason
+        assert all("DenseReluDense" in k for k in mask)
+    else:  # heads of the decoder's self- and cross-attention were removed
+        assert [a.num_heads for n, a, _ in attentions if "decoder" in n] == [2, 2, 2, 2]
+    small.save_pretrained(tmp_path)
+    reloaded = prunefx.transformers.from_pretrained(tmp_path)
+    _same_outputs(reloaded, small, [x], kwargs)
 
 
 def test_loader_checks_the_record(llama, tmp_path) -> None:

@@ -25,32 +25,40 @@ import numpy as np
 from torch import nn
 
 from prunefx.analysis.propagate import ChannelAnalysis, Note
-from prunefx.transformers.layers import attention_of, decoder_layers
+from prunefx.transformers.layers import attention_modules, decoder_layers
 
 __all__ = ["whole_heads"]
 
 
+def _layer_of(path: str, layers: list[str]) -> str:
+    """The block an attention module at ``path`` belongs to: its layer in ``decoder_layers``,
+    else (another stack of an encoder-decoder model) the path up to its last index."""
+    found = next((p for p in layers if path.startswith(p + ".")), None)
+    if found is not None:
+        return found
+    parts = path.split(".")
+    last = max((i for i, part in enumerate(parts[:-1]) if part.isdigit()), default=len(parts) - 2)
+    return ".".join(parts[: last + 1])
+
+
 def whole_heads(model: nn.Module, analysis: ChannelAnalysis) -> ChannelAnalysis:
     """``analysis`` with the groups inside a head pinned (see the module docstring)."""
-    layers = decoder_layers(model)
-    if not layers:
+    attentions = attention_modules(model)
+    if not attentions:
         return analysis
+    layers = [prefix for prefix, _ in decoder_layers(model)]
     roots = [analysis.uf.find(m.ids) for m in analysis.members]
     tensors_of: dict[int, set[str]] = defaultdict(set)
     for m, r in zip(analysis.members, roots, strict=True):
         for root in np.unique(r):
             tensors_of[int(root)].add(m.tensor)
     notes = []
-    for prefix, layer in layers:
-        found = attention_of(layer)
-        if found is None:
-            continue
-        name, attn, kind = found
+    for name, attn, kind in attentions:
         try:
             d = kind.head_dim(attn)
         except (AttributeError, TypeError, ValueError):
             continue
-        path = f"{prefix}.{name}."
+        path, prefix = f"{name}.", _layer_of(name, layers)
         for m, r in zip(analysis.members, roots, strict=True):
             if not m.tensor.startswith(path) or d <= 1 or r.size % d:
                 continue
@@ -58,7 +66,7 @@ def whole_heads(model: nn.Module, analysis: ChannelAnalysis) -> ChannelAnalysis:
                 inside = np.unique(head)
                 if inside.size > 1 and all(all(t.startswith(prefix + ".") for t in tensors_of[int(x)]) for x in inside):
                     notes.append(Note(inside, m.node, (
-                        f"a group inside a head of '{prefix}.{name}' ({type(attn).__name__}): transformers reads "
+                        f"a group inside a head of '{name}' ({type(attn).__name__}): transformers reads "
                         f"head_dim={d} from the config, so heads are kept or removed whole"
                     )))
     if not notes:

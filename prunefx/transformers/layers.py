@@ -15,7 +15,8 @@ never changes and the head counts follow from the projections' shapes:
 One ``AttentionKind`` / ``MlpKind`` record per layout says how to read it; the attribute
 names a module has are then set (``num_heads``, ``num_attention_heads``,
 ``num_key_value_heads``, ``num_key_value_groups``, ``all_head_size``, ``split_size``,
-``intermediate_size``). GPT-2's ``Conv1D`` keeps ``nf``/``nx`` (its forward reshapes to
+``intermediate_size``), head counts on every attention module a record describes (also in
+the other stack of an encoder-decoder model, and its cross-attention). GPT-2's ``Conv1D`` keeps ``nf``/``nx`` (its forward reshapes to
 ``nf``), set from its weight (in, out).
 
 A record may ``refuse`` a layout prunefx cannot write yet (T5's attention): once its weights
@@ -34,7 +35,10 @@ from torch import nn
 
 from prunefx.errors import ReconfigureError
 
-__all__ = ["LayerSizes", "AttentionKind", "MlpKind", "ATTENTION", "MLP", "decoder_layers", "layer_sizes", "write_sizes", "attention_of", "mlp_of", "experts_of"]
+__all__ = [
+    "LayerSizes", "AttentionKind", "MlpKind", "ATTENTION", "MLP", "decoder_layers", "layer_sizes", "write_sizes", "attention_of",
+    "attention_modules", "mlp_of", "experts_of",
+]
 
 
 @dataclass(frozen=True)
@@ -146,6 +150,13 @@ def decoder_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return []
 
 
+def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module, AttentionKind]]:
+    """Every attention module a record describes, wherever it is: besides each layer's
+    self-attention, an encoder-decoder model's other stack and its cross-attention
+    (Whisper's ``decoder.layers.N.encoder_attn``), which ``decoder_layers`` does not list."""
+    return list(_first(model, ATTENTION))
+
+
 def _first(layer: nn.Module, kinds: tuple, skip: Collection[int] = ()) -> Iterator[tuple[str, nn.Module, Any]]:
     for name, m in layer.named_modules():
         if id(m) in skip:
@@ -193,24 +204,31 @@ def _moe_shared_width(layer: nn.Module) -> tuple[int | None, set[int]]:
     return None, set()
 
 
+def _heads(path: str, attn: nn.Module, kind: AttentionKind) -> tuple[int, int, int]:
+    """(query heads, key/value heads, head width) of an attention module, from its weights;
+    a ReconfigureError when its record refuses the layout or no head count expresses it."""
+    why = kind.refuse(attn) if kind.refuse is not None else None
+    if why:
+        raise ReconfigureError(
+            f"module '{path}' ({type(attn).__name__}, {kind.name}) lost channels: {why}; keep its "
+            'attention whole (protect=[...] in the mask source) or use emit="graph"'
+        )
+    d = kind.head_dim(attn)
+    heads, kv = kind.heads(attn, d)
+    if heads < 1 or kv < 1 or heads % kv:
+        raise ReconfigureError(
+            f"module '{path}' ({type(attn).__name__}, {kind.name}): its weights hold {heads} query "
+            f"and {kv} key/value heads of {d} channels, which no head count expresses"
+        )
+    return heads, kv, d
+
+
 def _sizes(prefix: str, layer: nn.Module) -> LayerSizes:
     heads = kv = d = width = None
     found = attention_of(layer)
     if found is not None:
         name, attn, kind = found
-        why = kind.refuse(attn) if kind.refuse is not None else None
-        if why:
-            raise ReconfigureError(
-                f"module '{prefix}.{name}' ({type(attn).__name__}, {kind.name}) lost channels: {why}; keep its "
-                'attention whole (protect=[...] in the mask source) or use emit="graph"'
-            )
-        d = kind.head_dim(attn)
-        heads, kv = kind.heads(attn, d)
-        if heads < 1 or kv < 1 or heads % kv:
-            raise ReconfigureError(
-                f"module '{prefix}.{name}' ({type(attn).__name__}, {kind.name}): its weights hold {heads} query "
-                f"and {kv} key/value heads of {d} channels, which no head count expresses"
-            )
+        heads, kv, d = _heads(f"{prefix}.{name}", attn, kind)
     shared, moe = _moe_shared_width(layer)
     mlp = _mlp_of(layer, moe)
     if mlp is not None:
@@ -227,6 +245,20 @@ def layer_sizes(model: nn.Module) -> tuple[LayerSizes, ...]:
 _HEAD_ATTRS = ("num_heads", "num_attention_heads", "num_key_value_heads", "num_key_value_groups", "all_head_size", "split_size")
 
 
+def _write_heads(attn: nn.Module, heads: int, kv: int, d: int) -> None:
+    values = {
+        "num_heads": heads,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "num_key_value_groups": heads // kv,
+        "all_head_size": heads * d,
+        "split_size": heads * d,
+    }
+    for attr in _HEAD_ATTRS:
+        if isinstance(getattr(attn, attr, None), int):
+            setattr(attn, attr, values[attr])
+
+
 def write_sizes(model: nn.Module) -> tuple[LayerSizes, ...]:
     """Set every size attribute the attention/MLP modules and GPT-2's Conv1D read at run time
     from their weights; returns the per-layer sizes."""
@@ -236,21 +268,15 @@ def write_sizes(model: nn.Module) -> tuple[LayerSizes, ...]:
         if isinstance(m, Conv1D):  # forward reshapes to nf; weight (nx, nf)
             m.nx, m.nf = int(m.weight.shape[0]), int(m.weight.shape[1])
     sizes = layer_sizes(model)
+    for path, attn, kind in attention_modules(model):  # every layer's, and those of another stack
+        if kind.refuse is not None and kind.refuse(attn) is None:
+            continue  # a layout prunefx does not write, left whole (once pruned, _heads refuses it)
+        try:
+            kind.head_dim(attn)
+        except (AttributeError, TypeError, ValueError):
+            continue  # no head width to read (layer_sizes already refused one inside a layer)
+        _write_heads(attn, *_heads(path, attn, kind))
     for (_, layer), s in zip(decoder_layers(model), sizes, strict=True):
-        found = attention_of(layer)
-        if found is not None and s.num_attention_heads is not None and found[2].refuse is None:
-            attn = found[1]
-            values = {
-                "num_heads": s.num_attention_heads,
-                "num_attention_heads": s.num_attention_heads,
-                "num_key_value_heads": s.num_key_value_heads,
-                "num_key_value_groups": s.num_attention_heads // (s.num_key_value_heads or 1),
-                "all_head_size": s.num_attention_heads * (s.head_dim or 0),
-                "split_size": s.num_attention_heads * (s.head_dim or 0),
-            }
-            for attr in _HEAD_ATTRS:
-                if isinstance(getattr(attn, attr, None), int):
-                    setattr(attn, attr, values[attr])
         mlp = mlp_of(layer)
         if mlp is not None and isinstance(getattr(mlp[1], "intermediate_size", None), int):
             setattr(mlp[1], "intermediate_size", s.intermediate_size)  # noqa: B010 - a module attribute
