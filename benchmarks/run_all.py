@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         load.sample()
 
     if "latency" in args.only:
-        run.latency_repeats = 2 if quick else 3
+        run.latency_repeats = 2 if quick else 5
         run.latency = reconfigure_latency.run(
             reconfigure_latency.QUICK_MODELS if quick else reconfigure_latency.MODELS, run.latency_repeats,
             with_tp=run.with_tp, tp_timeout=args.tp_timeout or (30 if quick else 60),
