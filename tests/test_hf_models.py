@@ -16,7 +16,8 @@ nothing downloaded), each traced once through the export front-end:
   ``prunefx.masks.uniform_layers`` makes it uniform again (stock-loadable), with ``round_to``;
 - CLIP's vision tower and Whisper's encoder stay their class too (CLIP reloads through
   prunefx's loader); so do encoder-decoder models (BART, Whisper, T5: both stacks'
-  attention, the decoder's cross-attention included, reload through prunefx's loader);
+  attention, the decoder's cross-attention included; they reload through prunefx's loader,
+  and with an MLP-only mask through the stock one, the config saying both stacks' widths);
 - mixtures of experts (Qwen2-MoE, Mixtral): the experts' channels, heads and the shared expert are
   exact, whole experts pinned;
 - a pruned residual stream (approximate) sets ``config.hidden_size``; Qwen2-MoE's shared
@@ -278,7 +279,9 @@ def test_encoder_decoder_models(make, tmp_path) -> None:
     and cross-attention too) gets the head counts of its weights, groups inside a head are
     pinned in either stack (T5's decoder: its attention is left whole), and the model reloads
     through prunefx's loader (Whisper's config aliases num_key_value_heads to
-    encoder_attention_heads: the sizes it was built with are recorded before any is written)."""
+    encoder_attention_heads: the sizes it was built with are recorded before any is written);
+    with the MLPs alone pruned, the config says both stacks' widths and the stock loader
+    rebuilds it."""
     torch.manual_seed(0)
     model, x, dec = make()
     model = _randomize(model.eval())
@@ -305,6 +308,17 @@ def test_encoder_decoder_models(make, tmp_path) -> None:
     small.save_pretrained(tmp_path)
     reloaded = prunefx.transformers.from_pretrained(tmp_path)
     _same_outputs(reloaded, small, [x], kwargs)
+    # the MLPs alone: the config says both stacks' widths, and the stock loader rebuilds it
+    mlp = {k: v for k, v in mask.items() if k.endswith((".fc1", ".DenseReluDense.wi"))}
+    assert len(mlp) == 4
+    small = prunefx.reconfigure(model, mlp, graph=graph)
+    config = small.config
+    assert [getattr(config, f, 48) for f in ("encoder_ffn_dim", "decoder_ffn_dim", "d_ff")] == [48, 48, 48]
+    assert prunefx.transformers.stock_reason(small) is None
+    small.save_pretrained(tmp_path / "mlp")
+    stock = type(model).from_pretrained(tmp_path / "mlp")
+    for inp, d in ((x, dec), (x2, dec2)):
+        _same_outputs(stock, small, [inp], {"decoder_input_ids": d, "use_cache": False})
 
 
 def test_loader_checks_the_record(llama, tmp_path) -> None:

@@ -6,7 +6,9 @@ When every layer keeps the same sizes, the config's own fields say them:
     num_attention_heads, num_key_value_heads  := the layers' head counts
     head_dim                                  := unchanged (heads are removed whole), written
                                                  explicitly since it is no longer hidden / heads
-    intermediate_size (GPT-2: n_inner, T5: d_ff) := the layers' MLP width
+    intermediate_size (GPT-2: n_inner, T5: d_ff, BART: encoder_ffn_dim) := the layers' MLP width
+    decoder_attention_heads, decoder_ffn_dim  := the same for an encoder-decoder model's
+                                                 decoder stack (BART, Marian, Whisper)
     moe_intermediate_size (Mixtral: intermediate_size) := the routed experts' width
     hidden_size                               := the token embedding's width (when the
                                                  residual stream was pruned: approximate)
@@ -32,7 +34,13 @@ import torch
 from torch import nn
 
 from prunefx.errors import ReconfigureError
-from prunefx.transformers.layers import LayerSizes, attention_of, decoder_layers
+from prunefx.transformers.layers import (
+    LayerSizes,
+    attention_of,
+    decoder_layers,
+    decoder_stack,
+    stack_sizes,
+)
 
 __all__ = ["RECORD", "update_config", "stock_reason", "FIELDS", "at_original_sizes", "set_back"]
 
@@ -43,9 +51,15 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "num_attention_heads": ("num_attention_heads",),
     "num_key_value_heads": ("num_key_value_heads",),
     "head_dim": ("head_dim",),
-    "intermediate_size": ("intermediate_size", "n_inner", "d_ff"),
+    "intermediate_size": ("intermediate_size", "n_inner", "d_ff", "encoder_ffn_dim"),
     "shared_expert_intermediate_size": ("shared_expert_intermediate_size",),
     "expert_intermediate_size": ("moe_intermediate_size", "intermediate_size"),  # Mixtral: its experts' width
+}
+# the same for the decoder stack of an encoder-decoder model (BART, Marian, Whisper), whose
+# config names its sizes apart (the encoder's: num_attention_heads -> encoder_attention_heads)
+DECODER_FIELDS: dict[str, tuple[str, ...]] = {
+    "num_attention_heads": ("decoder_attention_heads",),
+    "intermediate_size": ("decoder_ffn_dim",),
 }
 
 
@@ -60,18 +74,20 @@ def update_config(model: nn.Module, sizes: tuple[LayerSizes, ...]) -> None:
     original = dict(previous["original"]) if previous else {}
     # every field as it was before any is written: a config may alias two of them to one
     # attribute (Whisper: num_attention_heads and num_key_value_heads are encoder_attention_heads)
-    was = {f: getattr(config, f, None) for options in FIELDS.values() for f in options}
-    for key, options in FIELDS.items():
-        values = {getattr(s, key) for s in sizes} - {None}
-        field = _field(config, options)
-        if not values or field is None and key != "head_dim":
-            continue
-        field = field or "head_dim"
-        before = getattr(config, field, None)
-        original.setdefault(field, was.get(field))
-        new = max(values)
-        if before != new or key == "head_dim":
-            setattr(config, field, new)
+    was = {f: getattr(config, f, None) for table in (FIELDS, DECODER_FIELDS) for options in table.values() for f in options}
+    decoder = stack_sizes(decoder_stack(model))
+    for table, stack in ((FIELDS, sizes), (DECODER_FIELDS, decoder)):
+        for key, options in table.items():
+            values = {getattr(s, key) for s in stack} - {None}
+            field = _field(config, options)
+            if not values or field is None and key != "head_dim":
+                continue
+            field = field or "head_dim"
+            before = getattr(config, field, None)
+            original.setdefault(field, was.get(field))
+            new = max(values)
+            if before != new or key == "head_dim":
+                setattr(config, field, new)
     hidden = _hidden_size(model)
     if hidden is not None and hasattr(config, "hidden_size") and hidden != config.hidden_size:
         original.setdefault("hidden_size", config.hidden_size)  # the stream was pruned (approximate)

@@ -36,7 +36,7 @@ from torch import nn
 from prunefx.errors import ReconfigureError
 
 __all__ = [
-    "LayerSizes", "AttentionKind", "MlpKind", "ATTENTION", "MLP", "decoder_layers", "layer_sizes", "write_sizes", "attention_of",
+    "LayerSizes", "AttentionKind", "MlpKind", "ATTENTION", "MLP", "decoder_layers", "decoder_stack", "layer_sizes", "stack_sizes", "write_sizes", "attention_of",
     "attention_modules", "mlp_of", "experts_of",
 ]
 
@@ -157,6 +157,19 @@ def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module, AttentionK
     return list(_first(model, ATTENTION))
 
 
+def decoder_stack(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """An encoder-decoder model's decoder blocks (``config.decoder_layers`` or
+    ``num_decoder_layers`` of them), when ``decoder_layers`` lists the encoder's; else []."""
+    n = getattr(model.config, "decoder_layers", None) or getattr(model.config, "num_decoder_layers", None)
+    first = {id(layer) for _, layer in decoder_layers(model)}
+    if not isinstance(n, int) or not n or not first:
+        return []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and len(m) == n and "decoder" in name and not first & {id(x) for x in m}:
+            return [(f"{name}.{i}", layer) for i, layer in enumerate(m)]
+    return []
+
+
 def _first(layer: nn.Module, kinds: tuple, skip: Collection[int] = ()) -> Iterator[tuple[str, nn.Module, Any]]:
     for name, m in layer.named_modules():
         if id(m) in skip:
@@ -239,7 +252,12 @@ def _sizes(prefix: str, layer: nn.Module) -> LayerSizes:
 
 def layer_sizes(model: nn.Module) -> tuple[LayerSizes, ...]:
     """Every layer's sizes, read from its weights."""
-    return tuple(_sizes(prefix, layer) for prefix, layer in decoder_layers(model))
+    return stack_sizes(decoder_layers(model))
+
+
+def stack_sizes(layers: list[tuple[str, nn.Module]]) -> tuple[LayerSizes, ...]:
+    """The sizes of these (prefix, layer) blocks, read from their weights."""
+    return tuple(_sizes(prefix, layer) for prefix, layer in layers)
 
 
 _HEAD_ATTRS = ("num_heads", "num_attention_heads", "num_key_value_heads", "num_key_value_groups", "all_head_size", "split_size")
