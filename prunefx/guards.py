@@ -122,11 +122,10 @@ def _module_text(name: str, model: nn.Module) -> str:
 def _own_hooks(m: nn.Module, kinds: tuple[tuple[str, str], ...]) -> list[tuple[str, Any]]:
     """(kind, hook) of ``m``'s own hooks of these kinds; torch.nn.utils.prune's are not ours
     to judge (``reconfigure`` refuses them, the masks interop reads them)."""
-    found = [(kind, h) for attr, kind in kinds for h in getattr(m, attr, {}).values()]
     return [
-        (kind, h) for kind, h in found
+        (kind, h) for attr, kind in kinds for h in getattr(m, attr, {}).values()
         if not isinstance(h, BasePruningMethod) and not isinstance(getattr(h, "hook", None), BasePruningMethod)
-    ] if found else found
+    ]
 
 
 def traced_modules(model: nn.Module, is_leaf: IsLeaf) -> Named:
