@@ -224,12 +224,15 @@ def _clip():
     return transformers.CLIPVisionModel(cfg), [torch.randn(2, 3, 32, 32), torch.randn(3, 3, 32, 32)]
 
 
+def _whisper_config():
+    return transformers.WhisperConfig(vocab_size=128, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                                      decoder_attention_heads=4, encoder_ffn_dim=96, decoder_ffn_dim=96, num_mel_bins=16,
+                                      max_source_positions=16, max_target_positions=32, pad_token_id=0, bos_token_id=0,
+                                      eos_token_id=0, decoder_start_token_id=0)
+
+
 def _whisper_encoder():
-    cfg = transformers.WhisperConfig(vocab_size=128, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-                                     decoder_attention_heads=4, encoder_ffn_dim=96, decoder_ffn_dim=96, num_mel_bins=16,
-                                     max_source_positions=16, max_target_positions=32, pad_token_id=0, bos_token_id=0,
-                                     eos_token_id=0, decoder_start_token_id=0)
-    return transformers.WhisperModel(cfg).get_encoder(), [torch.randn(2, 16, 32), torch.randn(3, 16, 32)]
+    return transformers.WhisperModel(_whisper_config()).get_encoder(), [torch.randn(2, 16, 32), torch.randn(3, 16, 32)]
 
 
 @pytest.mark.parametrize("make", [_clip, _whisper_encoder], ids=["clip_vision", "whisper_encoder"])
@@ -259,8 +262,7 @@ def _bart():
 
 
 def _whisper():
-    cfg = _whisper_encoder()[0].config
-    return transformers.WhisperForConditionalGeneration(cfg), torch.randn(2, 16, 32), torch.randint(1, 128, (2, 5))
+    return transformers.WhisperForConditionalGeneration(_whisper_config()), torch.randn(2, 16, 32), torch.randint(1, 128, (2, 5))
 
 
 def _t5():
@@ -270,7 +272,8 @@ def _t5():
 
 def _grown(x: torch.Tensor, dec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One more sample, and (token inputs) a longer decoder sequence."""
-    return torch.cat([x, x[:1]]), torch.cat([torch.cat([dec, dec[:, :2]], 1)] * 2)[:3]
+    longer = torch.cat([dec, dec[:, :2]], 1)
+    return torch.cat([x, x[:1]]), torch.cat([longer, longer[:1]])
 
 
 @pytest.mark.parametrize("make", [_bart, _whisper, _t5], ids=["bart", "whisper", "t5"])
