@@ -18,6 +18,7 @@ nothing downloaded), each traced once through the export front-end:
   prunefx's loader); so do encoder-decoder models (BART, Whisper, T5: both stacks'
   attention, the decoder's cross-attention included; they reload through prunefx's loader,
   and with an MLP-only mask through the stock one, the config saying both stacks' widths);
+- SegFormer, whose config lists one head count per stage: the list is left as it was;
 - mixtures of experts (Qwen2-MoE, Mixtral): the experts' channels, heads and the shared expert are
   exact, whole experts pinned;
 - a pruned residual stream (approximate) sets ``config.hidden_size``; Qwen2-MoE's shared
@@ -252,6 +253,26 @@ def test_other_encoders_stay_their_class(make, tmp_path) -> None:
         assert "hidden_size / num_attention_heads" in prunefx.transformers.stock_reason(small)
         small.save_pretrained(tmp_path)
         _same_outputs(prunefx.transformers.from_pretrained(tmp_path), small, (x, other), {})
+
+
+def test_per_stage_config_fields_are_left_to_the_record(tmp_path) -> None:
+    """SegFormer's config holds one head count per stage (a list): the pruned model keeps
+    that list as it was (writing one int there raised transformers' config validation
+    error), equals apply_mask, and reloads through prunefx's loader from its record."""
+    cfg = transformers.SegformerConfig(num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[16, 32],
+                                       num_attention_heads=[1, 2], mlp_ratios=[2, 2], patch_sizes=[7, 3], strides=[4, 2])
+    torch.manual_seed(0)
+    model = _randomize(transformers.SegformerModel(cfg))
+    x, other = torch.randn(2, 3, 32, 32), torch.randn(1, 3, 40, 40)
+    graph = prunefx.trace(model, (x,), frontend="export")
+    mask = prunefx.masks.random(graph, 0.5, exact_only=True, seed=0)
+    small = prunefx.reconfigure(model, mask, graph=graph)
+    assert type(small) is type(model) and _params(small) <= 0.8 * _params(model)
+    assert small.config.num_attention_heads == [1, 2] and model.config.num_attention_heads == [1, 2]
+    _same_outputs(small, prunefx.apply_mask(copy.deepcopy(model), mask, graph=graph), (x, other), {})
+    assert "prunefx.transformers.from_pretrained" in prunefx.transformers.stock_reason(small)
+    small.save_pretrained(tmp_path)
+    _same_outputs(prunefx.transformers.from_pretrained(tmp_path), small, (x, other), {})
 
 
 def _bart():

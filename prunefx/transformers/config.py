@@ -14,6 +14,7 @@ When every layer keeps the same sizes, the config's own fields say them:
                                                  residual stream was pruned: approximate)
 
 When they differ, each field holds the largest value (no stock loader builds such a model).
+A field holding one value per stage (SegFormer's list of head counts) is left as it was.
 Either way the config records, under ``config.prunefx``, the per-layer sizes and the sizes
 the model was built with (``original``): ``prunefx.transformers.from_pretrained`` builds with
 those (so that every size a module derives at construction, such as BERT's head width
@@ -84,6 +85,8 @@ def update_config(model: nn.Module, sizes: tuple[LayerSizes, ...]) -> None:
                 continue
             field = field or "head_dim"
             before = getattr(config, field, None)
+            if before is not None and not isinstance(before, int):
+                continue  # one value per stage (SegFormer's num_attention_heads list): the record says the sizes
             original.setdefault(field, was.get(field))
             new = max(values)
             if before != new or key == "head_dim":
