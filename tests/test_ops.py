@@ -122,3 +122,36 @@ def test_roll_along_space_keeps_channels_and_along_channels_pins_them(frontend: 
 
     across = prunefx.trace(Rolled(dims=1).eval(), x, frontend=frontend).group_of("a")
     assert not across.prunable and "roll" in across.reason, across.reason
+
+
+class Transposed(nn.Module):
+    """A Linear written as ``x @ weight.T`` (Falcon's FalconLinear), the transpose spelled four ways."""
+
+    def __init__(self, spelling: str) -> None:
+        super().__init__()
+        self.spelling = spelling
+        self.w1 = nn.Parameter(torch.randn(16, 8))
+        self.w2 = nn.Parameter(torch.randn(4, 16))
+
+    def _t(self, w: torch.Tensor) -> torch.Tensor:
+        return w.adjoint() if self.spelling == "adjoint" else getattr(w, self.spelling)
+
+    def forward(self, x):
+        return torch.relu(x @ self._t(self.w1)) @ self._t(self.w2)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("spelling", ["T", "mT", "mH", "adjoint"])
+def test_transposed_weights_keep_their_channels(spelling: str, frontend: str) -> None:
+    """``w.T`` (aten ``numpy_T``), ``w.mT``, ``w.mH`` and ``w.adjoint()``: the hidden channels
+    between the two products are one exact group (they were pinned as an op without a rule)."""
+    model, x = Transposed(spelling), torch.randn(3, 8)
+    graph = prunefx.trace(model, (x,), frontend=frontend)
+    hidden = [g for g in graph.groups if g.size == 16 and g.prunable]
+    assert len(hidden) == 1 and hidden[0].exact, [(g.name, g.size, g.reason) for g in graph.groups]
+    mask = {hidden[0].name: torch.arange(16) % 3 != 0}
+    ref = prunefx.apply_mask(copy.deepcopy(model), mask, graph=graph)
+    small = prunefx.reconfigure(model, mask, graph=graph)
+    assert small.w1.shape == (10, 8) and small.w2.shape == (4, 10)
+    for inp in (x, torch.randn(5, 8)):
+        torch.testing.assert_close(small(inp), ref(inp), atol=1e-5, rtol=1e-5)

@@ -225,6 +225,13 @@ def _reversal(node: fx.Node, nd: int) -> list[int]:
     return list(range(nd))[::-1]
 
 
+def _last_two_swapped(node: fx.Node, nd: int) -> list[int]:
+    perm = list(range(nd))
+    if nd >= 2:
+        perm[-2], perm[-1] = perm[-1], perm[-2]
+    return perm
+
+
 def _movedim(node: fx.Node, nd: int) -> list[int]:
     src, dst = node.args[1], node.args[2]
     src = [_norm_dim(s, nd) for s in ([src] if isinstance(src, int) else src)]
@@ -249,6 +256,7 @@ def permute_by(order: Callable[[fx.Node, int], list[int]]) -> Callable[[Analyzer
 permute = permute_by(_permutation)
 transpose = permute_by(_transposition)
 reverse_dims = permute_by(_reversal)
+matrix_transpose = permute_by(_last_two_swapped)
 movedim = permute_by(_movedim)
 
 
@@ -517,12 +525,20 @@ def reduction_with_indices(kind: str) -> Callable[[Analyzer, fx.Node], Any]:
 _RETURN_FIELDS = {"values": 0, "indices": 1}  # torch.return_types of max/min/sort/topk/...
 
 
+# tensor attributes that are a transpose (``weight.T`` in ``x @ self.weight.T``); the
+# conjugating ones only change values (zero stays zero)
+_TRANSPOSING = {"T": _reversal, "H": _reversal, "mT": _last_two_swapped, "mH": _last_two_swapped}
+
+
 def attribute(a: Analyzer, node: fx.Node) -> Any:
     """``getattr(x, name)``: ``.values``/``.indices`` of a ``torch.return_types`` pair is that
-    element of its layout; anything else (``x.shape``, ``x.dtype``) is metadata."""
+    element of its layout; ``x.T``/``.mT`` (and conjugating ``.H``/``.mH``) permute its dims;
+    anything else (``x.shape``, ``x.dtype``) is metadata."""
     value, name = a.value(node.args[0]), node.args[1]
     if isinstance(value, tuple) and name in _RETURN_FIELDS and len(value) > _RETURN_FIELDS[name]:
         return value[_RETURN_FIELDS[name]]
+    if isinstance(value, Layout) and name in _TRANSPOSING:
+        return value.permute(_TRANSPOSING[name](node, len(a.shape(node.args[0]))))
     return metadata(a, node)
 
 

@@ -156,7 +156,10 @@ SPECS: tuple[OpSpec, ...] = (
     OpSpec("permute", r.permute, functions=(torch.permute, *_aten("permute.default")), methods=("permute",), empty_ok=True),
     OpSpec("transpose", r.transpose, functions=(torch.transpose, torch.swapaxes, *_aten("transpose.int")),
            methods=("transpose", "swapaxes"), empty_ok=True),
-    OpSpec("t", r.reverse_dims, functions=(torch.t, *_aten("t.default")), methods=("t",)),
+    OpSpec("t", r.reverse_dims, functions=(torch.t, *_aten("t.default", "numpy_T.default")), methods=("t",)),  # x.T
+    OpSpec("matrix transpose", r.matrix_transpose, functions=(  # x.mT, x.mH, x.adjoint()
+        torch.adjoint, *_aten("mT.default", "mH.default", "adjoint.default", "matrix_H.default"),
+    ), methods=("adjoint",)),
     OpSpec("movedim", r.movedim, functions=(torch.movedim,), methods=("movedim",)),
     OpSpec("expand", r.expand, functions=_aten("expand.default"), methods=("expand",), fix=fix.size_list, size_args=True),
     OpSpec("expand_as", r.expand, functions=_aten("expand_as.default"), methods=("expand_as",)),
