@@ -56,9 +56,24 @@ def _gpt2():
                                                                 bos_token_id=0, eos_token_id=0))
 
 
+def _gpt_neox():  # query_key_value fused per head; rotary on a quarter of each head (partial)
+    return transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
+                                                                      num_attention_heads=4, intermediate_size=96))
+
+
+def _gptj():  # interleaved rotary (x[..., ::2]) on the first 8 of each head's 16 dims
+    return transformers.GPTJForCausalLM(transformers.GPTJConfig(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_inner=96,
+                                                                rotary_dim=8, n_positions=64))
+
+
 def _bert():
     return transformers.BertModel(transformers.BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                                           intermediate_size=96, max_position_embeddings=64))
+
+
+def _deberta_v2():  # query_proj/key_proj/value_proj, num_attention_heads read in its forward
+    return transformers.DebertaV2Model(transformers.DebertaV2Config(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
+                                                                    num_attention_heads=4, intermediate_size=96, max_position_embeddings=64))
 
 
 def _roberta():
@@ -94,11 +109,20 @@ FAMILIES = {
     "phi3": (_causal(transformers.Phi3Config, transformers.Phi3ForCausalLM, pad_token_id=0), {"use_cache": False},
              "self_attn.qkv_proj", "mlp.gate_up_proj", lambda: [_tokens(2, 8), _tokens(3, 5), _tokens(1, 11)]),  # fused, q[..., d:] empty
     "gpt2": (_gpt2, {"use_cache": False}, "attn.c_attn", "mlp.c_fc", lambda: [_tokens(2, 8), _tokens(3, 5), _tokens(1, 11)]),
+    "phi": (_causal(transformers.PhiConfig, transformers.PhiForCausalLM), {"use_cache": False},
+            "self_attn.q_proj", "mlp.fc1", lambda: [_tokens(2, 8), _tokens(3, 5), _tokens(1, 11)]),  # partial rotary: cat((q_rot, q_pass), -1)
+    "gpt_neox": (_gpt_neox, {"use_cache": False}, "attention.query_key_value", "mlp.dense_h_to_4h",
+                 lambda: [_tokens(2, 8), _tokens(3, 5), _tokens(1, 11)]),
+    "gptj": (_gptj, {"use_cache": False}, "attn.k_proj", "mlp.fc_in", lambda: [_tokens(2, 8), _tokens(3, 5), _tokens(1, 11)]),
+    "cohere": (_causal(transformers.CohereConfig, transformers.CohereForCausalLM), {"use_cache": False},
+               "self_attn.q_proj", "mlp.gate_proj", lambda: [_tokens(2, 8), _tokens(3, 5), _tokens(1, 11)]),  # interleaved rotary
     "bert": (_bert, {}, "attention.self.query", "intermediate.dense", lambda: [_tokens(2, 8), _tokens(3, 5), _tokens(1, 11)]),
+    "deberta_v2": (_deberta_v2, {}, "attention.self.query_proj", "intermediate.dense", lambda: [_tokens(2, 8), _tokens(3, 5), _tokens(1, 11)]),
     "roberta": (_roberta, {}, "attention.self.query", "intermediate.dense", lambda: [_tokens(2, 8), _tokens(3, 5), _tokens(1, 11)]),
     "vit": (_vit, {}, "attention.q_proj", "mlp.fc1", lambda: [_images(2), _images(3), _images(1)]),
 }
-HEADS = {"llama_gqa": 2, "qwen2": 2, "mistral": 2, "qwen3": 2, "gemma": 2, "phi3": 2, "gpt2": 4, "bert": 4, "roberta": 4, "vit": 4}  # GQA: a slot is a KV head with its query heads
+HEADS = {"llama_gqa": 2, "qwen2": 2, "mistral": 2, "qwen3": 2, "gemma": 2, "phi3": 2, "gpt2": 4, "phi": 2, "gpt_neox": 4, "gptj": 4,
+         "cohere": 2, "bert": 4, "deberta_v2": 4, "roberta": 4, "vit": 4}  # GQA: a slot is a KV head with its query heads
 
 
 def _first_tensor(out) -> torch.Tensor:
@@ -223,7 +247,7 @@ MODULE_EMITTER_REFUSES: dict[str, str] = {}
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_transformers_module_emitter(family: str) -> None:
+def test_transformers_module_emitter(family: str, tmp_path) -> None:
     make, kwargs, _, _, inputs = FAMILIES[family]
     torch.manual_seed(0)
     model = _randomize(make())
@@ -238,11 +262,15 @@ def test_transformers_module_emitter(family: str) -> None:
     assert type(small) is type(model)
     assert prunefx.transformers.layer_sizes(small)[0].num_attention_heads == small.config.num_attention_heads < model.config.num_attention_heads
     # the config says the new sizes where the class reads head_dim from it (else the head width is hidden / heads)
-    assert (prunefx.transformers.stock_reason(small) is None) == (family not in {"gpt2", "bert", "roberta"}), family
+    assert (prunefx.transformers.stock_reason(small) is None) == (family not in {"gpt2", "gpt_neox", "gptj", "bert", "deberta_v2", "roberta"}), family
     ref = prunefx.apply_mask(copy.deepcopy(model), mask, graph=graph)
+    small.save_pretrained(tmp_path)
+    reloaded = prunefx.transformers.from_pretrained(tmp_path)  # whatever the stock loader can do
     for inp in (x, *others):
         with torch.no_grad():
-            assert max_rel_diff(_first_tensor(small(inp, **kwargs)), _first_tensor(ref(inp, **kwargs))) <= 1e-4, tuple(inp.shape)
+            out = _first_tensor(small(inp, **kwargs))
+            assert max_rel_diff(out, _first_tensor(ref(inp, **kwargs))) <= 1e-4, tuple(inp.shape)
+            assert torch.equal(_first_tensor(reloaded(inp, **kwargs)), out), tuple(inp.shape)
 
 
 def test_inspector_on_a_transformers_model() -> None:

@@ -319,18 +319,39 @@ def cat(a: Analyzer, node: fx.Node) -> Any:
 def _cat_grids(a: Analyzer, node: fx.Node, tensors: Sequence[fx.Node], dim: int) -> Layout | None:
     """Pieces of one grid factor (heads x head_dim, say) concatenated along one of its dims,
     as rotary embeddings do with ``cat((-x2, x1), -1)``: the grids are joined along that axis,
-    so the other dims (the heads) stay separate channels. None when the pieces differ in
-    their factors."""
+    so the other dims (the heads) stay separate channels. A piece with channels on fewer of
+    the grid's dims joins too: partial rotary (Phi, StableLM, GPT-NeoX) concatenates the
+    rotated dims, whose layout kept only the heads (the rotation pinned each head's rotated
+    dims together), with the untouched rest of the head, ``cat((q_rot, q_pass), -1)``; each
+    element of such a piece belongs to its head. A piece without any channel on the grid's
+    dims gets pinned ids. None when no piece is a grid on ``dim`` or a piece has channels
+    off the grid."""
     lays = [a.value(t) for t in tensors]
-    fs = [lay.on(dim) if isinstance(lay, Layout) else None for lay in lays]
-    if not fs or any(f is None or len(f.dims) < 2 or f.dims != fs[0].dims for f in fs):  # type: ignore[union-attr]
+    if not all(isinstance(lay, Layout) for lay in lays):
         return None
-    k = fs[0].axis(dim)  # type: ignore[union-attr]
-    rest = {tuple(np.delete(f.ids.shape, k)) for f in fs}  # type: ignore[union-attr]
-    others = {tuple(g.dims for g in lay.factors if g is not f) for lay, f in zip(lays, fs, strict=True)}
-    if len(rest) != 1 or others != {()}:
+    grid = next((f.dims for lay in lays if (f := lay.on(dim)) is not None and len(f.dims) > 1), None)
+    if grid is None:
         return None
-    joined = a.simplify(Factor(fs[0].dims, np.concatenate([f.ids for f in fs], axis=k)))  # type: ignore[union-attr]
+    k = grid.index(dim)
+    pieces = []
+    for t, lay in zip(tensors, lays, strict=True):
+        shape = tuple(a.shape(t)[d] for d in grid)
+        f = lay.on(dim)
+        if f is not None:
+            if f.dims != grid or len(lay.factors) > 1:
+                return None
+            pieces.append(f.ids)
+        elif not lay.factors:  # fixed-size on every dim of the grid
+            ids = a.fresh(shape[k])
+            a.pin(ids, node, "a fixed-size input of this concatenation")
+            pieces.append(np.broadcast_to(np.expand_dims(ids, [i for i in range(len(grid)) if i != k]), shape))
+        elif len(lay.factors) == 1 and len(lay.factors[0].dims) == 1 and lay.factors[0].dims[0] in grid:
+            axis = grid.index(lay.factors[0].dims[0])
+            ids = lay.factors[0].ids
+            pieces.append(np.broadcast_to(np.expand_dims(ids, [i for i in range(len(grid)) if i != axis]), shape))
+        else:
+            return None
+    joined = a.simplify(Factor(grid, np.concatenate(pieces, axis=k)))
     return Layout((joined,), all(lay.zero for lay in lays))
 
 
@@ -411,7 +432,12 @@ def _index_tensor(a: Analyzer, node: fx.Node, lay: Layout, shape: Sequence[int],
         # a slice
         if f is not None and it != slice(None):
             k = f.axis(in_dim)
-            if it.step not in (None, 1):
+            if it.step not in (None, 1) and len(f.dims) > 1:
+                # one axis of a grid (interleaved rotary's x[..., 0::2] over each head's dims):
+                # each line along it is kept or removed whole, so the slice never changes
+                lines = np.moveaxis(factors[f], k, -1).reshape(-1, shape[in_dim])
+                a.unify(lines[:, :1], lines)
+            elif it.step not in (None, 1):
                 a.pin(f.ids, node, "strided slice of a channel dim")
             factors[f] = np.take(factors[f], np.arange(shape[in_dim])[it], axis=k)
         mapping[in_dim] = out_dim

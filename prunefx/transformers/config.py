@@ -6,7 +6,8 @@ When every layer keeps the same sizes, the config's own fields say them:
     num_attention_heads, num_key_value_heads  := the layers' head counts
     head_dim                                  := unchanged (heads are removed whole), written
                                                  explicitly since it is no longer hidden / heads
-    intermediate_size (GPT-2: n_inner, T5: d_ff, BART: encoder_ffn_dim) := the layers' MLP width
+    intermediate_size (GPT-2: n_inner, T5: d_ff, BART: encoder_ffn_dim, OPT: ffn_dim,
+                      Falcon: ffn_hidden_size) := the layers' MLP width
     decoder_attention_heads, decoder_ffn_dim  := the same for an encoder-decoder model's
                                                  decoder stack (BART, Marian, Whisper)
     moe_intermediate_size (Mixtral: intermediate_size) := the routed experts' width
@@ -52,7 +53,7 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "num_attention_heads": ("num_attention_heads",),
     "num_key_value_heads": ("num_key_value_heads",),
     "head_dim": ("head_dim",),
-    "intermediate_size": ("intermediate_size", "n_inner", "d_ff", "encoder_ffn_dim"),
+    "intermediate_size": ("intermediate_size", "n_inner", "d_ff", "encoder_ffn_dim", "ffn_dim", "ffn_hidden_size"),
     "shared_expert_intermediate_size": ("shared_expert_intermediate_size",),
     "expert_intermediate_size": ("moe_intermediate_size", "intermediate_size"),  # Mixtral: its experts' width
 }

@@ -110,12 +110,19 @@ ATTENTION: tuple[AttentionKind, ...] = (
     # Phi-3: one qkv_proj split at config.num_attention_heads * head_dim
     AttentionKind("fused qkv_proj", lambda m: _has(m, "qkv_proj", "o_proj", "head_dim"),
                   lambda m: int(m.head_dim), _fused_heads, config_reads=("num_attention_heads",)),
+    # GPT-NeoX (Pythia): one query_key_value viewed as -1 heads of [q, k, v] (3 * head_size each)
+    AttentionKind("GPT-NeoX query_key_value", lambda m: _has(m, "query_key_value", "dense", "head_size"),
+                  lambda m: int(m.head_size), lambda m, d: (_rows(m.query_key_value) // (3 * d),) * 2),
     # GPT-2: Conv1D c_attn split into split_size parts
     AttentionKind("GPT-2 c_attn", lambda m: _has(m, "c_attn", "split_size", "head_dim"),
                   lambda m: int(m.head_dim), _gpt2_heads),
     # BERT, RoBERTa: query/key/value, attention_head_size
     AttentionKind("query/key/value", lambda m: _has(m, "query", "key", "value", "attention_head_size"),
                   lambda m: int(m.attention_head_size), lambda m, d: (_rows(m.query) // d,) * 2),
+    # DeBERTa(-v2): query_proj/key_proj/value_proj viewed as num_attention_heads heads (its
+    # relative-position projections pos_key_proj/pos_query_proj are laid out alike)
+    AttentionKind("query_proj/key_proj/value_proj", lambda m: _has(m, "query_proj", "key_proj", "value_proj", "attention_head_size"),
+                  lambda m: int(m.attention_head_size), lambda m, d: (_rows(m.query_proj) // d,) * 2),
     # T5: q/k/v/o reshaped to n_heads x key_value_proj_dim, a relative position bias per head
     AttentionKind("T5 q/k/v/o", lambda m: _has(m, "q", "k", "v", "o", "n_heads", "key_value_proj_dim"),
                   lambda m: int(m.key_value_proj_dim), lambda m, d: (_rows(m.q) // d,) * 2, refuse=_t5_refusal),
@@ -135,6 +142,9 @@ MLP: tuple[MlpKind, ...] = (
     MlpKind("down_proj", lambda m: _has(m, "down_proj") and isinstance(m.down_proj, nn.Linear), lambda m: _cols(m.down_proj)),
     MlpKind("GPT-2 c_fc", lambda m: _has(m, "c_fc", "c_proj"), lambda m: _rows(m.c_fc)),
     MlpKind("fc1/fc2", lambda m: _has(m, "fc1", "fc2"), lambda m: _rows(m.fc1)),
+    MlpKind("dense_h_to_4h", lambda m: _has(m, "dense_h_to_4h", "dense_4h_to_h"), lambda m: _rows(m.dense_h_to_4h)),  # GPT-NeoX, Falcon
+    MlpKind("fc_in/fc_out", lambda m: _has(m, "fc_in", "fc_out"), lambda m: _rows(m.fc_in)),  # GPT-J, CodeGen
+    MlpKind("lin1/lin2", lambda m: _has(m, "lin1", "lin2"), lambda m: _rows(m.lin1)),  # DistilBERT
     MlpKind("T5 wi/wo", lambda m: _has(m, "wo") and (_has(m, "wi") or _has(m, "wi_0")), lambda m: _cols(m.wo)),
     MlpKind("BERT intermediate", lambda m: _has(m, "dense", "intermediate_act_fn"), lambda m: _rows(m.dense)),
 )
