@@ -457,10 +457,15 @@ def custom_functions_refused(model: nn.Module) -> Iterator[None]:
     with _apply_patched(apply):
         yield
     if seen:
+        from prunefx.tracing import is_transformers_model
+
         cls, where = seen[0]
         at = f" at {where}" if where else ""
+        # fx keeps the Function as one opaque call, but cannot trace a transformers model
+        advice = ("fx cannot trace a transformers model: while it is pruned, let the module calling the Function run "
+                  "the torch ops of the Function's forward instead") if is_transformers_model(model) else (
+                  "use frontend='fx', which keeps it as one opaque call (its channels pinned)")
         raise TraceError(
             f"{type(model).__name__} calls the custom autograd Function {cls.__module__}.{cls.__qualname__}{at}: torch.export "
-            "inlines its forward and drops its backward, so the reconfigured model would train differently; use "
-            "frontend='fx', which keeps it as one opaque call (its channels pinned)"
+            f"inlines its forward and drops its backward, so the reconfigured model would train differently; {advice}"
         )

@@ -453,3 +453,34 @@ def test_a_training_model_is_captured_in_evaluation_mode() -> None:
     small.train()
     first, second = (small(x, use_cache=False).logits for _ in range(2))
     assert not torch.equal(first, second)  # dropout is live in training mode
+
+
+def test_a_custom_function_in_a_transformers_model(monkeypatch) -> None:
+    """BLOOM's MLP calls a custom autograd Function (GeLUFunction), which torch.export would
+    inline without its backward: the capture is refused, and since fx cannot trace a
+    transformers model the message says what works instead; doing it (the module runs the
+    Function's forward ops while it is pruned) prunes the MLP exactly, and the pruned BLOOM
+    calls the Function again."""
+    from transformers.models.bloom import modeling_bloom
+
+    cfg = transformers.BloomConfig(vocab_size=128, hidden_size=64, n_layer=2, n_head=4)
+    model = _randomize(transformers.BloomForCausalLM(cfg))
+    x, other = torch.randint(1, 128, (2, 8)), torch.randint(1, 128, (3, 5))
+    kwargs = {"use_cache": False}
+    with pytest.raises(prunefx.TraceError, match="GeLUFunction.*fx cannot trace a transformers model"):
+        prunefx.trace(model, (x,), example_kwargs=kwargs)
+    with monkeypatch.context() as patch:
+        patch.setattr(modeling_bloom.BloomGelu, "forward", lambda self, h: modeling_bloom.bloom_gelu_forward(h))
+        graph = prunefx.trace(model, (x,), example_kwargs=kwargs)
+        mask = prunefx.masks.random(graph, 0.5, exact_only=True, seed=0)
+        small = prunefx.reconfigure(model, mask, graph=graph)
+        ref = prunefx.apply_mask(copy.deepcopy(model), mask, graph=graph)
+    assert any(k.endswith("mlp.dense_h_to_4h") for k in mask) and _params(small) < 0.8 * _params(model)
+    _same_outputs(small, ref, (x, other), kwargs)
+    seen, todo = set(), [small(x, **kwargs).logits.grad_fn]
+    while todo:  # the autograd graph of the pruned model's output
+        fn = todo.pop()
+        if fn is not None and fn not in seen:
+            seen.add(fn)
+            todo.extend(f for f, _ in fn.next_functions)
+    assert any(type(fn).__name__ == "GeLUFunctionBackward" for fn in seen)
