@@ -115,6 +115,10 @@ def get_attr(a: Analyzer, node: fx.Node) -> Any:
         # a table the model derives from its config (rotary inv_freq, position ids, lifted
         # constants): its sizes are fixed, like an input's
         return Layout((), False)
+    if not node.users:
+        # read by no node (export lists every parameter; DINOv2's mask_token serves only a
+        # bool_masked_pos the example did not pass): no group of its own, it is kept whole
+        return Layout((), is_param)
     role = Role.WRITE if is_param else Role.STAT
     lay = a.param_layout(node.target, node, {d: role for d in range(len(shape)) if shape[d] > 1})
     return lay.with_zero(is_param)
