@@ -44,6 +44,7 @@ import re
 import sys
 import traceback
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -304,14 +305,30 @@ def _check(small: nn.Module, reference: nn.Module, graph: PruneGraph, other_mode
     args, kwargs = _inputs(graph, small)
     with in_mode(small, False), in_mode(reference, False), torch.no_grad():
         try:
-            got = small(*args, **kwargs)
+            with same_random(small):
+                got = small(*args, **kwargs)
         except Exception as exc:  # any failure of user code means "cannot be expressed"
             raise _error(small, reference, args, kwargs, exc, "evaluation") from exc
-        problem = _compare(got, reference(*args, **kwargs))
+        with same_random(small):
+            want = reference(*args, **kwargs)
+        problem = _compare(got, want)
         if problem:
             raise _error(small, reference, args, kwargs, None, "evaluation", problem)
     if other_mode:
         _check_training_shapes(small, reference, args, kwargs)
+
+
+@contextmanager
+def same_random(model: nn.Module) -> Iterator[None]:
+    """torch's random state seeded for the duration, and put back after: a forward that draws
+    random numbers (ViT-MAE shuffles its patches by ``torch.rand`` noise, also in eval mode)
+    draws the same ones in each model compared, and the caller's random stream goes on as if
+    nothing had run."""
+    device = _device(model)
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(0)
+        yield
 
 
 def _device(m: nn.Module) -> torch.device:
@@ -499,7 +516,7 @@ def _record_calls(reference: nn.Module, args: tuple, kwargs: dict) -> dict[tuple
             handles.append(m.register_forward_pre_hook(pre(name), with_kwargs=True))
             handles.append(m.register_forward_hook(post(name), with_kwargs=True))
     try:
-        with torch.no_grad():  # in the mode the check runs in
+        with torch.no_grad(), same_random(reference):  # in the mode the check runs in
             reference(*args, **kwargs)
     except Exception:  # whatever ran before a failure is still evidence
         pass
@@ -557,7 +574,7 @@ def _first_divergence(
             handles.append(m.register_forward_pre_hook(pre(name), with_kwargs=True))
             handles.append(m.register_forward_hook(post(name), with_kwargs=True))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), same_random(small):
             small(*args, **kwargs)
     except _Diverged as d:
         return d.where

@@ -40,7 +40,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils.flop_counter import FlopCounterMode
 
 from prunefx.shapes import _meta_state, _MetaShapeProp, _to_meta, _TrackingShapeProp
-from prunefx.tracing import constants_removed_after
+from prunefx.tracing import attributes_restored
 
 __all__ = ["NodeCost", "count_flops", "count_params", "flop_counter", "node_costs", "tensor_bytes"]
 
@@ -130,7 +130,7 @@ def count_flops(model: nn.Module, example_inputs: Any) -> int:
         if isinstance(model, fx.GraphModule):
             gm = model
         else:
-            with constants_removed_after(model):  # fx would leave its constants on the model
+            with attributes_restored(model):  # fx would leave its constants on the model
                 gm = fx.symbolic_trace(model)
     except Exception:  # not traceable: run the module itself on meta tensors
         with _reparametrize_module(model, _meta_state(model)), torch.no_grad(), flop_counter() as counter:

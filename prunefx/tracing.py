@@ -42,7 +42,7 @@ from torch.fx.proxy import ParameterProxy
 from prunefx import guards, ops
 from prunefx.errors import TraceError
 
-__all__ = ["SourceLoc", "Traced", "symbolic_trace", "describe_node", "guess_example_inputs", "in_mode", "is_transformers_model", "constants_removed_after"]
+__all__ = ["SourceLoc", "Traced", "symbolic_trace", "describe_node", "guess_example_inputs", "in_mode", "is_transformers_model", "attributes_restored"]
 
 
 def is_transformers_model(model: nn.Module) -> bool:
@@ -300,7 +300,7 @@ def symbolic_trace(
     """
     if not isinstance(model, nn.Module):
         raise TraceError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    with constants_removed_after(model):
+    with attributes_restored(model):
         leaves = tuple(leaf_modules)
         tracer = _Tracer(leaves)
         try:
@@ -322,22 +322,27 @@ def symbolic_trace(
     return Traced(main, sources, other, model.training)
 
 
-_FX_CONSTANTS = ("_tensor_constant", "_torchbind_obj", "_tree_spec_constant", "_opaque_obj")
-
-
 @contextmanager
-def constants_removed_after(model: nn.Module) -> Iterator[None]:
-    """fx stores each constant a trace creates (``torch.tensor([2.0])`` in a forward) on the
-    traced model itself, as ``model._tensor_constant0``, ... under names no attribute has yet;
-    the GraphModule takes its own reference. Removed once the traces of both modes are built
-    (so their constants keep distinct names), also when tracing fails: the model is left as
-    it was, and repeated traces (a PruneTrain shrink) do not pile up attributes."""
-    before = set(model.__dict__)
+def attributes_restored(model: nn.Module) -> Iterator[None]:
+    """Every module's attributes as they were before, once the capture is done (also when it
+    fails): fx stores each constant a trace creates (``torch.tensor([2.0])`` in a forward) on
+    the traced model itself, as ``model._tensor_constant0``, ... (the GraphModule takes its own
+    reference), and a forward may set attributes while it is captured (Funnel's
+    ``attention_structure.seq_len = seq_len`` leaves a SymInt under torch.export, a Proxy
+    under fx, and the model no longer deep-copies). Attributes added are removed, replaced
+    ones put back; the contents of ``_parameters``/``_buffers``/``_modules`` are not
+    touched. Repeated traces (a PruneTrain shrink) do not pile up attributes."""
+    saved = [(m.__dict__, dict(m.__dict__)) for m in model.modules()]
     try:
         yield
     finally:
-        for key in [k for k in model.__dict__ if k not in before and k.startswith(_FX_CONSTANTS)]:
-            del model.__dict__[key]
+        for now, before in saved:
+            if len(now) != len(before) or any(now.get(k, _GONE) is not v for k, v in before.items()):
+                now.clear()
+                now.update(before)
+
+
+_GONE = object()
 
 
 @contextmanager

@@ -744,6 +744,41 @@ def test_real_run_fallback_never_changes_the_model(how, traces: bool, entry: str
         assert str(opt.state_dict()) == str(opt_before)
 
 
+class _Remembers(nn.Module):
+    """A forward that keeps something of its input on a module (Funnel's
+    ``attention_structure.seq_len``): a Proxy under fx, a SymInt or fake tensor under
+    torch.export, if the capture left it there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.width = x.shape[-1]
+        self.bn.last = x.mean()
+        return self.fc(F.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("ran_before", [False, True], ids=["fresh", "after-a-forward"])
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_attributes_a_forward_sets_are_put_back_after_the_capture(frontend: str, ran_before: bool) -> None:
+    torch.manual_seed(0)
+    model = randomize_norms(_Remembers()).eval()
+    if ran_before:
+        with torch.no_grad():
+            model(X)
+    before = [(m, dict(vars(m))) for m in model.modules()]
+    graph = prunefx.trace(model, X, frontend=frontend)
+    for m, attrs in before:
+        assert vars(m).keys() == attrs.keys() and all(vars(m)[k] is v for k, v in attrs.items()), type(m).__name__
+    copy.deepcopy(model)  # a SymInt or fake tensor left behind would make this raise
+    mask = {"conv": bools(1, 0, 1, 1, 0, 1, 1, 0)}
+    small = prunefx.reconfigure(model, mask, graph=graph)
+    ref = prunefx.apply_mask(copy.deepcopy(model), mask, graph=graph)
+    with torch.no_grad():
+        assert max_rel_diff(small(X), ref(X)) < 1e-5
+
+
 # ============================================================================= masks: values and keys
 
 MASK_BAD_VALUES: list[tuple[str, Any, tuple[str, ...]]] = [

@@ -39,7 +39,14 @@ from torch.utils import _pytree as pytree
 
 from prunefx import guards
 from prunefx.errors import TraceError
-from prunefx.tracing import _TORCH_DIR, SourceLoc, Traced, in_mode, is_transformers_model
+from prunefx.tracing import (
+    _TORCH_DIR,
+    SourceLoc,
+    Traced,
+    attributes_restored,
+    in_mode,
+    is_transformers_model,
+)
 
 __all__ = ["export_trace", "dynamic_shapes_for"]
 
@@ -112,7 +119,8 @@ def _guarded_capture(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, 
     traced = guards.traced_modules(model, lambda m, name: False)  # export traces every module's forward
     guards.refuse_reparametrized(model)
     guards.refuse_traced_backward_hooks(model, traced, frontend="export")
-    with guards.watch_hooks(model, traced, frontend="export") as watch, guards.custom_functions_refused(model):
+    with attributes_restored(model), guards.watch_hooks(model, traced, frontend="export") as watch, \
+            guards.custom_functions_refused(model):
         ep = _capture(model, args, kwargs)
     watch.check()
     return ep
