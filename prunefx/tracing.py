@@ -336,13 +336,9 @@ def attributes_restored(model: nn.Module) -> Iterator[None]:
     try:
         yield
     finally:
-        for now, before in saved:
-            if len(now) != len(before) or any(now.get(k, _GONE) is not v for k, v in before.items()):
-                now.clear()
-                now.update(before)
-
-
-_GONE = object()
+        for now, before in saved:  # (putting back what did not change is cheaper than comparing)
+            now.clear()
+            now.update(before)
 
 
 @contextmanager
