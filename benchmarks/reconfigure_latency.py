@@ -244,7 +244,7 @@ def measure(name: str, repeats: int, *, with_tp: bool, tp_timeout: float = 90.0,
         row.kept_params = _n_params(small) / row.params
         if isinstance(small, fx.GraphModule):
             row.codegen.append(timed(small.recompile)[0])
-            with prunefx.tracing.constants_removed_after(model):
+            with prunefx.tracing.attributes_restored(model):
                 row.fx_trace.append(timed(fx.Tracer().trace, model)[0])
         slices = kept_slices(model, small)
         del small, graph
