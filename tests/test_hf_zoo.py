@@ -74,11 +74,10 @@ ZOO: dict[str, tuple[str, str, dict, str, set[tuple[str, int]]]] = {
     "opt": ("OPTConfig", "OPTForCausalLM", dict(vocab_size=V, hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4,
                                                 word_embed_proj_dim=64), "tokens",
             {("model.decoder.layers.0.self_attn.k_proj", 4), ("model.decoder.layers.0.fc1", 96)}),
-    # the ALiBi biases, built for config.n_heads heads, pin the heads; the value channels
-    # inside each head are exact, but MptAttention reshapes to self.n_heads heads of
-    # self.head_dim (see MODULE_REFUSED): the graph emitter prunes them
+    # the ALiBi biases, built for config.n_heads heads, pin the heads; MptAttention reshapes
+    # to self.n_heads heads of self.head_dim, so the value channels inside a head are pinned too
     "mpt": ("MptConfig", "MptForCausalLM", dict(vocab_size=V, d_model=64, n_layers=2, n_heads=4, expansion_ratio=2, max_seq_len=64),
-            "tokens", {("transformer.blocks.0.attn.Wqkv#1", 16), ("transformer.blocks.0.ffn.up_proj", 256)}),
+            "tokens", {("transformer.blocks.0.ffn.up_proj", 256)}),
     # encoders
     "distilbert": ("DistilBertConfig", "DistilBertModel", dict(vocab_size=V, dim=64, n_layers=2, n_heads=4, hidden_dim=96,
                                                                max_position_embeddings=64), "tokens",
@@ -143,7 +142,6 @@ REFUSED = {
 # the module emitter refuses (its check finds the class's forward disagreeing with the pruned
 # graph); emit="graph" gives the pruned model
 MODULE_REFUSED = {
-    "mpt": "MptAttention",  # reshapes to self.n_heads heads of self.head_dim channels
     "mamba": "MambaMixer",  # splits x_proj's output at self.time_step_rank
 }
 KWARGS = {"mamba": {"use_cache": False}}  # (causal LMs too) its cache object is no tensor output

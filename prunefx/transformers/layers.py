@@ -113,6 +113,10 @@ ATTENTION: tuple[AttentionKind, ...] = (
     # GPT-NeoX (Pythia): one query_key_value viewed as -1 heads of [q, k, v] (3 * head_size each)
     AttentionKind("GPT-NeoX query_key_value", lambda m: _has(m, "query_key_value", "dense", "head_size"),
                   lambda m: int(m.head_size), lambda m, d: (_rows(m.query_key_value) // (3 * d),) * 2),
+    # MPT: Wqkv split in three, each reshaped to self.n_heads heads of self.head_dim (its
+    # ALiBi biases, built for config.n_heads, pin the heads; the record pins what is inside one)
+    AttentionKind("MPT Wqkv", lambda m: _has(m, "Wqkv", "out_proj", "n_heads", "head_dim"),
+                  lambda m: int(m.head_dim), lambda m, d: (_rows(m.Wqkv) // (3 * d),) * 2),
     # GPT-2: Conv1D c_attn split into split_size parts
     AttentionKind("GPT-2 c_attn", lambda m: _has(m, "c_attn", "split_size", "head_dim"),
                   lambda m: int(m.head_dim), _gpt2_heads),
