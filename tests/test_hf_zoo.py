@@ -123,7 +123,8 @@ ZOO: dict[str, tuple[str, str, dict, str, set[tuple[str, int]]]] = {
                   {("encoder.layers.0.self_attn.k_proj", 4), ("encoder.layers.0.mlp.fc1", 96)}),
     "resnet": ("ResNetConfig", "ResNetModel", dict(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], layer_type="bottleneck"), "images",
                {("embedder.embedder.convolution", 16), ("encoder.stages.0.layers.0.layer.0.convolution", 4)}),
-    # a state-space model: the time-step rank's channels are exact; the rest meets the scan's fixed-size state
+    # a state-space model: the time-step rank's channels are exact (MambaMixer.time_step_rank follows
+    # dt_proj); the rest meets the scan's fixed-size state
     "mamba": ("MambaConfig", "MambaModel", dict(vocab_size=V, hidden_size=64, state_size=8, num_hidden_layers=2, expand=2, conv_kernel=4),
               "tokens", {("layers.0.mixer.x_proj", 4)}),
     "wav2vec2": ("Wav2Vec2Config", "Wav2Vec2Model", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
@@ -141,12 +142,10 @@ REFUSED = {
 }
 # the module emitter refuses (its check finds the class's forward disagreeing with the pruned
 # graph); emit="graph" gives the pruned model
-MODULE_REFUSED = {
-    "mamba": "MambaMixer",  # splits x_proj's output at self.time_step_rank
-}
+MODULE_REFUSED: dict[str, str] = {}
 KWARGS = {"mamba": {"use_cache": False}}  # (causal LMs too) its cache object is no tensor output
 # captured with static shapes (prunefx warns): Mamba's scan loops over the sequence in Python,
-# so its graph, and the pruned graph, hold one sequence length
+# so its graph holds one sequence length (the module emitter's result, its own class, runs at any)
 STATIC = {"mamba"}
 
 

@@ -37,7 +37,7 @@ from prunefx.errors import ReconfigureError
 
 __all__ = [
     "LayerSizes", "AttentionKind", "MlpKind", "ATTENTION", "MLP", "decoder_layers", "decoder_stack", "layer_sizes", "stack_sizes", "write_sizes", "attention_of",
-    "attention_modules", "mlp_of", "experts_of",
+    "attention_modules", "mlp_of", "experts_of", "SIZE_ATTRIBUTES",
 ]
 
 
@@ -291,6 +291,14 @@ def _write_heads(attn: nn.Module, heads: int, kv: int, d: int) -> None:
             setattr(attn, attr, values[attr])
 
 
+# Other int attributes a forward reads that follow a weight of the same module:
+# (which modules have it, the attribute, its value from the weights)
+SIZE_ATTRIBUTES: tuple[tuple[Callable[[Any], bool], str, Callable[[Any], int]], ...] = (
+    # Mamba: x_proj's output is split at time_step_rank, the input width of dt_proj
+    (lambda m: _has(m, "x_proj", "dt_proj", "time_step_rank"), "time_step_rank", lambda m: _cols(m.dt_proj)),
+)
+
+
 def write_sizes(model: nn.Module) -> tuple[LayerSizes, ...]:
     """Set every size attribute the attention/MLP modules and GPT-2's Conv1D read at run time
     from their weights; returns the per-layer sizes."""
@@ -299,6 +307,9 @@ def write_sizes(model: nn.Module) -> tuple[LayerSizes, ...]:
     for m in model.modules():
         if isinstance(m, Conv1D):  # forward reshapes to nf; weight (nx, nf)
             m.nx, m.nf = int(m.weight.shape[0]), int(m.weight.shape[1])
+        for matches, attr, value in SIZE_ATTRIBUTES:
+            if matches(m) and isinstance(getattr(m, attr), int):
+                setattr(m, attr, value(m))
     sizes = layer_sizes(model)
     for path, attn, kind in attention_modules(model):  # every layer's, and those of another stack
         if kind.refuse is not None and kind.refuse(attn) is None:
