@@ -228,8 +228,7 @@ class Analyzer:
             return Layout(tuple(rest), lay.zero), f.ids
         k = f.axis(dim)
         moved = np.moveaxis(f.ids, k, -1)
-        flat = moved.reshape(-1, moved.shape[-1])
-        self.unify(flat[:, :1], flat)  # every slice along the other dims becomes one class
+        self.unite_lines(f.ids, [k])  # every slice along the other dims becomes one class
         along = self.uf.find(np.moveaxis(f.ids, k, 0).reshape(f.ids.shape[k], -1)[:, 0])
         kept = self.simplify(Factor(tuple(d for d in f.dims if d != dim), self.uf.find(moved[..., 0])))
         return Layout((*rest, kept), lay.zero), along
@@ -277,10 +276,14 @@ class Analyzer:
         if fixed == set(f.dims):
             self.pin(f.ids, node, f"combined with a fixed-size tensor along dim {d}")
             return False
-        axes = [f.axis(k) for k in sorted(fixed)]
-        lines = np.moveaxis(f.ids, axes, list(range(-len(axes), 0))).reshape(-1, int(np.prod([f.ids.shape[a] for a in axes])))
-        self.unify(lines[:, :1], lines)
+        self.unite_lines(f.ids, [f.axis(k) for k in sorted(fixed)])
         return True
+
+    def unite_lines(self, ids: np.ndarray, axes: Sequence[int]) -> None:
+        """Unite the ids of each line along ``axes`` of a grid (one line per index of its
+        other axes): a head kept or removed whole, so those axes never change size."""
+        lines = np.moveaxis(ids, list(axes), list(range(-len(axes), 0))).reshape(-1, int(np.prod([ids.shape[a] for a in axes])))
+        self.unify(lines[:, :1], lines)
 
     def reshape(self, node: fx.Node, lay: Layout, src: Sequence[int], dst: Sequence[int]) -> Layout:
         """Layout after a reshape that keeps element order (view, flatten, squeeze, ...)."""

@@ -348,15 +348,18 @@ def _cat_grids(a: Analyzer, node: fx.Node, tensors: Sequence[fx.Node], dim: int)
         elif not lay.factors:  # fixed-size on every dim of the grid
             ids = a.fresh(shape[k])
             a.pin(ids, node, "a fixed-size input of this concatenation")
-            pieces.append(np.broadcast_to(np.expand_dims(ids, [i for i in range(len(grid)) if i != k]), shape))
+            pieces.append(_spread(ids, k, shape))
         elif len(lay.factors) == 1 and len(lay.factors[0].dims) == 1 and lay.factors[0].dims[0] in grid:
-            axis = grid.index(lay.factors[0].dims[0])
-            ids = lay.factors[0].ids
-            pieces.append(np.broadcast_to(np.expand_dims(ids, [i for i in range(len(grid)) if i != axis]), shape))
+            pieces.append(_spread(lay.factors[0].ids, grid.index(lay.factors[0].dims[0]), shape))
         else:
             return None
     joined = a.simplify(Factor(grid, np.concatenate(pieces, axis=k)))
     return Layout((joined,), all(lay.zero for lay in lays))
+
+
+def _spread(ids: np.ndarray, axis: int, shape: tuple[int, ...]) -> np.ndarray:
+    """1-D ``ids`` laid along ``axis`` of a grid of ``shape``, repeated along its other axes."""
+    return np.broadcast_to(np.expand_dims(ids, [i for i in range(len(shape)) if i != axis]), shape)
 
 
 def stack(a: Analyzer, node: fx.Node) -> Any:
@@ -439,8 +442,7 @@ def _index_tensor(a: Analyzer, node: fx.Node, lay: Layout, shape: Sequence[int],
             if it.step not in (None, 1) and len(f.dims) > 1:
                 # one axis of a grid (interleaved rotary's x[..., 0::2] over each head's dims):
                 # each line along it is kept or removed whole, so the slice never changes
-                lines = np.moveaxis(factors[f], k, -1).reshape(-1, shape[in_dim])
-                a.unify(lines[:, :1], lines)
+                a.unite_lines(factors[f], [k])
             elif it.step not in (None, 1):
                 a.pin(f.ids, node, "strided slice of a channel dim")
             factors[f] = np.take(factors[f], np.arange(shape[in_dim])[it], axis=k)
@@ -457,8 +459,7 @@ def _index_tensor(a: Analyzer, node: fx.Node, lay: Layout, shape: Sequence[int],
         k = dims_of[f].index(d)
         ids = factors[f]
         if len(dims_of[f]) > 1:
-            lines = np.moveaxis(ids, k, -1).reshape(-1, ids.shape[k])
-            a.unify(lines[:, :1], lines)
+            a.unite_lines(ids, [k])
         else:
             a.pin(np.take(ids, [i], axis=k), node, "integer index into a channel dim")
         factors[f] = np.take(ids, i, axis=k)
