@@ -1,6 +1,7 @@
 import gc
 import os
 import sys
+import warnings
 
 import pytest
 import torch
@@ -17,3 +18,15 @@ def _release_cycles():
     peaked at 19.2 GB, each alone at 11.8 GB)."""
     yield
     gc.collect()
+
+
+@pytest.fixture
+def quiet_transformers():
+    """transformers' logging at errors only and warnings silenced, for tests that build many
+    tiny random-init transformers models (use with ``pytest.mark.usefixtures``)."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield

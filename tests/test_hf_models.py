@@ -30,7 +30,6 @@ nothing downloaded), each traced once through the export front-end:
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
@@ -45,12 +44,7 @@ CAUSAL = {"llama_gqa", "qwen2", "mistral", "gpt2"}
 STOCK_LOADS_UNIFORM = {"llama_gqa", "qwen2", "mistral", "vit"}  # head_dim is read from the config
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    transformers.logging.set_verbosity_error()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.usefixtures("quiet_transformers")
 
 
 def _out(model, inp, kwargs) -> torch.Tensor:

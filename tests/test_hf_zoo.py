@@ -19,7 +19,6 @@ Where prunefx cannot do that, the model is listed with the ``PruneFxError`` it g
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
@@ -150,12 +149,7 @@ MODULE_REFUSED: dict[str, str] = {}
 KWARGS = {"mamba": {"use_cache": False}}
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    transformers.logging.set_verbosity_error()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.usefixtures("quiet_transformers")
 
 
 def _inputs(kind: str) -> list[torch.Tensor]:
