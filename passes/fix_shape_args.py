@@ -40,6 +40,7 @@ def _sizes(state: RewriteState, node_sizes: Sequence[Any], new_sizes: Sequence[A
     replaced, and so is a size computed at run time (``x.size(1) // 2``) whose value under
     the pruned shapes would not (``-1`` is left to infer)."""
     evaluate = SizeValues(state.plan.new_shapes)
+    before = SizeValues(state.plan.analysis.shapes.of)
     out = list(new_sizes)
     for i, s in enumerate(node_sizes):
         want = int(new_shape[i + offset])
@@ -48,19 +49,21 @@ def _sizes(state: RewriteState, node_sizes: Sequence[Any], new_sizes: Sequence[A
         if isinstance(s, int) and s != want:
             out[i] = want
         elif isinstance(s, fx.Node) and evaluate(s) != want:
-            out[i] = _rescaled(s, new_sizes[i], want, evaluate) or want
+            out[i] = _rescaled(s, new_sizes[i], want, evaluate, before) or want
     return out
 
 
-def _rescaled(size: fx.Node, copy: Any, want: int, evaluate: SizeValues) -> fx.Node | None:
+def _rescaled(size: fx.Node, copy: Any, want: int, evaluate: SizeValues, before: SizeValues) -> fx.Node | None:
     """``batch * heads`` (a run-time size times a literal, as attention computes the
     merged batch-and-heads dim) becomes ``batch * heads'``: the run-time factor stays
-    dynamic instead of being frozen to the example's value."""
+    dynamic instead of being frozen to the example's value. Only a factor that pruning
+    leaves as it was: a stale one (``C * 3`` with C pruned, VOLO's fold) is frozen to its
+    original value in the new product by ``FreezeStaleSizes``, which would scale it twice."""
     if size.target is not operator.mul or len(size.args) != 2 or not isinstance(copy, fx.Node):
         return None
     (dyn, lit), (dyn_copy, _) = _split_literal(size.args), _split_literal(copy.args)
     value = evaluate(dyn)
-    if not isinstance(lit, int) or not isinstance(value, int) or value <= 0 or want % value:
+    if not isinstance(lit, int) or not isinstance(value, int) or value <= 0 or want % value or before(dyn) != value:
         return None
     with copy.graph.inserting_after(copy):
         return copy.graph.call_function(operator.mul, (dyn_copy, want // value))
@@ -76,8 +79,10 @@ def size_list(state: RewriteState, node: fx.Node, new: fx.Node) -> None:
         return
     new_shape = state.plan.new_shapes[node]
     if len(node.args) == 2 and isinstance(node.args[1], fx.Node) and isinstance(SizeValues(state.plan.analysis.shapes.of)(node.args[1]), tuple):
-        # the whole shape as one value (timm's `x.reshape(y.shape)`): right if it is the pruned shape
-        if SizeValues(state.plan.new_shapes)(node.args[1]) != tuple(new_shape):
+        # the whole shape as one value (timm's `x.reshape(y.shape)`, MaxViT's `x.shape[:-1] + (-1,)`):
+        # right if it is the pruned shape, up to a -1 that infers its dim
+        value = SizeValues(state.plan.new_shapes)(node.args[1])
+        if len(value) != len(new_shape) or any(v != -1 and v != s for v, s in zip(value, new_shape)):
             new.args = (new.args[0], [int(d) for d in new_shape])
         return
     packed = len(new.args) == 2 and isinstance(new.args[1], (list, tuple))

@@ -11,6 +11,7 @@ original value in every use that is not a shape argument (``FixShapeArgs`` handl
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ __all__ = ["SizeValues", "FreezeStaleSizes"]
 _ARITH = {
     operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv, operator.mod,
     operator.pow, operator.neg,
+    math.ceil, math.floor, math.trunc,  # fx wraps math's functions: VOLO's ``math.ceil(H / stride)``
 }
 
 

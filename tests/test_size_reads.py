@@ -40,3 +40,63 @@ def test_size_reads_are_sizes_or_numbers() -> None:
     assert diff <= 1e-5
     assert small.a.out_channels == 5
     assert "8" in small.code  # the frozen numbers
+
+
+class Outlook(nn.Module):
+    """timm VOLO's outlook attention between two layers: its value channels are read as
+    the input's width (``C * k * k``), and its spatial sizes as ``math.ceil(H / stride)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from timm.models.volo import OutlookAttention
+
+        self.inp = nn.Linear(8, 24)
+        self.attn = OutlookAttention(24, 3, stride=2)
+        self.out = nn.Linear(24, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.attn(self.inp(x)))
+
+
+def test_a_stale_width_times_a_literal_is_not_rescaled_twice() -> None:
+    """``C * 3 * 3`` with C the pruned input width, as a size of the unpruned value channels:
+    the product is the original size (it was rescaled from C's new value while C itself was
+    frozen to its old one, a reshape to twice the size that did not run); and the spatial
+    sizes ``ceil(H / 2) * ceil(W / 2)`` stay computed at run time."""
+    torch.manual_seed(0)
+    model = Outlook().eval()
+    x = torch.randn(2, 8, 8, 8)
+    graph = prunefx.trace(model, x)
+    mask = prunefx.masks.random(graph, 0.5, exact_only=True, seed=1)
+    assert "inp" in mask
+    small, diff = check_exact(model, x, mask, graph)
+    assert diff <= 1e-5
+    for other in (torch.randn(3, 12, 12, 8), torch.randn(1, 6, 10, 8)):  # other batch and spatial sizes
+        _, diff = check_exact(model, other, mask, graph)
+        assert diff <= 1e-5
+    assert "216" in small.code  # the 24 value channels x 9, a literal
+
+
+class ShapeTail(nn.Module):
+    """timm MaxViT's ``x.reshape(x.shape[:-1] + (-1,))`` after a pruned layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 12)
+        self.b = nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x).view(x.shape[0], x.shape[1], 3, -1)
+        return self.b(y.reshape(y.shape[:-2] + (-1,)))
+
+
+def test_a_whole_shape_ending_in_minus_one_stays_dynamic() -> None:
+    torch.manual_seed(0)
+    model = ShapeTail().eval()
+    x = torch.randn(2, 5, 4)
+    graph = prunefx.trace(model, x)
+    mask = {"a": torch.arange(12) % 3 != 0}
+    small, diff = check_exact(model, x, mask, graph)
+    assert diff <= 1e-5
+    _, diff = check_exact(model, torch.randn(3, 7, 4), mask, graph)  # the example's sizes are not frozen
+    assert diff <= 1e-5
