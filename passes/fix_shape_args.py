@@ -82,7 +82,8 @@ def size_list(state: RewriteState, node: fx.Node, new: fx.Node) -> None:
         # the whole shape as one value (timm's `x.reshape(y.shape)`, MaxViT's `x.shape[:-1] + (-1,)`):
         # right if it is the pruned shape, up to a -1 that infers its dim
         value = SizeValues(state.plan.new_shapes)(node.args[1])
-        if len(value) != len(new_shape) or any(v != -1 and v != s for v, s in zip(value, new_shape)):
+        if not isinstance(value, tuple) or len(value) != len(new_shape) \
+                or any(v != -1 and v != s for v, s in zip(value, new_shape, strict=True)):
             new.args = (new.args[0], [int(d) for d in new_shape])
         return
     packed = len(new.args) == 2 and isinstance(new.args[1], (list, tuple))

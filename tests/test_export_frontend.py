@@ -300,3 +300,64 @@ def test_static_capture_when_dynamic_shapes_fail_says_so(monkeypatch) -> None:
     with pytest.warns(UserWarning, match=r"Constraints violated.*static shapes"):
         graph = prunefx.trace(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)).eval(), torch.randn(3, 4), frontend="export")
     assert graph.group_of("0").prunable and graph.frontend == "export"
+
+
+class ModeBlocks(nn.Module):
+    """A forward with ``with torch.autocast(..., enabled=False)`` (EfficientViT's attention
+    in float32) and ``with torch.no_grad()`` blocks: torch.export captures each as a
+    higher-order op calling a subgraph, which the front-end inlines between the calls that
+    enter and leave the mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 16)
+        self.b = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.a(x))
+        with torch.autocast(device_type="cpu", enabled=False):
+            y = y.float() * torch.sigmoid(y.float())
+        with torch.no_grad():
+            scale = y.abs() + 1
+        return self.b(y * scale)
+
+
+def test_autocast_and_no_grad_blocks_are_inlined_with_their_modes() -> None:
+    torch.manual_seed(0)
+    model = ModeBlocks().train()
+    x = torch.randn(3, 8)
+    graph = prunefx.trace(model, x, frontend="export")
+    assert graph.group("a").exact
+    mask = {"a": torch.arange(16) % 3 != 0}
+    small = prunefx.reconfigure(model, mask, graph=graph)
+    targets = [n.target for n in small.graph.nodes]
+    assert torch.amp.autocast_mode._enter_autocast in targets and torch.amp.autocast_mode._exit_autocast in targets
+    assert targets.count(torch._C._set_grad_enabled) == 2
+    ref = prunefx.apply_mask(copy.deepcopy(model), mask, graph=graph)
+    out, expected = small(x), ref(x)
+    assert max_rel_diff(out, expected) <= 1e-5
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    # the no_grad block stops the gradient through `scale` in both
+    assert max_rel_diff(small.a.weight.grad, ref.a.weight.grad[mask["a"]]) <= 1e-5
+    assert torch.is_grad_enabled()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the float32 block stays float32 under autocast
+        assert small(x).dtype == model(x).dtype == torch.bfloat16
+    # export's checks of the capture's dtype and device before `.float()` are not kept: the
+    # result runs on another device (meta stands in for a GPU here), as the model does
+    assert torch.ops.aten._assert_tensor_metadata.default not in targets
+    assert small.to("meta")(x.to("meta")).shape == model.to("meta")(x.to("meta")).shape
+
+
+class Branches(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cond(x.sum() > 0, lambda t: self.a(t), lambda t: -t, (x,))
+
+
+def test_other_higher_order_ops_are_refused_by_name() -> None:
+    with pytest.raises(prunefx.TraceError, match=r"higher-order op cond at .*test_export_frontend.py:\d+.*What to do"):
+        prunefx.trace(Branches().eval(), torch.randn(2, 4), frontend="export")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import operator
 import os
 import re
 import warnings
@@ -178,6 +179,8 @@ def _graph_module(model: nn.Module, ep: torch.export.ExportedProgram) -> tuple[f
             new = graph.get_attr(name)
         elif spec is not None and spec.kind is not InputKind.USER_INPUT:
             raise TraceError(f"torch.export gave {type(model).__name__} an input of kind {spec.kind.name}, which prunefx does not handle")
+        elif _copy_call(graph, ep.graph_module, node, env):
+            continue
         else:
             new = graph.node_copy(node, lambda n: env[n])
         new.meta = dict(node.meta)
@@ -189,6 +192,71 @@ def _graph_module(model: nn.Module, ep: torch.export.ExportedProgram) -> tuple[f
     gm.training = model.training
     owners = {n: path for n in gm.graph.nodes if (path := _owner_path(n)) is not None}
     return gm, owners
+
+
+def _copy_call(graph: fx.Graph, owner: fx.GraphModule, node: fx.Node, env: dict[fx.Node, Any]) -> bool:
+    """Copy what a higher-order op brings into ``graph`` (True when ``node`` was one of
+    those). ``with torch.autocast(...)`` and ``with torch.no_grad()`` in a forward are
+    captured as a call of a subgraph (``wrap_with_autocast``: EfficientViT's attention runs in
+    float32; ``wrap_with_set_grad_enabled``); the subgraph is inlined between the calls that
+    enter and leave the same mode, which is how the block runs, so the analysis sees its
+    ops. The subgraph's ``get_attr`` is dropped, and each ``getitem`` of the op's results
+    becomes the inlined result. Any other higher-order op is refused.
+
+    Export's ``_assert_tensor_metadata`` checks (before each ``.to()``/``.float()``: dtype
+    and device as captured) are dropped: the pruned graph, like the model, runs on another
+    device, in another dtype and under autocast."""
+    if node.op == "call_function" and node.target is torch.ops.aten._assert_tensor_metadata.default:
+        return True
+    if node.op == "get_attr" and isinstance(getattr(owner, str(node.target), None), fx.GraphModule):
+        return True  # a higher-order op's body, inlined where the op is called
+    if node.op == "call_function" and node.target is operator.getitem and isinstance(env.get(node.args[0]), tuple):
+        env[node] = env[node.args[0]][node.args[1]]
+        return True
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.HigherOrderOperator):
+        return False
+    sub = _body(owner, node)
+    if node.target is torch.ops.higher_order.wrap_with_autocast:  # (device, dtype, enabled, cache, body, *operands)
+        ctx = graph.call_function(torch.amp.autocast_mode._enter_autocast, tuple(node.args[:4]))
+        operands = node.args[5:]
+    elif node.target is torch.ops.higher_order.wrap_with_set_grad_enabled:  # (enabled, body, *operands)
+        ctx = graph.call_function(torch.is_grad_enabled)
+        graph.call_function(torch._C._set_grad_enabled, (node.args[0],))
+        operands = node.args[2:]
+    else:
+        body = sub.graph.nodes if sub is not None else ()
+        loc = _source_of(node) or next((found for n in body if (found := _source_of(n)) is not None), None)
+        raise TraceError(
+            f"torch.export captured the higher-order op {node.target.name()} at {loc or node.name}, which prunefx "
+            "does not analyse. What to do: trace with frontend='fx' if the model allows it, or keep that block "
+            "out of the forward while pruning."
+        )
+    inner: dict[fx.Node, Any] = {}
+    placeholders = iter(operands)
+    for n in sub.graph.nodes:
+        if n.op == "placeholder":
+            arg = next(placeholders)
+            inner[n] = env[arg] if isinstance(arg, fx.Node) else arg
+        elif n.op == "output":
+            env[node] = tuple(inner[o] if isinstance(o, fx.Node) else o for o in n.args[0])
+        elif not _copy_call(graph, sub, n, inner):
+            inner[n] = graph.node_copy(n, lambda a: inner[a])
+            inner[n].meta = dict(n.meta)
+    if node.target is torch.ops.higher_order.wrap_with_autocast:
+        graph.call_function(torch.amp.autocast_mode._exit_autocast, (ctx,))
+    else:
+        graph.call_function(torch._C._set_grad_enabled, (ctx,))
+    return True
+
+
+def _body(owner: fx.GraphModule, node: fx.Node) -> fx.GraphModule | None:
+    """The subgraph a higher-order op calls (its first ``get_attr`` argument)."""
+    for arg in node.args:
+        if isinstance(arg, fx.Node) and arg.op == "get_attr":
+            sub = getattr(owner, str(arg.target), None)
+            if isinstance(sub, fx.GraphModule):
+                return sub
+    return None
 
 
 def _argument_names(ep: torch.export.ExportedProgram) -> list[str]:
