@@ -18,16 +18,22 @@ computes (``tests/test_transformers.py`` checks both against each other).
 between training (BatchNorm normalises a constant to its shift) and evaluation (running
 statistics). A leaf of the trace with its own channel rule (its values are sliced with the
 stream they join).
+
+``static_sizes``: the check the export front-end puts after a graph's inputs, where
+torch.export kept sizes static (``prunefx/frontends/export.py``).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import nn
+
+from prunefx.errors import TraceError
 
 __all__ = ["MultiheadAttention", "BranchConstant", "shifted_window_attention", "LEAF_MODULES"]
 
@@ -193,3 +199,22 @@ class BranchConstant(nn.Module):
 
 
 LEAF_MODULES: tuple[type, ...] = (MultiheadAttention, BranchConstant)
+
+
+@torch.fx.node.has_side_effect
+def static_sizes(model: str, names: tuple[str, ...], static: tuple[tuple[int | None, ...] | None, ...], *inputs: Any) -> None:
+    """Raise a TraceError when an input's size differs from the capture's where the graph
+    holds it static (``None``: a dynamic dim). Not checked while torch.export or
+    ``torch.compile`` trace the graph (ONNX export): they keep their own guards."""
+    if torch.compiler.is_compiling():
+        return
+    for name, sizes, x in zip(names, static, inputs, strict=True):
+        if sizes is None or not isinstance(x, torch.Tensor):
+            continue
+        if x.dim() != len(sizes) or any(s is not None and s != n for s, n in zip(sizes, x.shape, strict=True)):
+            want = "(" + ", ".join("*" if s is None else str(s) for s in sizes) + ")"
+            raise TraceError(
+                f"{model} was captured by torch.export with static sizes: {name} must have shape {want} "
+                f"(* is any size), got {tuple(x.shape)}. What to do: call it at those sizes, or trace and "
+                "reconfigure with example inputs of the sizes you will use (image sizes are always static)."
+            )

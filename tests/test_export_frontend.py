@@ -361,3 +361,24 @@ class Branches(nn.Module):
 def test_other_higher_order_ops_are_refused_by_name() -> None:
     with pytest.raises(prunefx.TraceError, match=r"higher-order op cond at .*test_export_frontend.py:\d+.*What to do"):
         prunefx.trace(Branches().eval(), torch.randn(2, 4), frontend="export")
+
+
+def test_sizes_export_keeps_static_are_checked_by_name(tmp_path) -> None:
+    """torch.export keeps an image's sizes static (only the batch is dynamic): the pruned
+    graph runs at other batch sizes, and at another image size says so in one line instead
+    of failing inside a reshape. ONNX export (which traces the graph again) is not stopped."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    graph = prunefx.trace(model, x, frontend="export")
+    mask = {"0": torch.arange(8) % 2 == 0}
+    small = prunefx.reconfigure(model, mask, graph=graph)
+    other = torch.randn(5, 3, 8, 8)
+    assert max_rel_diff(small(other), masked_output(model, other, mask, graph)) <= 1e-5
+    message = r"Sequential was captured by torch.export with static sizes: input_1 must have shape \(\*, 3, 8, 8\) .* got \(2, 3, 9, 9\)\. What to do"
+    with pytest.raises(prunefx.TraceError, match=message):
+        small(torch.randn(2, 3, 9, 9))
+    with pytest.raises(prunefx.TraceError, match=message):
+        graph.traced.graphs[0](torch.randn(2, 3, 9, 9))
+    result = prunefx.export_onnx(small, tmp_path / "small.onnx", x)  # verified in ONNX Runtime at two batch sizes
+    assert result.path.exists() and result.dynamic_batch and result.max_rel_diff <= 1e-4

@@ -39,6 +39,7 @@ from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 from torch.utils import _pytree as pytree
 
 from prunefx import guards
+from prunefx import nn as pnn
 from prunefx.errors import TraceError
 from prunefx.tracing import (
     _TORCH_DIR,
@@ -185,6 +186,7 @@ def _graph_module(model: nn.Module, ep: torch.export.ExportedProgram) -> tuple[f
             new = graph.node_copy(node, lambda n: env[n])
         new.meta = dict(node.meta)
         env[node] = new
+    _check_static_sizes(graph, type(model).__name__)
     info = _PyTreeInfo(_argument_names(ep), ep.call_spec.in_spec, ep.call_spec.out_spec)
     graph._codegen = _PyTreeCodeGen(info)
     root = _root(model, graph, constants)
@@ -257,6 +259,23 @@ def _body(owner: fx.GraphModule, node: fx.Node) -> fx.GraphModule | None:
             if isinstance(sub, fx.GraphModule):
                 return sub
     return None
+
+
+def _check_static_sizes(graph: fx.Graph, model: str) -> None:
+    """A call of ``prunefx.nn.static_sizes`` after the inputs: the graph holds the example's size
+    wherever torch.export kept one static (an image's sizes, a batch of 1, every size of a
+    static capture), and called at another one it would fail deep inside with a raw
+    RuntimeError, or compute on a wrong reshape."""
+    inputs = list(graph.find_nodes(op="placeholder"))
+    static = []
+    for node in inputs:
+        val = node.meta.get("val")
+        sizes = tuple(d if isinstance(d, int) else None for d in val.shape) if isinstance(val, torch.Tensor) else ()
+        static.append(sizes if any(d is not None for d in sizes) else None)
+    if not any(static):
+        return
+    with graph.inserting_after(inputs[-1]):
+        graph.call_function(pnn.static_sizes, (model, tuple(n.name for n in inputs), tuple(static), *inputs))
 
 
 def _argument_names(ep: torch.export.ExportedProgram) -> list[str]:
