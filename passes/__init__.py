@@ -8,6 +8,7 @@ rule it implements in the module docstring. The pipeline is explicit::
         RebuildModules(),    # copies of called modules holding them, attributes updated
         FixShapeArgs(),      # view sizes, split sizes, slice bounds, groups, normalized_shape
         FreezeStaleSizes(),  # x.shape[1] used as a number keeps its original value
+        CheckSizes(),        # every view/reshape/expand size evaluates to the planned shape
         EliminateDeadCode(), # nodes left without users (in-place ops kept)
         Assemble(),          # GraphModule with the original submodule names; lint; recompile
         RecordLayout(),      # which channels of the original model the result keeps
@@ -16,6 +17,7 @@ rule it implements in the module docstring. The pipeline is explicit::
 
 from prunefx.passes.assemble import Assemble
 from prunefx.passes.base import Pass, Pipeline, RewriteState
+from prunefx.passes.check_sizes import CheckSizes
 from prunefx.passes.dead_code import EliminateDeadCode
 from prunefx.passes.fix_shape_args import FixShapeArgs
 from prunefx.passes.rebuild_modules import RebuildModules
@@ -25,9 +27,10 @@ from prunefx.passes.slice_tensors import SliceTensors
 
 __all__ = [
     "Pass", "Pipeline", "RewriteState", "SliceTensors", "RebuildModules", "FixShapeArgs", "FreezeStaleSizes",
-    "EliminateDeadCode", "Assemble", "RecordLayout", "DEFAULT_PIPELINE",
+    "CheckSizes", "EliminateDeadCode", "Assemble", "RecordLayout", "DEFAULT_PIPELINE",
 ]
 
 DEFAULT_PIPELINE = Pipeline(
-    (SliceTensors(), RebuildModules(), FixShapeArgs(), FreezeStaleSizes(), EliminateDeadCode(), Assemble(), RecordLayout())
+    (SliceTensors(), RebuildModules(), FixShapeArgs(), FreezeStaleSizes(), CheckSizes(), EliminateDeadCode(), Assemble(),
+     RecordLayout())
 )

@@ -3,6 +3,7 @@ are sizes, and keep their original value where they are numbers."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -100,3 +101,19 @@ def test_a_whole_shape_ending_in_minus_one_stays_dynamic() -> None:
     assert diff <= 1e-5
     _, diff = check_exact(model, torch.randn(3, 7, 4), mask, graph)  # the example's sizes are not frozen
     assert diff <= 1e-5
+
+
+def test_a_rewrite_asking_a_reshape_for_the_wrong_size_is_refused(monkeypatch) -> None:
+    """The safety net after the size passes (CheckSizes): a size argument that does not
+    evaluate to the planned shape is a prunefx bug, refused by name instead of returned as a
+    model that fails in that reshape (VOLO's, before the rescale fix above)."""
+    from prunefx.passes import fix_shape_args
+
+    real = fix_shape_args._sizes
+    monkeypatch.setattr(fix_shape_args, "_sizes", lambda *a, **k: [s + 1 if isinstance(s, int) else s for s in real(*a, **k)])
+    model = ManualChannelMean().eval()
+    x = torch.randn(2, 3, 4, 4)
+    graph = prunefx.trace(model, x)
+    mask = {"a": torch.tensor([True, False, True, True, False, False, True, True])}
+    with pytest.raises(prunefx.ReconfigureError, match=r"rewrote the sizes of node 'view.*test_size_reads.py:\d+.*this is a prunefx bug"):
+        prunefx.reconfigure(model, mask, graph=graph)
