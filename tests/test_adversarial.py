@@ -746,17 +746,23 @@ def test_real_run_fallback_never_changes_the_model(how, traces: bool, entry: str
 
 class _Remembers(nn.Module):
     """A forward that keeps something of its input on a module (Funnel's
-    ``attention_structure.seq_len``): a Proxy under fx, a SymInt or fake tensor under
-    torch.export, if the capture left it there."""
+    ``attention_structure.seq_len``; timm TinyViT's cache of attention biases, a dict filled
+    in the forward): a Proxy under fx, a SymInt or fake tensor under torch.export, if the
+    capture left it there."""
 
     def __init__(self) -> None:
         super().__init__()
         self.conv, self.bn, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Linear(8, 4)
+        self.cache: dict[str, torch.Tensor] = {}
+        self.seen: list[torch.Tensor] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.width = x.shape[-1]
         self.bn.last = x.mean()
-        return self.fc(F.relu(self.bn(self.conv(x))).mean((2, 3)))
+        if "scale" not in self.cache:
+            self.cache["scale"] = self.fc.bias.detach() * 0 + 1
+        self.seen.append(x.sum())
+        return self.fc(F.relu(self.bn(self.conv(x))).mean((2, 3))) * self.cache["scale"]
 
 
 @pytest.mark.parametrize("ran_before", [False, True], ids=["fresh", "after-a-forward"])
@@ -768,9 +774,12 @@ def test_attributes_a_forward_sets_are_put_back_after_the_capture(frontend: str,
         with torch.no_grad():
             model(X)
     before = [(m, dict(vars(m))) for m in model.modules()]
+    cache, seen = dict(model.cache), list(model.seen)
     graph = prunefx.trace(model, X, frontend=frontend)
     for m, attrs in before:
         assert vars(m).keys() == attrs.keys() and all(vars(m)[k] is v for k, v in attrs.items()), type(m).__name__
+    assert model.cache.keys() == cache.keys() and all(model.cache[k] is v for k, v in cache.items())
+    assert len(model.seen) == len(seen) and all(a is b for a, b in zip(model.seen, seen, strict=True))
     copy.deepcopy(model)  # a SymInt or fake tensor left behind would make this raise
     mask = {"conv": bools(1, 0, 1, 1, 0, 1, 1, 0)}
     small = prunefx.reconfigure(model, mask, graph=graph)
