@@ -32,6 +32,14 @@ outside torch)                                 (``OpaqueFunction``), so its back
                                                ``TraceError`` naming it and its line.
 ``torch.nn.utils.prune`` hooks                 left to ``reconfigure``'s own refusal (the
                                                masks interop reads them through the trace).
+grad mode or autocast changed inside forward  fx runs ``torch.no_grad()``,
+(``torch.no_grad()``, ``set_grad_enabled``,    ``torch.autocast(...)`` while it traces and
+``torch.autocast(...)`` blocks or decorators)  records nothing: the pruned graph would run the
+                                               block in the caller's mode (gradients through a
+                                               no-grad block, half precision in a float32
+                                               block). fx: a TraceError naming the line
+                                               (``"auto"`` falls back to torch.export, which
+                                               keeps the block: ``frontends/export.py``).
 ``forward`` set on an instance (fx)            the model's: fx traces the class's forward; a
                                                leaf's: the copy would call the original: a
                                                TraceError (torch.export runs it: ``"auto"``
@@ -63,7 +71,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -80,6 +90,7 @@ from prunefx.errors import MaskError, PruneFxError, TraceError
 __all__ = [
     "CaptureRefused", "refuse_foreign_graph", "refuse_reparametrized", "refuse_instance_forward", "refuse_traced_backward_hooks", "traced_modules", "watch_hooks", "HookWatch", "run_with_hooks",
     "any_hooks", "hooks_within", "HookedChannels", "OpaqueFunction", "custom_functions_opaque", "custom_functions_refused",
+    "mode_changes_refused",
 ]
 
 IsLeaf = Callable[[nn.Module, str], bool]
@@ -469,3 +480,60 @@ def custom_functions_refused(model: nn.Module) -> Iterator[None]:
             f"{type(model).__name__} calls the custom autograd Function {cls.__module__}.{cls.__qualname__}{at}: torch.export "
             f"inlines its forward and drops its backward, so the reconfigured model would train differently; {advice}"
         )
+
+
+@contextlib.contextmanager
+def mode_changes_refused(model: nn.Module) -> Iterator[None]:
+    """fx: TraceError after the trace if the model's code changed the grad mode or autocast
+    state (``torch._C._set_grad_enabled`` / ``torch.set_autocast_enabled``, which every
+    spelling of those blocks calls), which fx does not record. Counted for this thread only,
+    when the block (or decorator) is in model code: a frame outside torch and prunefx,
+    below the tracer's ``trace``, which enters this context."""
+    owner, tracer = threading.get_ident(), sys._getframe(2)  # (this generator, contextlib's __enter__, the trace)
+    seen: list[str] = []
+
+    def watched(real: Callable[..., Any], what: str) -> Callable[..., Any]:
+        def call(*args: Any) -> Any:
+            if not seen and threading.get_ident() == owner:
+                frame = sys._getframe(1)
+                while frame is not None and frame is not tracer and frame.f_code.co_filename.endswith(_MODE_FILES):
+                    frame = frame.f_back
+                # the block's own code: model code (torch's own blocks, as in
+                # torch.utils.checkpoint, leave gradients as they are and are left alone)
+                if frame is not None and frame is not tracer and _model_code(frame):
+                    seen.append(f"{what} at {_short_loc(frame)}")
+            return real(*args)
+
+        return call
+
+    grad, autocast = torch._C._set_grad_enabled, torch.set_autocast_enabled
+    torch._C._set_grad_enabled = watched(grad, "changes the grad mode (torch.no_grad, set_grad_enabled)")
+    torch.set_autocast_enabled = watched(autocast, "enters or leaves torch.autocast")
+    try:
+        yield
+    finally:
+        torch._C._set_grad_enabled, torch.set_autocast_enabled = grad, autocast
+    if seen:
+        raise TraceError(
+            f"{type(model).__name__} {seen[0]} inside its forward, which torch.fx cannot record: the pruned graph would "
+            "run that block in the caller's mode. What to do: use frontend='export' (the default 'auto' falls back to "
+            "it), which keeps the block."
+        )
+
+
+_MODE_FILES = tuple(os.path.join(*p) for p in (  # where the mode blocks and their decorators live
+    ("autograd", "grad_mode.py"), ("amp", "autocast_mode.py"), ("utils", "_contextlib.py"), ("contextlib.py",)))
+_LIBRARIES = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(os.path.abspath(__file__)) + os.sep)
+
+
+def _model_code(frame: Any) -> bool:
+    """A frame of the model's code: not torch's (``torch.no_grad``'s own ``__enter__``), not
+    prunefx's, not generated."""
+    name = frame.f_code.co_filename
+    return not name.startswith(_LIBRARIES) and not name.startswith("<")
+
+
+def _short_loc(frame: Any) -> str:
+    from prunefx.tracing import SourceLoc
+
+    return str(SourceLoc(frame.f_code.co_filename, frame.f_lineno))

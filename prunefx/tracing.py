@@ -242,7 +242,7 @@ class _Tracer(fx.Tracer):
         self._hooked = guards.any_hooks(root)
         guards.refuse_instance_forward(root, traced)
         guards.refuse_traced_backward_hooks(root, traced)
-        with guards.watch_hooks(root, traced) as watch, guards.custom_functions_opaque():
+        with guards.watch_hooks(root, traced) as watch, guards.custom_functions_opaque(), guards.mode_changes_refused(root):
             graph = super().trace(root, concrete_args)
         watch.check()
         return graph

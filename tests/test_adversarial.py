@@ -1570,3 +1570,49 @@ def test_apply_mask_takes_the_graph_of_an_identical_copy_but_not_of_another_shap
     other = nn.Sequential(nn.Conv2d(3, 8, 3))
     with pytest.raises(prunefx.MaskError, match="graph= was not traced from this model"):
         prunefx.apply_mask(other, {"0": bools(1, 0, 1, 1, 0, 1, 0, 1)}, graph=prunefx.trace(nn.Sequential(nn.Conv2d(3, 8, 5)), X))
+
+
+# ============================================================================= grad mode and autocast blocks
+
+class _ModeBlock(nn.Module):
+    """A no-grad block (a stop-gradient) or a float32 autocast block in forward: fx runs it
+    while tracing and records nothing of it."""
+
+    def __init__(self, block: str) -> None:
+        super().__init__()
+        self.block = block
+        self.conv, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.conv(x))
+        if self.block == "no_grad":
+            with torch.no_grad():
+                gate = torch.sigmoid(y)
+        elif self.block == "decorator":
+            gate = self._gate(y)
+        else:
+            with torch.autocast(device_type="cpu", enabled=False):
+                gate = torch.sigmoid(y.float())
+        return self.fc((y * gate).mean((2, 3)))
+
+    @torch.no_grad()
+    def _gate(self, y: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(y)
+
+
+@pytest.mark.parametrize("block", ["no_grad", "decorator", "autocast"])
+def test_grad_mode_and_autocast_blocks_are_refused_by_fx_and_kept_by_auto(block: str) -> None:
+    torch.manual_seed(0)
+    model = randomize_norms(_ModeBlock(block)).train()
+    what = "torch.autocast" if block == "autocast" else "grad mode"  # (a decorated method: at its call)
+    with pytest.raises(prunefx.TraceError, match=rf"{what}.* at .*test_adversarial.py:\d+ .*cannot record.*frontend='export'"):
+        prunefx.trace(model, X, frontend="fx")
+    assert torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+    with pytest.warns(UserWarning, match="captured with torch.export"):
+        graph = prunefx.trace(model, X)
+    assert graph.frontend == "export"
+    mask = {"conv": bools(1, 0, 1, 1, 0, 1, 1, 0)}
+    small = prunefx.reconfigure(model, mask, graph=graph)
+    ref = prunefx.apply_mask(copy.deepcopy(model), mask, graph=graph)
+    (g_small,), (g_ref,) = _grads(small), _grads(ref)
+    assert max_rel_diff(g_small, g_ref) < 1e-5  # the gradient stops at the no-grad block in both
