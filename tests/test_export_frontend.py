@@ -322,7 +322,7 @@ class ModeBlocks(nn.Module):
         return self.b(y * scale)
 
 
-def test_autocast_and_no_grad_blocks_are_inlined_with_their_modes() -> None:
+def test_autocast_and_no_grad_blocks_are_inlined_with_their_modes(tmp_path) -> None:
     torch.manual_seed(0)
     model = ModeBlocks().train()
     x = torch.randn(3, 8)
@@ -346,6 +346,7 @@ def test_autocast_and_no_grad_blocks_are_inlined_with_their_modes() -> None:
     # export's checks of the capture's dtype and device before `.float()` are not kept: the
     # result runs on another device (meta stands in for a GPU here), as the model does
     assert torch.ops.aten._assert_tensor_metadata.default not in targets
+    assert prunefx.export_onnx(small, tmp_path / "small.onnx", x).max_rel_diff <= 1e-4  # the mode calls export too
     assert small.to("meta")(x.to("meta")).shape == model.to("meta")(x.to("meta")).shape
 
 
