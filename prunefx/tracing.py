@@ -331,10 +331,10 @@ def attributes_restored(model: nn.Module) -> Iterator[None]:
     ``attention_structure.seq_len = seq_len`` leaves a SymInt under torch.export, a Proxy
     under fx, and the model no longer deep-copies). Attributes added are removed, replaced
     ones put back; the contents of ``_parameters``/``_buffers``/``_modules`` are not
-    touched. So are the contents of a plain dict or list a module holds (one level): timm's
-    TinyViT caches its attention biases in a dict during the forward, which export left
-    holding FakeTensors that the model's next forward would read. Repeated traces (a
-    PruneTrain shrink) do not pile up attributes."""
+    touched. The contents of a plain dict or list a module holds are put back too (one
+    level): timm's TinyViT caches its attention biases in a dict during the forward, which
+    export left holding FakeTensors that the model's next forward would read. Repeated
+    traces (a PruneTrain shrink) do not pile up attributes."""
     saved = [(m.__dict__, dict(m.__dict__)) for m in model.modules()]
     held = [(v, v.copy()) for attrs, _ in saved for k, v in attrs.items() if type(v) in (dict, list) and k not in _MODULE_OWN]
     try:
