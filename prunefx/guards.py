@@ -513,6 +513,7 @@ def mode_changes_refused(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         torch._C._set_grad_enabled, torch.set_autocast_enabled = grad, autocast
+        tracer = None  # the closures' frame: its locals hold the model (a cycle that would keep it alive)
     if seen:
         raise TraceError(
             f"{type(model).__name__} {seen[0]} inside its forward, which torch.fx cannot record: the pruned graph would "
