@@ -30,7 +30,7 @@ def _asked(new: fx.Node, values: SizeValues) -> tuple[Any, ...] | None:
     """The sizes a view/reshape/expand node asks for, evaluated (None: not a size list)."""
     if len(new.args) < 2:
         return None
-    sizes = new.args[1] if len(new.args) == 2 and isinstance(new.args[1], (list, tuple, fx.Node)) else new.args[1:]
+    sizes, _ = fix.size_args(new.args)
     value = values(sizes) if isinstance(sizes, fx.Node) else tuple(values(s) for s in sizes)
     return value if isinstance(value, tuple) else None
 
@@ -48,7 +48,7 @@ class CheckSizes(Pass):
             asked, want = _asked(state.node_map[node], values), planned[node]
             if asked is None or any(a is None for a in asked):
                 continue
-            if len(asked) != len(want) or any(a != -1 and a != w for a, w in zip(asked, want, strict=True)):
+            if not fix.is_shape(asked, want):
                 raise ReconfigureError(
                     f"prunefx rewrote the sizes of {state.plan.analysis.traced.where(node)} to {list(asked)}, but the "
                     f"pruned tensor needs {list(want)}: this is a prunefx bug, please report it with the model; "

@@ -31,8 +31,22 @@ from prunefx.passes.size_values import SizeValues
 
 __all__ = [
     "FixShapeArgs", "size_list", "unflatten", "split_args", "getitem", "narrow", "conv_groups", "group_norm",
-    "layer_norm", "window_attention", "select_args", "slice_args", "attention_scale",
+    "layer_norm", "window_attention", "select_args", "slice_args", "attention_scale", "size_args", "is_shape",
 ]
+
+
+def size_args(args: Sequence[Any]) -> tuple[Any, bool]:
+    """The size arguments of a ``view``/``reshape``/``expand`` call (its args after the
+    tensor) and whether they come packed in one value (a list, a tuple or a node holding
+    the whole shape) rather than as varargs."""
+    packed = len(args) == 2 and isinstance(args[1], (list, tuple, fx.Node))
+    return (args[1] if packed else args[1:]), packed
+
+
+def is_shape(value: Any, shape: Sequence[int]) -> bool:
+    """``value`` (evaluated sizes) asks for ``shape``, up to a ``-1`` that infers its dim."""
+    return isinstance(value, tuple) and len(value) == len(shape) \
+        and all(v == -1 or v == s for v, s in zip(value, shape, strict=True))
 
 
 def _sizes(state: RewriteState, node_sizes: Sequence[Any], new_sizes: Sequence[Any], new_shape: Sequence[int], offset: int = 0) -> list[Any]:
@@ -78,16 +92,15 @@ def size_list(state: RewriteState, node: fx.Node, new: fx.Node) -> None:
     if len(node.args) < 2:
         return
     new_shape = state.plan.new_shapes[node]
-    if len(node.args) == 2 and isinstance(node.args[1], fx.Node) and isinstance(SizeValues(state.plan.analysis.shapes.of)(node.args[1]), tuple):
-        # the whole shape as one value (timm's `x.reshape(y.shape)`, MaxViT's `x.shape[:-1] + (-1,)`):
-        # right if it is the pruned shape, up to a -1 that infers its dim
-        value = SizeValues(state.plan.new_shapes)(node.args[1])
-        if not isinstance(value, tuple) or len(value) != len(new_shape) \
-                or any(v != -1 and v != s for v, s in zip(value, new_shape, strict=True)):
-            new.args = (new.args[0], [int(d) for d in new_shape])
-        return
-    packed = len(new.args) == 2 and isinstance(new.args[1], (list, tuple))
-    sizes = node.args[1] if packed else node.args[1:]
+    sizes, packed = size_args(node.args)
+    if isinstance(sizes, fx.Node):
+        if isinstance(SizeValues(state.plan.analysis.shapes.of)(sizes), tuple):
+            # the whole shape as one value (timm's `x.reshape(y.shape)`, MaxViT's `x.shape[:-1] + (-1,)`):
+            # right if it is the pruned shape, up to a -1 that infers its dim
+            if not is_shape(SizeValues(state.plan.new_shapes)(sizes), new_shape):
+                new.args = (new.args[0], [int(d) for d in new_shape])
+            return
+        sizes, packed = node.args[1:], False  # one size as a node: `x.view(n)`
     copies = new.args[1] if packed else new.args[1:]  # the copy's args: nodes of the new graph
     fixed = _sizes(state, sizes, copies, new_shape)
     if fixed != list(copies):

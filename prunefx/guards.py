@@ -489,18 +489,20 @@ def mode_changes_refused(model: nn.Module) -> Iterator[None]:
     spelling of those blocks calls), which fx does not record. Counted for this thread only,
     when the block (or decorator) is in model code: a frame outside torch and prunefx,
     below the tracer's ``trace``, which enters this context."""
-    owner, tracer = threading.get_ident(), sys._getframe(2)  # (this generator, contextlib's __enter__, the trace)
+    # the trace's frame by id (this generator, contextlib's __enter__, the trace): holding the
+    # frame itself would make a cycle through its locals, which keeps the model alive
+    owner, tracer = threading.get_ident(), id(sys._getframe(2))
     seen: list[str] = []
 
     def watched(real: Callable[..., Any], what: str) -> Callable[..., Any]:
         def call(*args: Any) -> Any:
             if not seen and threading.get_ident() == owner:
                 frame = sys._getframe(1)
-                while frame is not None and frame is not tracer and frame.f_code.co_filename.endswith(_MODE_FILES):
+                while frame is not None and id(frame) != tracer and frame.f_code.co_filename.endswith(_MODE_FILES):
                     frame = frame.f_back
                 # the block's own code: model code (torch's own blocks, as in
                 # torch.utils.checkpoint, leave gradients as they are and are left alone)
-                if frame is not None and frame is not tracer and _model_code(frame):
+                if frame is not None and id(frame) != tracer and _model_code(frame):
                     seen.append(f"{what} at {_short_loc(frame)}")
             return real(*args)
 
@@ -513,7 +515,6 @@ def mode_changes_refused(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         torch._C._set_grad_enabled, torch.set_autocast_enabled = grad, autocast
-        tracer = None  # the closures' frame: its locals hold the model (a cycle that would keep it alive)
     if seen:
         raise TraceError(
             f"{type(model).__name__} {seen[0]} inside its forward, which torch.fx cannot record: the pruned graph would "

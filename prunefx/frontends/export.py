@@ -28,7 +28,7 @@ import operator
 import os
 import re
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -218,14 +218,8 @@ def _copy_call(graph: fx.Graph, owner: fx.GraphModule, node: fx.Node, env: dict[
     if node.op != "call_function" or not isinstance(node.target, torch._ops.HigherOrderOperator):
         return False
     sub = _body(owner, node)
-    if node.target is torch.ops.higher_order.wrap_with_autocast:  # (device, dtype, enabled, cache, body, *operands)
-        ctx = graph.call_function(torch.amp.autocast_mode._enter_autocast, tuple(node.args[:4]))
-        operands = node.args[5:]
-    elif node.target is torch.ops.higher_order.wrap_with_set_grad_enabled:  # (enabled, body, *operands)
-        ctx = graph.call_function(torch.is_grad_enabled)
-        graph.call_function(torch._C._set_grad_enabled, (node.args[0],))
-        operands = node.args[2:]
-    else:
+    mode = _enter_mode(graph, node)
+    if mode is None:
         body = sub.graph.nodes if sub is not None else ()
         loc = _source_of(node) or next((found for n in body if (found := _source_of(n)) is not None), None)
         raise TraceError(
@@ -233,6 +227,7 @@ def _copy_call(graph: fx.Graph, owner: fx.GraphModule, node: fx.Node, env: dict[
             "does not analyse. What to do: trace with frontend='fx' if the model allows it, or keep that block "
             "out of the forward while pruning."
         )
+    operands, leave = mode
     inner: dict[fx.Node, Any] = {}
     placeholders = iter(operands)
     for n in sub.graph.nodes:
@@ -244,11 +239,24 @@ def _copy_call(graph: fx.Graph, owner: fx.GraphModule, node: fx.Node, env: dict[
         elif not _copy_call(graph, sub, n, inner):
             inner[n] = graph.node_copy(n, lambda a: inner[a])
             inner[n].meta = dict(n.meta)
-    if node.target is torch.ops.higher_order.wrap_with_autocast:
-        graph.call_function(torch.amp.autocast_mode._exit_autocast, (ctx,))
-    else:
-        graph.call_function(torch._C._set_grad_enabled, (ctx,))
+    leave()
     return True
+
+
+def _enter_mode(graph: fx.Graph, node: fx.Node) -> tuple[tuple[Any, ...], Callable[[], Any]] | None:
+    """For a higher-order op that runs its body in a mode: add the call that enters the mode
+    to ``graph`` and return the body's operands and a function adding the call that leaves
+    it (None for any other op)."""
+    if node.target is torch.ops.higher_order.wrap_with_autocast:  # (device, dtype, enabled, cache, body, *operands)
+        ctx = graph.call_function(torch.amp.autocast_mode._enter_autocast, tuple(node.args[:4]))
+        return node.args[5:], lambda: graph.call_function(torch.amp.autocast_mode._exit_autocast, (ctx,))
+    if node.target is torch.ops.higher_order.wrap_with_set_grad_enabled:  # (enabled, body, *operands)
+        was = graph.call_function(torch.is_grad_enabled)
+        graph.call_function(torch._C._set_grad_enabled, (node.args[0],))
+        return node.args[2:], lambda: graph.call_function(torch._C._set_grad_enabled, (was,))
+    return None
+
+
 
 
 def _body(owner: fx.GraphModule, node: fx.Node) -> fx.GraphModule | None:
