@@ -52,6 +52,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 
 from prunefx.errors import ReconfigureError
 from prunefx.graph import PruneGraph
@@ -325,7 +326,9 @@ def same_random(model: nn.Module) -> Iterator[None]:
     draws the same ones in each model compared, and the caller's random stream goes on as if
     nothing had run."""
     device = _device(model)
-    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    # a model without data (FakeTensors on "cuda") runs no kernel: no device's generator to fork
+    real = device.type == "cuda" and all(has_values(t) for t in (*model.parameters(), *model.buffers()))
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if real else []
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(0)
         yield
@@ -364,6 +367,13 @@ def placeholder(x: Any, device: torch.device, gen: torch.Generator) -> Any:
     return x.to(device)
 
 
+def has_values(t: torch.Tensor) -> bool:
+    """Whether ``t`` holds data that can be compared: not a meta tensor, nor a FakeTensor
+    (``FakeTensorMode``: a device, a dtype and a shape, as torch.export and ``torch.compile``
+    plan with, and as a model too large for memory can be built and pruned)."""
+    return t.device.type != "meta" and not isinstance(t, FakeTensor)
+
+
 def tensor_leaves(out: Any) -> list[torch.Tensor]:
     return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
@@ -385,7 +395,7 @@ def differs(x: torch.Tensor, y: torch.Tensor, reference: str = "the pruned graph
     exactly), or None."""
     if x.shape != y.shape:
         return f"shape {tuple(x.shape)} where {reference} has {tuple(y.shape)}"
-    if x.device.type == "meta" or y.device.type == "meta" or x.numel() == 0:
+    if not (has_values(x) and has_values(y)) or x.numel() == 0:
         return None
     if not (x.is_floating_point() or x.is_complex()):
         return None if torch.equal(x, y.to(x.device)) else "values differ"

@@ -20,7 +20,8 @@ statistics). A leaf of the trace with its own channel rule (its values are slice
 stream they join).
 
 ``static_sizes``: the check the export front-end puts after a graph's inputs, where
-torch.export kept sizes static (``prunefx/frontends/export.py``).
+torch.export kept sizes static; ``autocast_device_type``: the device type an inlined autocast
+block of an export graph runs under (``prunefx/frontends/export.py``).
 """
 
 from __future__ import annotations
@@ -218,3 +219,12 @@ def static_sizes(model: str, names: tuple[str, ...], static: tuple[tuple[int | N
                 f"(* is any size), got {tuple(x.shape)}. What to do: call it at those sizes, or trace and "
                 "reconfigure with example inputs of the sizes you will use (image sizes are always static)."
             )
+
+
+def autocast_device_type(x: torch.Tensor, captured: str) -> str:
+    """The device type of an autocast block in an export graph, which torch.export wrote down
+    as the capture's (``torch.autocast(x.device.type, enabled=False)``, EfficientViT's float32
+    attention, became ``"cpu"``): the input's, so the block follows the model to a GPU, or the
+    captured one where autocast does not exist (the meta device)."""
+    kind = x.device.type
+    return kind if torch.amp.is_autocast_available(kind) else captured

@@ -186,6 +186,7 @@ def _graph_module(model: nn.Module, ep: torch.export.ExportedProgram) -> tuple[f
             new = graph.node_copy(node, lambda n: env[n])
         new.meta = dict(node.meta)
         env[node] = new
+    _follow_input_device(graph)
     _check_static_sizes(graph, type(model).__name__)
     info = _PyTreeInfo(_argument_names(ep), ep.call_spec.in_spec, ep.call_spec.out_spec)
     graph._codegen = _PyTreeCodeGen(info)
@@ -257,8 +258,6 @@ def _enter_mode(graph: fx.Graph, node: fx.Node) -> tuple[tuple[Any, ...], Callab
     return None
 
 
-
-
 def _body(owner: fx.GraphModule, node: fx.Node) -> fx.GraphModule | None:
     """The subgraph a higher-order op calls (its first ``get_attr`` argument)."""
     for arg in node.args:
@@ -267,6 +266,49 @@ def _body(owner: fx.GraphModule, node: fx.Node) -> fx.GraphModule | None:
             if isinstance(sub, fx.GraphModule):
                 return sub
     return None
+
+
+def _follow_input_device(graph: fx.Graph) -> None:
+    """torch.export writes the capture's device into the graph as a constant: a factory op
+    or a move (``torch.arange(n, device=x.device)`` becomes ``aten.arange(n, device=cpu)``,
+    a transformers mask is moved ``.to(device=cpu)``) and an inlined ``torch.autocast`` block
+    (its device type). Moved to a GPU, the pruned graph would then mix devices, or run that
+    block under the wrong device's autocast. Each such argument naming the capture's device
+    reads the device of the first tensor input at run time instead, as the model's code did
+    (``prunefx.nn.autocast_device_type`` for a block: the capture's type where autocast does not
+    exist, on the meta device)."""
+    inputs = list(graph.find_nodes(op="placeholder"))
+    anchor = next((n for n in inputs if isinstance(n.meta.get("val"), torch.Tensor)), None)
+    if anchor is None:
+        return
+    captured = anchor.meta["val"].device
+    moves = [(n, at) for n in graph.nodes if (at := _device_argument(n)) is not None and _argument(n, at) == captured]
+    blocks = [n for n in graph.find_nodes(op="call_function", target=torch.amp.autocast_mode._enter_autocast)
+              if n.args[0] == captured.type]
+    with graph.inserting_after(inputs[-1]):
+        device = graph.call_function(getattr, (anchor, "device")) if moves else None
+        kind = graph.call_function(pnn.autocast_device_type, (anchor, captured.type)) if blocks else None
+    for node, at in moves:
+        if isinstance(at, int):
+            node.update_arg(at, device)
+        else:
+            node.update_kwarg(at, device)
+    for node in blocks:
+        node.update_arg(0, kind)
+
+
+def _device_argument(node: fx.Node) -> int | str | None:
+    """Where an aten call takes its ``device`` (a position, a keyword; None: it takes none)."""
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        return None
+    for i, arg in enumerate(node.target._schema.arguments):
+        if arg.name == "device":
+            return i if i < len(node.args) and not arg.kwarg_only else "device"
+    return None
+
+
+def _argument(node: fx.Node, at: int | str) -> Any:
+    return node.args[at] if isinstance(at, int) else node.kwargs.get(at)
 
 
 def _check_static_sizes(graph: fx.Graph, model: str) -> None:

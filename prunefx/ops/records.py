@@ -82,7 +82,7 @@ SPECS: tuple[OpSpec, ...] = (
         "arange.start_step", "new_ones.default", "new_zeros.default", "new_full.default", "new_empty.default",
         "zeros.default", "ones.default", "full.default", "empty.memory_format", "scalar_tensor.default",
         "eq.Scalar", "ne.Scalar", "lt.Scalar", "le.Scalar", "gt.Scalar", "ge.Scalar",
-    ) + (pnn.static_sizes, torch.amp.autocast_mode._enter_autocast, torch.amp.autocast_mode._exit_autocast,
+    ) + (pnn.static_sizes, pnn.autocast_device_type, torch.amp.autocast_mode._enter_autocast, torch.amp.autocast_mode._exit_autocast,
          torch.is_grad_enabled, torch._C._set_grad_enabled), empty_ok=True),  # the export front-end's checks and mode blocks
     OpSpec("identity", r.identity, functions=_aten(
         "to.dtype", "to.device", "to.dtype_layout", "to.other", "_to_copy.default", "alias.default", "contiguous.default",
