@@ -483,44 +483,60 @@ def custom_functions_refused(model: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def mode_changes_refused(model: nn.Module) -> Iterator[None]:
-    """fx: TraceError after the trace if the model's code changed the grad mode or autocast
-    state (``torch._C._set_grad_enabled`` / ``torch.set_autocast_enabled``, which every
-    spelling of those blocks calls), which fx does not record. Counted for this thread only,
-    when the block (or decorator) is in model code: a frame outside torch and prunefx,
-    below the tracer's ``trace``, which enters this context."""
-    # the trace's frame by id (this generator, contextlib's __enter__, the trace): holding the
-    # frame itself would make a cycle through its locals, which keeps the model alive
-    owner, tracer = threading.get_ident(), id(sys._getframe(2))
-    seen: list[str] = []
+def mode_changes_refused(model: nn.Module, frontend: str = "fx") -> Iterator[None]:
+    """A TraceError after the capture if the model's code switched a mode the graph does not
+    record. fx records none: the grad mode and the autocast state
+    (``torch._C._set_grad_enabled`` / ``torch.set_autocast_enabled``, which every spelling of
+    those blocks calls); torch.export keeps those blocks, and neither records
+    ``torch.inference_mode`` (``torch._C._InferenceMode``): the pruned graph would run such a
+    block in the caller's mode (gradients through a stop-gradient). Counted for this thread
+    only, when the block (or decorator) is in model code: a frame outside torch and prunefx,
+    below the capture, which enters this context."""
+    # the capture's frame by id (this generator, contextlib's __enter__, the capture): holding
+    # the frame itself would make a cycle through its locals, which keeps the model alive
+    owner, capture = threading.get_ident(), id(sys._getframe(2))
+    seen: list[tuple[str, str]] = []
 
     def watched(real: Callable[..., Any], what: str) -> Callable[..., Any]:
         def call(*args: Any) -> Any:
             if not seen and threading.get_ident() == owner:
                 frame = sys._getframe(1)
-                while frame is not None and id(frame) != tracer and frame.f_code.co_filename.endswith(_MODE_FILES):
+                while frame is not None and id(frame) != capture and frame.f_code.co_filename.endswith(_MODE_FILES):
                     frame = frame.f_back
                 # the block's own code: model code (torch's own blocks, as in
                 # torch.utils.checkpoint, leave gradients as they are and are left alone)
-                if frame is not None and id(frame) != tracer and _model_code(frame):
-                    seen.append(f"{what} at {_short_loc(frame)}")
+                if frame is not None and id(frame) != capture and _model_code(frame):
+                    seen.append((what, _short_loc(frame)))
             return real(*args)
 
         return call
 
-    grad, autocast = torch._C._set_grad_enabled, torch.set_autocast_enabled
-    torch._C._set_grad_enabled = watched(grad, "changes the grad mode (torch.no_grad, set_grad_enabled)")
-    torch.set_autocast_enabled = watched(autocast, "enters or leaves torch.autocast")
+    saved = [(torch._C, "_InferenceMode", "enters torch.inference_mode")]
+    if frontend == "fx":
+        saved += [(torch._C, "_set_grad_enabled", "changes the grad mode (torch.no_grad, set_grad_enabled)"),
+                  (torch, "set_autocast_enabled", "enters or leaves torch.autocast")]
+    real = [getattr(owner_module, name) for owner_module, name, _ in saved]
+    for (owner_module, name, what), fn in zip(saved, real, strict=True):
+        setattr(owner_module, name, watched(fn, what))
     try:
         yield
     finally:
-        torch._C._set_grad_enabled, torch.set_autocast_enabled = grad, autocast
-    if seen:
+        for (owner_module, name, _), fn in zip(saved, real, strict=True):
+            setattr(owner_module, name, fn)
+    if not seen:
+        return
+    (what, loc), name = seen[0], type(model).__name__
+    if what.startswith("enters torch.inference_mode"):
         raise TraceError(
-            f"{type(model).__name__} {seen[0]} inside its forward, which torch.fx cannot record: the pruned graph would "
-            "run that block in the caller's mode. What to do: use frontend='export' (the default 'auto' falls back to "
-            "it), which keeps the block."
+            f"{name} {what} at {loc} inside its forward, which neither torch.fx nor torch.export records: the pruned "
+            "graph would let gradients through that block. What to do: use torch.no_grad() there, which torch.export "
+            "keeps (frontend='export', or the default 'auto')."
         )
+    raise TraceError(
+        f"{name} {what} at {loc} inside its forward, which torch.fx cannot record: the pruned graph would "
+        "run that block in the caller's mode. What to do: use frontend='export' (the default 'auto' falls back to "
+        "it), which keeps the block."
+    )
 
 
 _MODE_FILES = tuple(os.path.join(*p) for p in (  # where the mode blocks and their decorators live

@@ -1590,6 +1590,10 @@ class _ModeBlock(nn.Module):
                 gate = torch.sigmoid(y)
         elif self.block == "decorator":
             gate = self._gate(y)
+        elif self.block == "inference_mode":
+            with torch.inference_mode():
+                gate = torch.sigmoid(y)
+            gate = gate.clone()  # a normal tensor again: a constant for autograd
         else:
             with torch.autocast(device_type="cpu", enabled=False):
                 gate = torch.sigmoid(y.float())
@@ -1598,6 +1602,19 @@ class _ModeBlock(nn.Module):
     @torch.no_grad()
     def _gate(self, y: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(y)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export", "auto"])
+def test_an_inference_mode_block_is_refused_by_both_front_ends(frontend: str) -> None:
+    """Neither fx nor torch.export records ``torch.inference_mode`` (the pruned graph would let
+    gradients through the block): one line naming it, and torch.no_grad() as what to do."""
+    model = randomize_norms(_ModeBlock("inference_mode")).train()
+    before = state_copy(model)
+    with pytest.raises(prunefx.TraceError, match=r"^_ModeBlock enters torch.inference_mode at .*test_adversarial.py:\d+ .*neither torch.fx "
+                       r"nor torch.export records.*use torch.no_grad\(\) there") as info:
+        prunefx.trace(model, X, frontend=frontend)
+    assert "\n" not in str(info.value) and not torch.is_inference_mode_enabled() and torch.is_grad_enabled()
+    assert unchanged(model, before)
 
 
 @pytest.mark.parametrize("block", ["no_grad", "decorator", "autocast"])

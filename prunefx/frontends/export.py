@@ -122,7 +122,7 @@ def _guarded_capture(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, 
     guards.refuse_reparametrized(model)
     guards.refuse_traced_backward_hooks(model, traced, frontend="export")
     with attributes_restored(model), guards.watch_hooks(model, traced, frontend="export") as watch, \
-            guards.custom_functions_refused(model):
+            guards.custom_functions_refused(model), guards.mode_changes_refused(model, frontend="export"):
         ep = _capture(model, args, kwargs)
     watch.check()
     return ep
