@@ -495,9 +495,9 @@ def mode_changes_refused(model: nn.Module, frontend: str = "fx") -> Iterator[Non
     # the capture's frame by id (this generator, contextlib's __enter__, the capture): holding
     # the frame itself would make a cycle through its locals, which keeps the model alive
     owner, capture = threading.get_ident(), id(sys._getframe(2))
-    seen: list[tuple[str, str]] = []
+    seen: list[tuple[str, str, bool]] = []  # (what, where, whether torch.export loses it too)
 
-    def watched(real: Callable[..., Any], what: str) -> Callable[..., Any]:
+    def watched(real: Callable[..., Any], what: str, lost_by_export: bool) -> Callable[..., Any]:
         def call(*args: Any) -> Any:
             if not seen and threading.get_ident() == owner:
                 frame = sys._getframe(1)
@@ -506,27 +506,27 @@ def mode_changes_refused(model: nn.Module, frontend: str = "fx") -> Iterator[Non
                 # the block's own code: model code (torch's own blocks, as in
                 # torch.utils.checkpoint, leave gradients as they are and are left alone)
                 if frame is not None and id(frame) != capture and _model_code(frame):
-                    seen.append((what, _short_loc(frame)))
+                    seen.append((what, _short_loc(frame), lost_by_export))
             return real(*args)
 
         return call
 
-    saved = [(torch._C, "_InferenceMode", "enters torch.inference_mode")]
+    switches = [(torch._C, "_InferenceMode", "enters torch.inference_mode", True)]
     if frontend == "fx":
-        saved += [(torch._C, "_set_grad_enabled", "changes the grad mode (torch.no_grad, set_grad_enabled)"),
-                  (torch, "set_autocast_enabled", "enters or leaves torch.autocast")]
-    real = [getattr(owner_module, name) for owner_module, name, _ in saved]
-    for (owner_module, name, what), fn in zip(saved, real, strict=True):
-        setattr(owner_module, name, watched(fn, what))
+        switches += [(torch._C, "_set_grad_enabled", "changes the grad mode (torch.no_grad, set_grad_enabled)", False),
+                     (torch, "set_autocast_enabled", "enters or leaves torch.autocast", False)]
+    real = [getattr(where, name) for where, name, _, _ in switches]
+    for (where, name, what, lost_by_export), fn in zip(switches, real, strict=True):
+        setattr(where, name, watched(fn, what, lost_by_export))
     try:
         yield
     finally:
-        for (owner_module, name, _), fn in zip(saved, real, strict=True):
-            setattr(owner_module, name, fn)
+        for (where, name, _, _), fn in zip(switches, real, strict=True):
+            setattr(where, name, fn)
     if not seen:
         return
-    (what, loc), name = seen[0], type(model).__name__
-    if what.startswith("enters torch.inference_mode"):
+    (what, loc, lost_by_export), name = seen[0], type(model).__name__
+    if lost_by_export:
         raise TraceError(
             f"{name} {what} at {loc} inside its forward, which neither torch.fx nor torch.export records: the pruned "
             "graph would let gradients through that block. What to do: use torch.no_grad() there, which torch.export "
