@@ -27,9 +27,11 @@ from prunefx.cli_models import (
     CliError,
     check_output,
     example_input,
+    example_kwargs,
     load_checkpoint,
     load_mask,
     load_model,
+    parse_kwargs,
     parse_shape,
 )
 from prunefx.errors import PruneFxError
@@ -60,6 +62,7 @@ def _one_line(exc: BaseException) -> str:
 def _check_arguments(args: argparse.Namespace) -> None:
     """Every argument that can be checked without the model: raises CliError/ExportError."""
     parse_shape(args.input)
+    parse_kwargs(args.kwarg)
     ratio = getattr(args, "ratio", None)
     if ratio is not None and not (math.isfinite(ratio) and 0.0 <= ratio < 1.0):
         raise CliError(f"--ratio is the fraction of each group's channels to drop, in [0, 1); got {ratio:g}")
@@ -107,8 +110,8 @@ def _add_prune(sub: Any) -> None:
 
 def run_prune(args: argparse.Namespace) -> int:
     model = load_model(args.model, weights=args.weights)
-    x = example_input(args.input)
-    graph = prunefx.trace(model, x)
+    x, kwargs = example_input(args.input), example_kwargs(model, args.kwarg)
+    graph = prunefx.trace(model, x, example_kwargs=kwargs or None)
     mask = _criterion_mask(graph, args.criterion, args.ratio, exact_only=args.exact_only, seed=args.seed)
     small = prunefx.reconfigure(model, mask, graph=graph)
     torch.save(prunefx.state_dict(small), args.output)
@@ -117,7 +120,7 @@ def run_prune(args: argparse.Namespace) -> int:
     _print_sizes(model, small, x, f"{args.criterion} {args.ratio:g} on {len(mask)} of {len(graph.groups)} groups")
     print(f"saved {args.output}" + (f" and mask {args.save_mask}" if args.save_mask else ""))
     if args.onnx:
-        _export(small, args.onnx, x, args)
+        _export(small, args.onnx, x, kwargs, args)
     return 0
 
 
@@ -148,16 +151,16 @@ def run_export(args: argparse.Namespace) -> int:
     mask = load_mask(args.mask) if args.mask else None  # the files first: they fail fast
     checkpoint = load_checkpoint(args.checkpoint) if args.checkpoint else None
     model = load_model(args.model, weights=args.weights)
-    x = example_input(args.input)
+    x, kwargs = example_input(args.input), example_kwargs(model, args.kwarg)
     if mask is not None:
-        small = prunefx.reconfigure(model, mask, example_inputs=x)
+        small = prunefx.reconfigure(model, mask, example_inputs=x, example_kwargs=kwargs or None)
         _print_sizes(model, small, x, f"mask {args.mask}")
         model = small
     elif checkpoint is not None:
         small = prunefx.load_state_dict(model, checkpoint)
         _print_sizes(model, small, x, f"checkpoint {args.checkpoint}")
         model = small
-    _export(model, args.output, x, args)
+    _export(model, args.output, x, kwargs, args)
     return 0
 
 
@@ -168,6 +171,9 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help="torchvision:NAME, timm:NAME or path/to/file.py:factory")
     p.add_argument("--input", default="1,3,224,224", metavar="SHAPE", help="example input shape, e.g. 1,3,224,224 or 1,128:int64 (default: 1,3,224,224)")
     p.add_argument("--weights", default=None, help="pretrained weights to load (torchvision weight name such as DEFAULT; any value for timm); default: random")
+    p.add_argument("--kwarg", action="append", default=[], metavar="NAME=VALUE",
+                   help="a keyword input of forward, a Python literal (repeatable), e.g. --kwarg output_attentions=False; "
+                        "a transformers model gets use_cache=False unless given")
 
 
 def _export_arguments(p: argparse.ArgumentParser) -> None:
@@ -182,9 +188,9 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", help="ONNX Runtime device of the check: auto, cpu, cuda[:N] (default: auto)")
 
 
-def _export(model: nn.Module, path: str, x: torch.Tensor, args: argparse.Namespace) -> None:
+def _export(model: nn.Module, path: str, x: torch.Tensor, kwargs: dict[str, Any], args: argparse.Namespace) -> None:
     result = export_onnx(
-        model, path, x, dynamic_batch=not args.static_batch, verify=not args.no_verify, exporter=args.exporter,
+        model, path, x, example_kwargs=kwargs or None, dynamic_batch=not args.static_batch, verify=not args.no_verify, exporter=args.exporter,
         opset=args.opset, simplify=not args.no_simplify, fp16=args.fp16, device=args.device,
     )
     print(f"wrote {result}")
@@ -220,7 +226,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     model = load_model(args.model, weights=args.weights)
-    report = prunefx.inspect(model, example_input(args.input))
+    report = prunefx.inspect(model, example_input(args.input), example_kwargs=example_kwargs(model, args.kwarg) or None)
     console = Console(width=None if sys.stdout.isatty() else 120)
     limit = {0: 0, -1: None}
     console.print(report.renderable(groups=limit.get(args.groups, args.groups), layers=limit.get(args.layers, args.layers)))

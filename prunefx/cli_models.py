@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import ast
 import importlib
 import importlib.util
 import inspect
@@ -27,7 +28,9 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["CliError", "load_model", "parse_shape", "example_input", "load_mask", "load_checkpoint", "check_output"]
+from prunefx.tracing import is_transformers_model
+
+__all__ = ["CliError", "load_model", "parse_shape", "parse_kwargs", "example_kwargs", "example_input", "load_mask", "load_checkpoint", "check_output"]
 
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "float16": torch.float16, "int64": torch.int64, "long": torch.int64, "int32": torch.int32}
 
@@ -118,6 +121,31 @@ def parse_shape(text: str) -> tuple[tuple[int, ...], torch.dtype]:
     if dtype and dtype not in _DTYPES:
         raise CliError(f"--input dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
     return shape, _DTYPES[dtype or "float32"]
+
+
+def parse_kwargs(items: list[str]) -> dict[str, Any]:
+    """``["use_cache=False", "output_attentions=False"]`` -> ``{"use_cache": False, ...}``:
+    each ``--kwarg NAME=VALUE`` a keyword input of forward whose value is a Python literal."""
+    kwargs: dict[str, Any] = {}
+    for item in items:
+        name, eq, text = item.partition("=")
+        if not eq or not name.strip().isidentifier():
+            raise CliError(f"--kwarg must look like NAME=VALUE (e.g. use_cache=False), got {item!r}")
+        try:
+            kwargs[name.strip()] = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError):
+            raise CliError(f"--kwarg {item}: the value must be a Python literal (False, 3, 0.5, 'text', None), got {text!r}") from None
+    return kwargs
+
+
+def example_kwargs(model: nn.Module, items: list[str]) -> dict[str, Any]:
+    """The keyword inputs of ``--kwarg``; a transformers model whose forward takes
+    ``use_cache`` gets ``use_cache=False`` unless given: pruning and ONNX export need no
+    key-value cache, and torch.export cannot return one."""
+    kwargs = parse_kwargs(items)
+    if "use_cache" not in kwargs and is_transformers_model(model) and "use_cache" in inspect.signature(model.forward).parameters:
+        kwargs["use_cache"] = False
+    return kwargs
 
 
 def example_input(text: str) -> torch.Tensor:

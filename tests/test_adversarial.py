@@ -132,6 +132,8 @@ CLI_ERRORS: list[tuple[str, Any, tuple[str, ...], bool]] = [
     ("input-empty-dim", lambda t, m: ["prune", m, "--input", "1,x,8", "-o", f"{t}/p.pt"], ("--input", "1,x,8"), True),
     ("input-zero-dim", lambda t, m: ["prune", m, "--input", "0,3,8,8", "-o", f"{t}/p.pt"], ("--input", "positive"), True),
     ("input-bad-dtype", lambda t, m: ["prune", m, "--input", "1,3,8,8:complex", "-o", f"{t}/p.pt"], ("dtype", "complex"), True),
+    ("kwarg-no-value", lambda t, m: ["prune", m, "--kwarg", "use_cache", "-o", f"{t}/p.pt"], ("--kwarg", "NAME=VALUE", "'use_cache'"), True),
+    ("kwarg-not-a-literal", lambda t, m: ["inspect", m, "--kwarg", "use_cache=Flase"], ("--kwarg", "literal", "'Flase'"), True),
     ("mask-float", lambda t, m: ["export", m, "--mask", _save(t, "f.pt", {"0": torch.rand(8)}), "-o", f"{t}/m.onnx"], ("'0'", "torch.float32", "torch.bool"), True),
     ("mask-float-nan", lambda t, m: ["export", m, "--mask", _save(t, "f.pt", {"0": torch.full((8,), math.nan)}), "-o", f"{t}/m.onnx"], ("'0'", "torch.float32"), True),
     ("mask-int", lambda t, m: ["export", m, "--mask", _save(t, "i.pt", {"0": torch.ones(8, dtype=torch.int64)}), "-o", f"{t}/m.onnx"], ("'0'", "torch.int64"), True),

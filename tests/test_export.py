@@ -344,6 +344,29 @@ def test_cli_model_from_a_python_file(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "verified in ONNX Runtime" in capsys.readouterr().out and (tmp_path / "p.onnx").is_file()
 
 
+def test_cli_prunes_and_exports_a_transformers_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A transformers model from a factory file: the CLI gives it use_cache=False (torch.export
+    cannot return a key-value cache) and passes --kwarg values to forward; the pruned model
+    is saved, exported to ONNX, rebuilt from its checkpoint and inspected."""
+    (tmp_path / "llama.py").write_text(
+        "import transformers\n"
+        "def make():\n"
+        "    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,\n"
+        "                                   num_attention_heads=4, num_key_value_heads=2)\n"
+        "    return transformers.LlamaForCausalLM(cfg)\n"
+    )
+    spec, pruned, onnx_file = f"{tmp_path / 'llama.py'}:make", tmp_path / "p.pt", tmp_path / "p.onnx"
+    run_cli("prune", spec, "--input", "2,16:int64", "--kwarg", "output_attentions=False", "--exact-only",
+            "-o", str(pruned), "--onnx", str(onnx_file))
+    out = capsys.readouterr().out
+    assert "pruned by magnitude 0.5" in out and "verified in ONNX Runtime" in out and onnx_file.is_file()
+    run_cli("export", spec, "--input", "2,16:int64", "--checkpoint", str(pruned), "-o", str(tmp_path / "c.onnx"))
+    assert "verified in ONNX Runtime" in capsys.readouterr().out
+    assert initializer_count(tmp_path / "c.onnx") == initializer_count(onnx_file)
+    run_cli("inspect", spec, "--input", "2,16:int64", "--layers", "0", "--groups", "3")
+    assert "model.layers.0.self_attn.q_proj" in capsys.readouterr().out
+
+
 def test_cli_errors_are_one_line_and_exit_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from prunefx.__main__ import main
 
