@@ -193,8 +193,8 @@ def trace(
     inferred from the first layer (a Conv2d(C, ...) gives (1, C, 224, 224)); a TraceError says
     when that is not possible. ``frontend``: "fx" (``torch.fx.symbolic_trace``), "export"
     (``torch.export``, an aten-level graph, for models fx cannot trace, such as Hugging Face
-    transformers) or "auto" (fx, and export when fx cannot trace the model or keyword inputs
-    are given; ``graph.frontend`` says which ran). ``leaf_modules`` (types or qualified names,
+    transformers) or "auto" (fx, and export when fx cannot trace the model, for a transformers
+    model, or when keyword inputs are given; ``graph.frontend`` says which ran). ``leaf_modules`` (types or qualified names,
     fx only) are kept opaque: their channels are pinned.
     """
     if not isinstance(model, nn.Module):
@@ -206,8 +206,8 @@ def trace(
         return _trace_detection(model, example_inputs, kwargs, frontend, leaf_modules)
     if frontend == "fx" and kwargs:
         raise TraceError("the fx front-end takes positional example inputs only; pass frontend='export' (or 'auto') for example_kwargs")
-    if frontend == "export" or (frontend == "auto" and kwargs):
-        return _trace_export(model, _as_tuple(example_inputs), kwargs)
+    if frontend == "export" or (frontend == "auto" and (kwargs or is_transformers_model(model))):
+        return _trace_export(model, _as_tuple(example_inputs), kwargs)  # (plain fx does not trace transformers)
     try:
         traced = symbolic_trace(model, leaf_modules=(*leaf_modules, *LEAF_MODULES), concrete_args=concrete_args)
     except TraceError as fx_error:

@@ -207,6 +207,22 @@ def test_export_error_is_one_clear_line() -> None:
     assert "What to do" in str(info.value)
 
 
+def test_a_transformers_model_goes_to_export_and_is_told_about_the_cache() -> None:
+    """"auto" sends a transformers model straight to torch.export (plain fx never traces one:
+    no warning that it fell back); without use_cache=False the capture fails on the
+    key-value cache it returns, and the error says which flag to pass."""
+    make, _kwargs, _attn, _mlp, inputs = FAMILIES["llama_gqa"]
+    model, x = make().eval(), inputs()[0]
+    with pytest.raises(prunefx.TraceError, match=r"^torch.export cannot capture LlamaForCausalLM: .*Cache.*\n  What to do: "
+                       r"pass example_kwargs=\{'use_cache': False\}") as info:
+        prunefx.trace(model, (x,))
+    assert "torch.fx" not in str(info.value)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="prunefx")  # no "captured with torch.export instead"
+        graph = prunefx.trace(_bert().eval(), (x,))
+    assert graph.frontend == "export"
+
+
 # ---- the torchvision zoo through the export front-end --------------------------------------
 # Models whose forward differs in train and eval: fx analyses both modes (more coupling),
 # export captures the current mode only, so their group sizes legitimately differ.

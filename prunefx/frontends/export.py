@@ -142,12 +142,11 @@ def _capture(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
             ep = torch.export.export(model, tuple(args), kwargs, strict=False)
         except Exception as exc:  # noqa: BLE001
             cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise TraceError(
-                f"torch.export cannot capture {type(model).__name__}: {type(exc).__name__}: {cause}\n"
-                "  What to do: check that example_inputs / example_kwargs are what forward takes "
-                "(e.g. example_kwargs={'use_cache': False} for a transformers model), or capture a "
-                "submodule that export can follow."
-            ) from first
+            advice = "check that example_inputs / example_kwargs are what forward takes " \
+                "(e.g. example_kwargs={'use_cache': False} for a transformers model), or capture a submodule that export can follow."
+            if "use_cache" not in kwargs and "Cache" in cause and is_transformers_model(model):
+                advice = "pass example_kwargs={'use_cache': False}: torch.export cannot return the key-value cache, and pruning needs none."
+            raise TraceError(f"torch.export cannot capture {type(model).__name__}: {type(exc).__name__}: {cause}\n  What to do: {advice}") from first
         warnings.warn(
             f"prunefx: torch.export could not capture {type(model).__name__} with a dynamic batch/sequence "
             f"({str(first).strip().splitlines()[0] if str(first).strip() else type(first).__name__}); captured with "
