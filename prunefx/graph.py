@@ -216,8 +216,6 @@ def trace(
         try:
             graph = _trace_export(model, _as_tuple(example_inputs), kwargs)
         except TraceError as export_error:
-            if str(export_error) == str(fx_error):  # refused alike by both (torch.inference_mode in the forward)
-                raise export_error from fx_error
             raise TraceError(f"{fx_error}\n  torch.export could not capture it either: {str(export_error).splitlines()[0]}") from fx_error
         warnings.warn(f"prunefx: {str(fx_error).splitlines()[0]}; captured with torch.export instead (frontend='export')", stacklevel=2)
         return graph

@@ -23,8 +23,8 @@ backward hook of a traced module               no module call is left to run it 
 re-parametrised weight                         the weight is computed from ``original0/1``
 (``parametrize.register_parametrization``:     (``weight_g/v``, ``weight_orig``, ``u``, ``v``)
 ``weight_norm``, ``spectral_norm``, ...; the   by norms over every channel, so slicing them is
-old ``torch.nn.utils.weight_norm`` and         not the masked function: ``TraceError`` saying
-``spectral_norm`` hooks)                       how to bake the weight first.
+old ``torch.nn.utils.weight_norm`` and         not the masked function: ``CaptureRefused``,
+``spectral_norm`` hooks)                       saying how to bake the weight first.
 custom ``torch.autograd.Function`` (a class    fx: one opaque call of ``Fn.apply``
 outside torch)                                 (``OpaqueFunction``), so its backward is kept;
                                                the channels through it are pinned. torch.export
@@ -40,6 +40,9 @@ grad mode or autocast changed inside forward  fx runs ``torch.no_grad()``,
                                                block). fx: a TraceError naming the line
                                                (``"auto"`` falls back to torch.export, which
                                                keeps the block: ``frontends/export.py``).
+``torch.inference_mode()`` inside forward      recorded by neither front-end (the pruned graph
+                                               would let gradients through it): refused by
+                                               both, naming the line.
 ``forward`` set on an instance (fx)            the model's: fx traces the class's forward; a
                                                leaf's: the copy would call the original: a
                                                TraceError (torch.export runs it: ``"auto"``
@@ -485,7 +488,7 @@ def custom_functions_refused(model: nn.Module) -> Iterator[None]:
 @contextlib.contextmanager
 def mode_changes_refused(model: nn.Module, frontend: str = "fx") -> Iterator[None]:
     """A TraceError after the capture if the model's code switched a mode the graph does not
-    record. fx records none: the grad mode and the autocast state
+    record (a CaptureRefused when no front-end records it). fx records none: the grad mode and the autocast state
     (``torch._C._set_grad_enabled`` / ``torch.set_autocast_enabled``, which every spelling of
     those blocks calls); torch.export keeps those blocks, and neither records
     ``torch.inference_mode`` (``torch._C._InferenceMode``): the pruned graph would run such a
@@ -526,8 +529,8 @@ def mode_changes_refused(model: nn.Module, frontend: str = "fx") -> Iterator[Non
     if not seen:
         return
     (what, loc, lost_by_export), name = seen[0], type(model).__name__
-    if lost_by_export:
-        raise TraceError(
+    if lost_by_export:  # no front-end keeps it: "auto" must not try the other one
+        raise CaptureRefused(
             f"{name} {what} at {loc} inside its forward, which neither torch.fx nor torch.export records: the pruned "
             "graph would let gradients through that block. What to do: use torch.no_grad() there, which torch.export "
             "keeps (frontend='export', or the default 'auto')."
