@@ -32,6 +32,10 @@ outside torch)                                 (``OpaqueFunction``), so its back
                                                ``TraceError`` naming it and its line.
 ``torch.nn.utils.prune`` hooks                 left to ``reconfigure``'s own refusal (the
                                                masks interop reads them through the trace).
+a library's hook that only marks an output as  not a channel op: neither refused nor pinned
+requiring grad (transformers'                  (``AUTOGRAD_ONLY_HOOKS``). The module result,
+``enable_input_require_grads``, which          a copy of the model, keeps it; a GraphModule
+``gradient_checkpointing_enable`` registers)   result does not run it (nor checkpoints).
 grad mode or autocast changed inside forward  fx runs ``torch.no_grad()``,
 (``torch.no_grad()``, ``set_grad_enabled``,    ``torch.autocast(...)`` while it traces and
 ``torch.autocast(...)`` blocks or decorators)  records nothing: the pruned graph would run the
@@ -93,7 +97,7 @@ from prunefx.errors import MaskError, PruneFxError, TraceError
 __all__ = [
     "CaptureRefused", "refuse_foreign_graph", "refuse_reparametrized", "refuse_instance_forward", "refuse_traced_backward_hooks", "traced_modules", "watch_hooks", "HookWatch", "run_with_hooks",
     "any_hooks", "hooks_within", "HookedChannels", "OpaqueFunction", "custom_functions_opaque", "custom_functions_refused",
-    "mode_changes_refused",
+    "mode_changes_refused", "AUTOGRAD_ONLY_HOOKS",
 ]
 
 IsLeaf = Callable[[nn.Module, str], bool]
@@ -133,12 +137,29 @@ def _module_text(name: str, model: nn.Module) -> str:
     return f"module '{name}'" if name else f"the model itself ({type(model).__name__})"
 
 
+# Hooks a library registers only to mark a module's output as requiring grad, so that the
+# gradients of an activation-checkpointed model (or of adapters behind frozen embeddings)
+# reach the layers after it: they change no value and see no channel. (module, function name)
+AUTOGRAD_ONLY_HOOKS = frozenset({
+    # PreTrainedModel.enable_input_require_grads: `output.requires_grad_(True)` on the input
+    # embeddings; gradient_checkpointing_enable() registers it on every text model
+    ("transformers.modeling_utils", "make_inputs_require_grads"),
+})
+
+
+def _autograd_only(hook: Any) -> bool:
+    func = getattr(hook, "__func__", hook)
+    return (getattr(func, "__module__", None), getattr(func, "__name__", None)) in AUTOGRAD_ONLY_HOOKS
+
+
 def _own_hooks(m: nn.Module, kinds: tuple[tuple[str, str], ...]) -> list[tuple[str, Any]]:
     """(kind, hook) of ``m``'s own hooks of these kinds; torch.nn.utils.prune's are not ours
-    to judge (``reconfigure`` refuses them, the masks interop reads them)."""
+    to judge (``reconfigure`` refuses them, the masks interop reads them), and a library's
+    autograd-only hook (``AUTOGRAD_ONLY_HOOKS``) acts on no channel."""
     return [
         (kind, h) for attr, kind in kinds for h in getattr(m, attr, {}).values()
         if not isinstance(h, BasePruningMethod) and not isinstance(getattr(h, "hook", None), BasePruningMethod)
+        and not _autograd_only(h)
     ]
 
 

@@ -201,6 +201,29 @@ def test_trainer_shrinks_slices_adamw_exactly_resumes_and_reloads(tmp_path: Path
     assert layout_of(fresh).keys() == layout_of(model).keys()
 
 
+@pytest.mark.filterwarnings("ignore")
+def test_trainer_with_activation_checkpointing_shrinks_the_same(tmp_path: Path) -> None:
+    """``activation_checkpointing=True`` (recomputing each layer in backward) changes no value: the
+    shrinks, the losses and the final weights are those of the same run without it. The model
+    still checkpoints after every shrink, and keeps the hook transformers registers on its
+    input embeddings for it (which the capture must neither refuse nor pin)."""
+    runs = {}
+    for checkpointing in (False, True):
+        model, prune, losses = _llama(), _callback(_x()), Losses()
+        args = _args(tmp_path / str(checkpointing))
+        args.save_strategy, args.activation_checkpointing = "no", checkpointing
+        transformers.Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[prune, losses]).train()
+        assert sum(h["changed"] for h in prune.history) >= 2, prune.history
+        runs[checkpointing] = (model, losses.by_step, [h["changed"] for h in prune.history])
+    (plain, plain_losses, plain_shrinks), (ckpt, ckpt_losses, ckpt_shrinks) = runs[False], runs[True]
+    assert ckpt.is_activation_checkpointing and all(layer.gradient_checkpointing for layer in ckpt.model.layers)
+    assert len(ckpt.model.embed_tokens._forward_hooks) == 1
+    assert ckpt_shrinks == plain_shrinks and _sizes(ckpt) == _sizes(plain)
+    for step, loss in plain_losses.items():
+        assert ckpt_losses[step] == pytest.approx(loss, rel=1e-5, abs=1e-6), step
+    torch.testing.assert_close(_logits(ckpt, _x()), _logits(plain, _x()), atol=1e-5, rtol=1e-5)
+
+
 def test_lambda_from_first_loss_and_refusals(tmp_path: Path) -> None:
     """Without ``lam=`` the lasso takes ``ratio`` of the first training loss (the model's
     ``loss`` output); what the callback cannot follow is refused, in one line, when the Trainer
