@@ -41,6 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from prunefx.shapes import _meta_state, _MetaShapeProp, _to_meta, _TrackingShapeProp
 from prunefx.tracing import attributes_restored
+from prunefx.wrappers import unwrap_compiled
 
 __all__ = ["NodeCost", "count_flops", "count_params", "flop_counter", "node_costs", "tensor_bytes"]
 
@@ -126,6 +127,7 @@ def node_costs(gm: fx.GraphModule, inputs: tuple[Any, ...]) -> dict[fx.Node, Nod
 def count_flops(model: nn.Module, example_inputs: Any) -> int:
     """Forward FLOPs of ``model(*example_inputs)`` as counted by FlopCounterMode."""
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    model = unwrap_compiled(model)[0]  # (torch.compile's wrapper: the model inside, not compiled to count it)
     try:
         if isinstance(model, fx.GraphModule):
             gm = model

@@ -33,6 +33,7 @@ from prunefx.nn import LEAF_MODULES
 from prunefx.provenance import layout_of
 from prunefx.shapes import Shapes, propagate_shapes
 from prunefx.tracing import Traced, guess_example_inputs, is_transformers_model, symbolic_trace
+from prunefx.wrappers import unwrapped
 
 __all__ = ["PruneGraph", "trace", "FRONTENDS"]
 
@@ -199,6 +200,7 @@ def trace(
     """
     if not isinstance(model, nn.Module):
         raise TraceError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    model = unwrapped(model, "prunefx.trace")  # (torch.compile's wrapper: the model inside)
     if frontend not in FRONTENDS:
         raise TraceError(f"frontend must be one of {', '.join(map(repr, FRONTENDS))}, got {frontend!r}")
     kwargs = dict(example_kwargs or {})

@@ -37,6 +37,7 @@ from prunefx.mask import Keep, resolve_mask
 from prunefx.passes import DEFAULT_PIPELINE, Pipeline, RewriteState
 from prunefx.plan import make_plan
 from prunefx.tracing import is_transformers_model
+from prunefx.wrappers import rewrap_compiled, unwrap_compiled, unwrapped
 
 __all__ = ["reconfigure", "apply_mask"]
 
@@ -95,6 +96,8 @@ def reconfigure(
     ``optimizer``, its param_groups and per-parameter state are re-pointed to the new
     parameters and sliced alike, in place. On any error nothing is changed.
     """
+    model, compiled = unwrap_compiled(model)  # compiled again below, as it came
+    model = unwrapped(model, "prunefx.reconfigure")
     emit = _emitter(model, emit)
     g = _graph_for(model, graph, example_inputs, leaf_modules, concrete_args, example_kwargs, frontend)  # trace, shapes, analysis
     keep = resolve_mask(g, mask, policy)  # mask resolution (validates everything first)
@@ -112,7 +115,7 @@ def reconfigure(
         from prunefx.optim import repoint_optimizer
 
         repoint_optimizer(optimizer, state)
-    return state.result
+    return rewrap_compiled(state.result, compiled)
 
 
 def _emitter(model: nn.Module, emit: str) -> str:
@@ -147,9 +150,10 @@ def apply_mask(
 ) -> nn.Module:
     """Zero, in place, every parameter that writes a channel ``mask`` drops ("soft
     pruning"); returns ``model``."""
+    inner = unwrapped(model, "prunefx.apply_mask")  # (torch.compile's wrapper: the model inside)
     # the graph's structure on model's own tensors: a graph of an identical copy is fine
-    g = _graph_for(model, graph, example_inputs, leaf_modules, concrete_args, example_kwargs, frontend, same_tensors=False)
-    zero_dropped(model, g, resolve_mask(g, mask, policy))
+    g = _graph_for(inner, graph, example_inputs, leaf_modules, concrete_args, example_kwargs, frontend, same_tensors=False)
+    zero_dropped(inner, g, resolve_mask(g, mask, policy))
     return model
 
 

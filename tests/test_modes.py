@@ -68,6 +68,44 @@ def test_compile_of_a_reconfigured_model() -> None:
         torch.testing.assert_close(compiled(x), small(x))
 
 
+def test_a_compiled_model_is_seen_through(tmp_path) -> None:
+    """``torch.compile(model)`` holds the model as ``_orig_mod``: prunefx traces, masks, counts,
+    inspects and exports the model inside, under its own names, and ``reconfigure`` compiles its
+    result again with the same backend and options, its optimizer re-pointed."""
+    torch.manual_seed(0)
+    model = randomize_norms(torchvision.models.resnet18(num_classes=10)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    graph = prunefx.trace(compiled, x)
+    assert [g.name for g in graph.groups] == [g.name for g in prunefx.trace(model, x).groups]
+    assert prunefx.inspect(compiled, x).group("layer1.0.conv1").name == "layer1.0.conv1"
+    assert prunefx.count_flops(compiled, x) == prunefx.count_flops(model, x)
+
+    mask = prunefx.masks.random(graph, 0.5, exact_only=True, seed=0)
+    optimizer = torch.optim.SGD(compiled.parameters(), lr=0.1, momentum=0.9)
+    small = prunefx.reconfigure(compiled, mask, example_inputs=x, optimizer=optimizer)
+    assert type(small) is type(compiled) and small.dynamo_ctx is compiled.dynamo_ctx
+    assert isinstance(small._orig_mod, torch.fx.GraphModule) and small._orig_mod.get_submodule("layer1.0.conv1").out_channels < 64
+    assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {id(p) for p in small.parameters()}
+    reference = prunefx.apply_mask(torch.compile(copy.deepcopy(model), backend="eager"), mask, example_inputs=x)
+    assert isinstance(reference._orig_mod, torchvision.models.ResNet)  # masked inside, still compiled
+    with torch.no_grad():
+        assert max_rel_diff(small(x), reference(x)) <= 1e-4
+    result = prunefx.export_onnx(compiled, tmp_path / "model.onnx", x)
+    assert result.max_abs_diff is not None
+
+
+@pytest.mark.parametrize("call", ["trace", "reconfigure", "apply_mask", "inspect"])
+def test_a_data_parallel_model_is_refused_in_one_line(call: str) -> None:
+    model = nn.DataParallel(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 3)))
+    x = torch.randn(1, 3, 8, 8)
+    args = {"trace": (x,), "inspect": (x,)}.get(call, ({"module.0": torch.arange(8) < 4},))
+    kwargs = {} if call in ("trace", "inspect") else {"example_inputs": x}
+    with pytest.raises(prunefx.PruneFxError, match=r"^prunefx\.\w+ got a DataParallel model: pass the model inside \(model\.module\)") as err:
+        getattr(prunefx, call)(model, *args, **kwargs)
+    assert "\n" not in str(err.value)
+
+
 class _Gated(nn.Module):
     """Dropout written out by hand: the training graph has an extra multiply."""
 

@@ -81,6 +81,7 @@ from prunefx.export.staging import _checked_target, _Staging
 from prunefx.export.transforms import _check, _opset_of, _simplified, _stamp, _to_fp16
 from prunefx.export.verify import _verify
 from prunefx.tracing import in_mode
+from prunefx.wrappers import unwrapped
 
 __all__ = ["ExportResult", "export_onnx", "onnx_session", "gpu_providers", "check_device"]
 
@@ -149,6 +150,7 @@ def export_onnx(
     the file cannot be moved into place.
     """
     started = time.perf_counter()
+    model = unwrapped(model, "prunefx.export_onnx")  # (torch.compile's wrapper: the model inside)
     timings: dict[str, float] = {}
     order = _exporter_order(exporter)
     target = _checked_target(Path(path))  # fail before the slow part

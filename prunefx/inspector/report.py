@@ -48,6 +48,7 @@ from prunefx.inspector.tables import (
     layer_rows,
     totals,
 )
+from prunefx.wrappers import unwrapped
 
 __all__ = ["Inspector", "InspectError", "inspect"]
 
@@ -223,6 +224,7 @@ def inspect(model: nn.Module, example_inputs: Any = None, *, graph: PruneGraph |
     why it is pinned. ``example_inputs``, ``example_kwargs`` and ``frontend`` as for
     ``prunefx.trace``.
     """
+    model = unwrapped(model, "prunefx.inspect")  # (torch.compile's wrapper: the model inside)
     if graph is None:
         graph = trace(model, example_inputs, example_kwargs=example_kwargs, frontend=frontend,
                       leaf_modules=leaf_modules, concrete_args=concrete_args)

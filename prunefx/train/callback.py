@@ -53,8 +53,9 @@ from prunefx.graph import PruneGraph, trace
 from prunefx.guards import refuse_foreign_graph
 from prunefx.masks.zeros import from_zeros
 from prunefx.train.lasso import GroupLasso
-from prunefx.train.loop import StepBoundary, check_scaler, check_schedulers, unwrap_compiled
+from prunefx.train.loop import StepBoundary, check_scaler, check_schedulers
 from prunefx.train.shrink import ShrinkReport, shrink
+from prunefx.wrappers import unwrap_compiled
 
 __all__ = ["PruneTrain", "Reconfiguration"]
 

@@ -39,7 +39,7 @@ from prunefx.passes.slice_tensors import slice_tensor
 from prunefx.provenance import layout_of
 
 __all__ = ["StepBoundary", "tensor_index", "follow_optimizer", "follow_ema", "check_ema", "check_scaler",
-           "check_schedulers", "unwrap_compiled", "rewrap_compiled"]
+           "check_schedulers"]
 
 
 class StepBoundary:
@@ -245,19 +245,3 @@ def check_schedulers(schedulers: Iterable[Any], optimizers: Sequence[torch.optim
         if hasattr(s, "base_lrs") and len(s.base_lrs) != len(opt.param_groups):
             raise PruneFxError(f"LR scheduler {i} ({type(s).__name__}) has {len(s.base_lrs)} base LRs for "
                                f"{len(opt.param_groups)} param groups")
-
-
-def unwrap_compiled(model: nn.Module) -> tuple[nn.Module, Any]:
-    """(the module inside a ``torch.compile`` wrapper, the wrapper) or (model, None)."""
-    orig = getattr(model, "_orig_mod", None)
-    if isinstance(orig, nn.Module) and hasattr(model, "dynamo_ctx"):
-        return orig, model
-    return model, None
-
-
-def rewrap_compiled(small: nn.Module, compiled: Any) -> nn.Module:
-    """``small`` compiled with the same backend and options as ``compiled`` (its dynamo
-    context). Compilation happens at the first call, as after ``torch.compile``."""
-    if compiled is None:
-        return small
-    return type(compiled)(small, compiled.dynamo_ctx)

@@ -56,9 +56,8 @@ from prunefx.train.loop import (
     fold_snapshot,
     follow_ema,
     follow_optimizer,
-    rewrap_compiled,
-    unwrap_compiled,
 )
+from prunefx.wrappers import rewrap_compiled, unwrap_compiled
 
 __all__ = ["ShrinkReport", "shrink"]
 
