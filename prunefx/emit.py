@@ -38,6 +38,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import re
@@ -302,21 +303,40 @@ def update_size_attributes(model: nn.Module) -> None:
 
 def _check(small: nn.Module, reference: nn.Module, graph: PruneGraph, other_mode: bool) -> None:
     """small == reference on the example inputs in eval mode (on meta tensors, shapes only);
-    when the forward differs between modes, output shapes in training mode on meta copies."""
+    when the forward differs between modes, output shapes in training mode on meta copies.
+    An export graph holds the mode it was captured in (a training-mode BatchNorm normalises
+    with the batch's statistics whatever ``.eval()`` says): compared in that mode, the running
+    statistics of both put back afterwards."""
     args, kwargs = _inputs(graph, small)
-    with in_mode(small, False), in_mode(reference, False), torch.no_grad():
+    training = graph.frontend == "export" and graph.traced.training
+    mode = "training" if training else "evaluation"
+    kept = _buffers_kept(small, reference) if training else contextlib.nullcontext()
+    with in_mode(small, training), in_mode(reference, training), kept, torch.no_grad():
         try:
             with same_random(small):
                 got = small(*args, **kwargs)
         except Exception as exc:  # any failure of user code means "cannot be expressed"
-            raise _error(small, reference, args, kwargs, exc, "evaluation") from exc
+            raise _error(small, reference, args, kwargs, exc, mode) from exc
         with same_random(small):
             want = reference(*args, **kwargs)
         problem = _compare(got, want)
         if problem:
-            raise _error(small, reference, args, kwargs, None, "evaluation", problem)
+            raise _error(small, reference, args, kwargs, None, mode, problem)
     if other_mode:
         _check_training_shapes(small, reference, args, kwargs)
+
+
+@contextmanager
+def _buffers_kept(*models: nn.Module) -> Iterator[None]:
+    """The models' buffers as they were, after a check in training mode (BatchNorm's running
+    statistics, ``num_batches_tracked``)."""
+    saved = [(b, b.clone()) for m in models for b in m.buffers() if has_values(b)]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, before in saved:
+                b.copy_(before)
 
 
 @contextmanager

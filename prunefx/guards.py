@@ -44,6 +44,13 @@ grad mode or autocast changed inside forward  fx runs ``torch.no_grad()``,
                                                block). fx: a TraceError naming the line
                                                (``"auto"`` falls back to torch.export, which
                                                keeps the block: ``frontends/export.py``).
+activation checkpointing                       traced through by both front-ends: a graph
+(``torch.utils.checkpoint``, timm's            computes the same values but keeps every
+``set_grad_checkpointing``)                    activation for backward. Recorded
+                                               (``activation_checkpoints_seen``, the lines in
+                                               ``Traced.checkpoints``): ``reconfigure``
+                                               returns the model's own class, whose forward
+                                               keeps checkpointing (``prunefx.reconfigure``).
 ``torch.inference_mode()`` inside forward      recorded by neither front-end (the pruned graph
                                                would let gradients through it): refused by
                                                both, naming the line.
@@ -97,7 +104,7 @@ from prunefx.errors import MaskError, PruneFxError, TraceError
 __all__ = [
     "CaptureRefused", "refuse_foreign_graph", "refuse_reparametrized", "refuse_instance_forward", "refuse_traced_backward_hooks", "traced_modules", "watch_hooks", "HookWatch", "run_with_hooks",
     "any_hooks", "hooks_within", "HookedChannels", "OpaqueFunction", "custom_functions_opaque", "custom_functions_refused",
-    "mode_changes_refused", "AUTOGRAD_ONLY_HOOKS",
+    "mode_changes_refused", "AUTOGRAD_ONLY_HOOKS", "activation_checkpoints_seen",
 ]
 
 IsLeaf = Callable[[nn.Module, str], bool]
@@ -579,3 +586,46 @@ def _short_loc(frame: Any) -> str:
     from prunefx.tracing import SourceLoc
 
     return str(SourceLoc(frame.f_code.co_filename, frame.f_lineno))
+
+
+@contextlib.contextmanager
+def activation_checkpoints_seen() -> Iterator[list[str]]:
+    """The lines of model code that call ``torch.utils.checkpoint.checkpoint`` while this
+    context is open (each once, in order; this thread only). Seen where ``checkpoint``
+    enters torch's two variants (``CheckpointFunction.apply``, the non-reentrant generator),
+    so every spelling counts: ``checkpoint_sequential``, timm's ``checkpoint_seq``, a name
+    imported before the capture. The line is the nearest frame outside torch and prunefx."""
+    import torch.utils.checkpoint as cp
+
+    owner = threading.get_ident()
+    seen: list[str] = []
+
+    def note() -> None:
+        if threading.get_ident() != owner:
+            return
+        frame = sys._getframe(2)
+        while frame is not None and not _model_code(frame):
+            frame = frame.f_back
+        loc = _short_loc(frame) if frame is not None else "torch.utils.checkpoint"
+        if loc not in seen:
+            seen.append(loc)
+
+    def watched(real: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            note()
+            return real(*args, **kwargs)
+
+        return call
+
+    real_function = cp.CheckpointFunction
+    generator = next(n for n in ("_checkpoint_without_reentrant_generator_impl", "_checkpoint_without_reentrant_generator") if hasattr(cp, n))
+    real_generator = getattr(cp, generator)
+    # `checkpoint` reads both as module globals at each call: CheckpointFunction only for its `apply`
+    cp.CheckpointFunction = type("CheckpointFunction", (), {"apply": staticmethod(watched(real_function.apply))})
+    setattr(cp, generator, watched(real_generator))
+    try:
+        yield seen
+    finally:
+        cp.CheckpointFunction = real_function
+        setattr(cp, generator, real_generator)
+

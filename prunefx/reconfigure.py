@@ -20,6 +20,7 @@ Example::
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -89,33 +90,53 @@ def reconfigure(
     ``emit="graph"`` returns a GraphModule whose submodule names match ``model``'s;
     ``emit="module"`` a copy of ``model`` of the same class with every size attribute
     updated (checked against the graph result; ``ReconfigureError`` names what cannot be
-    expressed); ``emit="auto"`` the module for a transformers ``PreTrainedModel`` and a
-    torchvision detection model (checked against the masked model through its detection API),
-    the graph otherwise. ``example_kwargs`` and ``frontend`` are passed to ``prunefx.trace``. ``model``
+    expressed); ``emit="auto"`` the module for a transformers ``PreTrainedModel``, a
+    torchvision detection model (checked against the masked model through its detection API)
+    and a model whose forward checkpoints activations (``torch.utils.checkpoint``: a graph
+    would keep every activation; when the class cannot hold the pruned sizes, the graph with a
+    warning), the graph otherwise. ``example_kwargs`` and ``frontend`` are passed to ``prunefx.trace``. ``model``
     is never modified. Pass ``graph=prunefx.trace(model, x)`` to reuse an analysis. With
     ``optimizer``, its param_groups and per-parameter state are re-pointed to the new
     parameters and sliced alike, in place. On any error nothing is changed.
     """
     model, compiled = unwrap_compiled(model)  # compiled again below, as it came
     model = unwrapped(model, "prunefx.reconfigure")
-    emit = _emitter(model, emit)
+    emitter = _emitter(model, emit)
     g = _graph_for(model, graph, example_inputs, leaf_modules, concrete_args, example_kwargs, frontend)  # trace, shapes, analysis
+    for_checkpoints = emitter == "graph" and bool(g.traced.checkpoints)  # its own forward keeps them
+    if for_checkpoints and emit == "graph":
+        warnings.warn(f"prunefx: {_checkpoints_lost(model, g)}; emit='module' (or 'auto') keeps them", stacklevel=2)
+    elif for_checkpoints:
+        emitter = "module"
     keep = resolve_mask(g, mask, policy)  # mask resolution (validates everything first)
     plan = make_plan(g.analysis, keep)  # kept indices and new shapes
     state = pipeline.run(RewriteState.start(plan, g.origin, g.example_inputs))  # slice, rebuild, fix args, DCE, assemble, record
     assert state.result is not None
-    if emit == "module" and is_detection(model):  # the emitted backbone and heads, put back into the detection model
+    if emitter == "module" and is_detection(model):  # the emitted backbone and heads, put back into the detection model
         state.result = emit_detection(model, g, state)
-    elif emit == "module":  # the same class as `model`, holding the sliced tensors; checked before it is returned
+    elif emitter == "module":  # the same class as `model`, holding the sliced tensors; checked before it is returned
         from prunefx.emit import emit_module
 
-        state.result = emit_module(model, g, state)
+        try:
+            state.result = emit_module(model, g, state)
+        except ReconfigureError as exc:
+            if not for_checkpoints:
+                raise
+            warnings.warn(f"prunefx: {_checkpoints_lost(model, g)}; a GraphModule is returned all the same, since "
+                          f"{type(model).__name__}'s own forward cannot run the pruned sizes ({str(exc).splitlines()[0]})",
+                          stacklevel=2)
     record_capture(state.result, g)  # how load_state_dict traces a fresh model alike (export: keyword inputs)
     if optimizer is not None:
         from prunefx.optim import repoint_optimizer
 
         repoint_optimizer(optimizer, state)
     return rewrap_compiled(state.result, compiled)
+
+
+def _checkpoints_lost(model: nn.Module, g: PruneGraph) -> str:
+    where = ", ".join(g.traced.checkpoints[:2]) + (", ..." if len(g.traced.checkpoints) > 2 else "")
+    return (f"{type(model).__name__} checkpoints activations (torch.utils.checkpoint at {where}), which a GraphModule "
+            "cannot keep: it computes the same values but keeps every activation for backward")
 
 
 def _emitter(model: nn.Module, emit: str) -> str:

@@ -127,6 +127,9 @@ class Traced:
     training: bool = False  # the mode `module` was traced in
     frontend: str = "fx"  # "fx" (torch.fx.symbolic_trace) or "export" (torch.export, aten ops)
     owners: Mapping[fx.Node, str] = field(default_factory=dict)  # export: node -> module that computed it
+    # where the forward checkpoints activations (torch.utils.checkpoint), which the graph
+    # traced through: same values, every activation kept (guards.activation_checkpoints_seen)
+    checkpoints: tuple[str, ...] = ()
 
     @property
     def graphs(self) -> tuple[fx.GraphModule, ...]:
@@ -197,6 +200,7 @@ class _Tracer(fx.Tracer):
         self._leaf_memo: dict[tuple[int, str], bool] = {}  # fx and the guards ask ~5 times per module
         self._tensor_names: tuple[dict[int, tuple[str, Any]], dict[int, tuple[str, Any]]] | None = None
         self._hooked = True  # whether any module of the model has a hook (a leaf's call then needs a look)
+        self.checkpoints: list[str] = []  # lines that checkpoint activations (guards.activation_checkpoints_seen)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         key = (id(m), module_qualified_name)  # the modules outlive the trace, so ids are not reused
@@ -242,7 +246,8 @@ class _Tracer(fx.Tracer):
         self._hooked = guards.any_hooks(root)
         guards.refuse_instance_forward(root, traced)
         guards.refuse_traced_backward_hooks(root, traced)
-        with guards.watch_hooks(root, traced) as watch, guards.custom_functions_opaque(), guards.mode_changes_refused(root):
+        with guards.watch_hooks(root, traced) as watch, guards.custom_functions_opaque(), guards.mode_changes_refused(root), \
+                guards.activation_checkpoints_seen() as self.checkpoints:
             graph = super().trace(root, concrete_args)
         watch.check()
         return graph
@@ -315,11 +320,11 @@ def symbolic_trace(
         # its Python code is generated on first call or `.code` read: prunefx itself runs the
         # graph with interpreters, so most traces never need it
         main = _LazyGraphModule(tracer.root, graph, class_name=name)
-        sources = dict(tracer.sources)
+        sources, checkpoints = dict(tracer.sources), list(tracer.checkpoints)
         # code that never read a `training` flag runs the same in the other mode: no second trace
         mode_dependent = reads is None or bool(reads)
-        other = _trace_other_mode(model, leaves, concrete_args, main, sources) if both_modes and mode_dependent else None
-    return Traced(main, sources, other, model.training)
+        other = _trace_other_mode(model, leaves, concrete_args, main, sources, checkpoints) if both_modes and mode_dependent else None
+    return Traced(main, sources, other, model.training, checkpoints=tuple(checkpoints))
 
 
 @contextmanager
@@ -421,9 +426,11 @@ def _default_concrete(graph: fx.Graph, concrete_args: dict[str, Any] | None) -> 
             node.args = (concrete_args[name],)
 
 
-def _trace_other_mode(model: nn.Module, leaves: tuple, concrete_args: Any, main: fx.GraphModule, sources: dict) -> fx.GraphModule | None:
-    """The graph of the other train/eval mode, or None when it is the same code. The
-    model's mode flags are restored exactly."""
+def _trace_other_mode(model: nn.Module, leaves: tuple, concrete_args: Any, main: fx.GraphModule, sources: dict,
+                      checkpoints: list[str]) -> fx.GraphModule | None:
+    """The graph of the other train/eval mode, or None when it is the same code (its source
+    lines join ``sources``, its checkpointed lines ``checkpoints``). The model's mode flags
+    are restored exactly."""
     tracer = _Tracer(leaves)
     try:
         with in_mode(model, not model.training):
@@ -443,6 +450,7 @@ def _trace_other_mode(model: nn.Module, leaves: tuple, concrete_args: Any, main:
     if other.code == main.code:
         return None
     sources.update(tracer.sources)
+    checkpoints.extend(c for c in tracer.checkpoints if c not in checkpoints)
     return other
 
 

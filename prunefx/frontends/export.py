@@ -91,11 +91,12 @@ def export_trace(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, A
     placeholders take, in order."""
     kwargs = dict(kwargs or {})
     with _evaluation_mode(model) as training:
-        ep = _guarded_capture(model, args, kwargs)
+        with guards.activation_checkpoints_seen() as checkpoints:
+            ep = _guarded_capture(model, args, kwargs)
         gm, owners = _graph_module(model, ep)
     sources = {n: loc for n in gm.graph.nodes if (loc := _source_of(n)) is not None}
     flat = tuple(pytree.tree_leaves((tuple(args), kwargs)))
-    traced = Traced(gm, sources, None, training, frontend="export", owners=owners)
+    traced = Traced(gm, sources, None, training, frontend="export", owners=owners, checkpoints=tuple(checkpoints))
     return traced, flat
 
 
