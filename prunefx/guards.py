@@ -20,6 +20,10 @@ module (fx ``call_module``)                    the module, hooks included. The c
                                                over a channel-sized tensor, and prunefx cannot
                                                know what it does with the channels.
 backward hook of a traced module               no module call is left to run it on: refused.
+a lazy module that has not run yet             its parameters have no shape: ``CaptureRefused``,
+(``nn.LazyConv2d``, ...)                       saying to run the model once first.
+a TorchScript submodule (``torch.jit.script``)  neither traced into nor copied:
+                                               ``CaptureRefused``.
 re-parametrised weight                         the weight is computed from ``original0/1``
 (``parametrize.register_parametrization``:     (``weight_g/v``, ``weight_orig``, ``u``, ``v``)
 ``weight_norm``, ``spectral_norm``, ...; the   by norms over every channel, so slicing them is
@@ -96,13 +100,14 @@ import torch
 import torch.fx as fx
 from torch import nn
 from torch.fx.node import map_aggregate
+from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import parametrize
 from torch.nn.utils.prune import BasePruningMethod
 
 from prunefx.errors import MaskError, PruneFxError, TraceError
 
 __all__ = [
-    "CaptureRefused", "refuse_foreign_graph", "refuse_reparametrized", "refuse_instance_forward", "refuse_traced_backward_hooks", "traced_modules", "watch_hooks", "HookWatch", "run_with_hooks",
+    "CaptureRefused", "refuse_foreign_graph", "refuse_unreadable_modules", "refuse_instance_forward", "refuse_traced_backward_hooks", "traced_modules", "watch_hooks", "HookWatch", "run_with_hooks",
     "any_hooks", "hooks_within", "HookedChannels", "OpaqueFunction", "custom_functions_opaque", "custom_functions_refused",
     "mode_changes_refused", "AUTOGRAD_ONLY_HOOKS", "activation_checkpoints_seen",
 ]
@@ -213,12 +218,24 @@ def refuse_foreign_graph(model: nn.Module, graph: Any, *, same_tensors: bool = T
 
 # ---- re-parametrised weights --------------------------------------------------------------
 
-def refuse_reparametrized(model: nn.Module) -> None:
-    """TraceError for the first module whose weight is computed from other tensors."""
+def refuse_unreadable_modules(model: nn.Module) -> None:
+    """CaptureRefused for the first module whose weights prunefx cannot read or copy: computed
+    from other tensors (a parametrization), not created yet (a lazy module that has not run),
+    or compiled by TorchScript."""
     from torch.nn.utils.spectral_norm import SpectralNorm
     from torch.nn.utils.weight_norm import WeightNorm
 
     for name, m in model.named_modules():
+        if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params():
+            raise CaptureRefused(
+                f"{_module_text(name, model)} is a lazy {type(m).__name__} whose parameters are not created yet: run the "
+                "model once on an example input (model(x)) before pruning"
+            )
+        if isinstance(m, torch.jit.ScriptModule):
+            raise CaptureRefused(
+                f"{_module_text(name, model)} is a TorchScript module ({type(m).__name__}), which prunefx can neither trace "
+                "into nor copy: put back the nn.Module it was scripted or traced from, and script it again after pruning"
+            )
         if "parametrizations" in m._modules and parametrize.is_parametrized(m):  # a registered ModuleDict
             tensor, plist = next(iter(m.parametrizations.items()))
             kinds = ", ".join(type(p).__name__ for p in plist)

@@ -241,7 +241,7 @@ class _Tracer(fx.Tracer):
         self._tensor_names = None  # built at the first attribute read of this trace
         if not isinstance(root, nn.Module):
             return super().trace(root, concrete_args)
-        guards.refuse_reparametrized(root)
+        guards.refuse_unreadable_modules(root)
         traced = guards.traced_modules(root, self.is_leaf_module)
         self._hooked = guards.any_hooks(root)
         guards.refuse_instance_forward(root, traced)

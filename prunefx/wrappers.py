@@ -1,19 +1,16 @@
 """Wrappers around a model, seen through or refused in one place.
 
-=============================================  ===============================================
-``torch.compile(model)`` (an ``OptimizedModule``  seen through: the model inside is traced,
-holding the model as ``_orig_mod``)             masked, inspected and exported under its own
-                                                names (``layer1.0.conv1``, not
-                                                ``_orig_mod.layer1.0.conv1``); ``reconfigure``
-                                                compiles its result again with the same backend
-                                                and options (compilation happens at the first
-                                                call, as after ``torch.compile``).
-``DistributedDataParallel``, ``DataParallel``   refused: their forward scatters and
-                                                synchronises; ``prunefx.distributed
-                                                .reconfigure_ddp`` reconfigures a DDP model on
-                                                every rank, ``model.module`` is the model
-                                                inside.
-=============================================  ===============================================
+- ``torch.compile(model)`` (an ``OptimizedModule`` holding the model as ``_orig_mod``): seen
+  through. The model inside is traced, masked, inspected and exported under its own names
+  (``layer1.0.conv1``, not ``_orig_mod.layer1.0.conv1``); ``reconfigure`` compiles its result
+  again with the same backend and options (compilation happens at the first call, as after
+  ``torch.compile``).
+- A TorchScript module (``torch.jit.script`` or ``torch.jit.trace`` of the whole model):
+  refused. prunefx works on the ``nn.Module`` it was made from; script the pruned result.
+  (A scripted submodule is refused by the capture: ``prunefx.guards``.)
+- ``DistributedDataParallel``, ``DataParallel``: refused, since their forward scatters and
+  synchronises. ``prunefx.distributed.reconfigure_ddp`` reconfigures a DDP model on every
+  rank; ``model.module`` is the model inside.
 
 Example::
 
@@ -31,6 +28,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
@@ -59,6 +57,11 @@ def unwrapped(model: Any, what: str) -> Any:
     """The model prunefx works on: inside a ``torch.compile`` wrapper; a data-parallel
     wrapper is refused, naming ``what`` (the call) and what to call instead."""
     model = unwrap_compiled(model)[0] if isinstance(model, nn.Module) else model
+    if isinstance(model, torch.jit.ScriptModule):
+        raise PruneFxError(
+            f"{what} got a TorchScript module ({type(model).__name__}): pass the nn.Module it was scripted or traced from, "
+            "and script the pruned result"
+        )
     if isinstance(model, DistributedDataParallel):
         raise PruneFxError(
             f"{what} got a DistributedDataParallel model: pass the model inside (ddp.module), or reconfigure it on every "

@@ -1409,6 +1409,47 @@ def test_reparametrized_weight_is_refused(how: str, words: tuple[str, ...], fron
     assert unchanged(model, before) and str(opt.state_dict()) == str(opt_before)
 
 
+class _WithScripted(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3), torch.jit.script(nn.Conv2d(8, 4, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export", "auto"])
+@pytest.mark.parametrize("how, words", [
+    pytest.param("lazy", ("module '0' is a lazy LazyConv2d", "parameters are not created yet", "model(x)"), id="lazy-not-run"),
+    pytest.param("scripted-submodule", ("module 'b' is a TorchScript module (RecursiveScriptModule)", "script it again"),
+                 id="scripted-submodule"),
+    pytest.param("scripted-model", ("got a TorchScript module (RecursiveScriptModule)", "script the pruned result"),
+                 id="scripted-model"),
+])
+@pytest.mark.parametrize("entry", ["trace", "reconfigure"])
+def test_a_module_prunefx_cannot_read_is_refused(how: str, words: tuple[str, ...], frontend: str, entry: str) -> None:
+    """A lazy module that has not run has no weights to slice; a TorchScript module can be
+    neither traced into nor copied: one line saying what to do, and nothing changes."""
+    torch.manual_seed(0)
+    model = {
+        "lazy": lambda: nn.Sequential(nn.LazyConv2d(8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)),
+        "scripted-submodule": _WithScripted,
+        "scripted-model": lambda: torch.jit.script(_WithScripted()),
+    }[how]().eval()
+    before = None if how == "lazy" else state_copy(model)
+    with pytest.raises(prunefx.PruneFxError) as info:
+        if entry == "trace":
+            prunefx.trace(model, X, frontend=frontend)
+        else:
+            prunefx.reconfigure(model, {}, example_inputs=X, frontend=frontend)
+    msg = str(info.value)
+    assert "\n" not in msg and all(w in msg for w in words), msg
+    if how == "lazy":
+        assert model[0].has_uninitialized_params()
+    else:
+        assert unchanged(model, before)
+
+
 @pytest.mark.parametrize("case", ["leaf-hook", "custom-function"])
 def test_kept_hooks_and_functions_survive_checkpoint_and_copy(case: str) -> None:
     """The reconfigured model holds hook markers or opaque Functions: prunefx.state_dict and

@@ -120,7 +120,7 @@ def _guarded_capture(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, 
     (export runs every module's hooks and keeps what they return), custom autograd
     Functions (export inlines their forward and drops their backward)."""
     traced = guards.traced_modules(model, lambda m, name: False)  # export traces every module's forward
-    guards.refuse_reparametrized(model)
+    guards.refuse_unreadable_modules(model)
     guards.refuse_traced_backward_hooks(model, traced, frontend="export")
     with attributes_restored(model), guards.watch_hooks(model, traced, frontend="export") as watch, \
             guards.custom_functions_refused(model), guards.mode_changes_refused(model, frontend="export"):
