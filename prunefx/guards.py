@@ -22,8 +22,8 @@ module (fx ``call_module``)                    the module, hooks included. The c
 backward hook of a traced module               no module call is left to run it on: refused.
 a lazy module that has not run yet             its parameters have no shape: ``CaptureRefused``,
 (``nn.LazyConv2d``, ...)                       saying to run the model once first.
-a TorchScript submodule (``torch.jit.script``)  neither traced into nor copied:
-                                               ``CaptureRefused``.
+a TorchScript submodule                        neither traced into nor copied:
+(``torch.jit.script``, ``torch.jit.trace``)    ``CaptureRefused``.
 re-parametrised weight                         the weight is computed from ``original0/1``
 (``parametrize.register_parametrization``:     (``weight_g/v``, ``weight_orig``, ``u``, ``v``)
 ``weight_norm``, ``spectral_norm``, ...; the   by norms over every channel, so slicing them is
@@ -39,7 +39,8 @@ outside torch)                                 (``OpaqueFunction``), so its back
 a library's hook that only marks an output as  not a channel op: neither refused nor pinned
 requiring grad (transformers'                  (``AUTOGRAD_ONLY_HOOKS``). The module result,
 ``enable_input_require_grads``, which          a copy of the model, keeps it; a GraphModule
-``gradient_checkpointing_enable`` registers)   result does not run it (nor checkpoints).
+``activation_checkpointing_enable``            result does not run it (nor checkpoints).
+registers)
 grad mode or autocast changed inside forward  fx runs ``torch.no_grad()``,
 (``torch.no_grad()``, ``set_grad_enabled``,    ``torch.autocast(...)`` while it traces and
 ``torch.autocast(...)`` blocks or decorators)  records nothing: the pruned graph would run the
@@ -154,7 +155,8 @@ def _module_text(name: str, model: nn.Module) -> str:
 # reach the layers after it: they change no value and see no channel. (module, function name)
 AUTOGRAD_ONLY_HOOKS = frozenset({
     # PreTrainedModel.enable_input_require_grads: `output.requires_grad_(True)` on the input
-    # embeddings; gradient_checkpointing_enable() registers it on every text model
+    # embeddings; activation_checkpointing_enable() (gradient_checkpointing_enable before
+    # transformers 5) registers it on every text model
     ("transformers.modeling_utils", "make_inputs_require_grads"),
 })
 
@@ -645,4 +647,3 @@ def activation_checkpoints_seen() -> Iterator[list[str]]:
     finally:
         cp.CheckpointFunction = real_function
         setattr(cp, generator, real_generator)
-
