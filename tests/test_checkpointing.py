@@ -114,6 +114,8 @@ def test_a_checkpointed_model_is_reconfigured_into_its_own_class(case: str) -> N
     expected.square().sum().backward()
     assert max_rel_diff(out, expected) <= 1e-4
     assert max_rel_diff(xs.grad, xr.grad) <= 1e-4
+    other = torch.randn(8, 3, 24, 24)  # a second input shape
+    assert max_rel_diff(small(other, **kwargs), reference(other, **kwargs)) <= 1e-4
 
 
 @pytest.mark.filterwarnings("ignore:torch.utils.checkpoint")

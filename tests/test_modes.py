@@ -91,6 +91,8 @@ def test_a_compiled_model_is_seen_through(tmp_path) -> None:
     assert isinstance(reference._orig_mod, torchvision.models.ResNet)  # masked inside, still compiled
     with torch.no_grad():
         assert max_rel_diff(small(x), reference(x)) <= 1e-4
+        other = torch.randn(3, 3, 48, 48)  # a second input shape
+        assert max_rel_diff(small(other), reference(other)) <= 1e-4
     result = prunefx.export_onnx(compiled, tmp_path / "model.onnx", x)
     assert result.max_abs_diff is not None
 
