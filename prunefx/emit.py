@@ -13,10 +13,11 @@ prunefx module the graph emitter uses, with the same parameter names. Attributes
 tensorless modules (``nn.Unflatten``, a non-affine ``GroupNorm``) come from the graph
 emitter's rebuilt module when there is one.
 
-A Hugging Face ``PreTrainedModel`` is then finished by ``prunefx.transformers``: the head
-counts its attention modules read at run time, GPT-2's ``Conv1D.nf``, and its config with a
-record of the per-layer sizes, so that ``generate`` and ``save_pretrained`` work and a loader
-can rebuild it (docs/transformers.md).
+A Hugging Face ``PreTrainedModel`` (the model, or one it holds: a PEFT model's base) is then
+finished by ``prunefx.transformers``: the head counts its attention modules read at run time,
+GPT-2's ``Conv1D.nf``, and its config with a record of the per-layer sizes, so that
+``generate`` and ``save_pretrained`` work and a loader can rebuild it (docs/transformers.md).
+LoRA layers are finished by ``prunefx.peft`` (their sizes, ranks and adapter configs).
 
 The copy holds exactly the tensors of ``state.tensors`` (the optimizer follow-up re-points
 to them); tied tensors stay tied. The input model is never modified.
@@ -55,6 +56,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 
+from prunefx import peft
 from prunefx.errors import ReconfigureError
 from prunefx.graph import PruneGraph
 from prunefx.passes.base import RewriteState
@@ -63,7 +65,7 @@ from prunefx.passes.base import RewriteState
 # pruned nn.MultiheadAttention is rebuilt); they read only state.tensors and state.plan.
 from prunefx.passes.rebuild_modules import REPLACEMENTS
 from prunefx.provenance import LAYOUT_ATTR
-from prunefx.tracing import SourceLoc, in_mode, is_transformers_model
+from prunefx.tracing import SourceLoc, in_mode, is_transformers_model, transformers_models
 
 __all__ = ["emit_module", "update_size_attributes", "is_transformers_model"]
 
@@ -83,10 +85,12 @@ def emit_module(model: nn.Module, graph: PruneGraph, state: RewriteState) -> nn.
     _replace_modules(model, small, state)
     _update_sizes(small, state)
     _hold_tensors(small, state)
-    if is_transformers_model(small):  # head counts, Conv1D.nf, the config: a working model of its class
+    if peft.holds_peft_layers(small):  # LoRA layers' sizes and ranks, the adapters' configs
+        peft.finish(small)
+    for _, hf in transformers_models(small):  # head counts, Conv1D.nf, the config: a working model of its class
         from prunefx.transformers import finish
 
-        finish(small)
+        finish(hf)
     # prunefx.load_state_dict rebuilds with the emitter recorded here: a GraphModule's keys
     # can differ (modules of an untraced mode, fx constants)
     setattr(small, LAYOUT_ATTR, {**getattr(state.result, LAYOUT_ATTR), "emit": "module"})

@@ -32,7 +32,7 @@ from prunefx.frontends.detection import detection_leaves, is_detection, surrogat
 from prunefx.nn import LEAF_MODULES
 from prunefx.provenance import layout_of
 from prunefx.shapes import Shapes, propagate_shapes
-from prunefx.tracing import Traced, guess_example_inputs, is_transformers_model, symbolic_trace
+from prunefx.tracing import Traced, guess_example_inputs, symbolic_trace, transformers_models
 from prunefx.wrappers import unwrapped
 
 __all__ = ["PruneGraph", "trace", "FRONTENDS"]
@@ -208,7 +208,7 @@ def trace(
         return _trace_detection(model, example_inputs, kwargs, frontend, leaf_modules)
     if frontend == "fx" and kwargs:
         raise TraceError("the fx front-end takes positional example inputs only; pass frontend='export' (or 'auto') for example_kwargs")
-    if frontend == "export" or (frontend == "auto" and (kwargs or is_transformers_model(model))):
+    if frontend == "export" or (frontend == "auto" and (kwargs or transformers_models(model))):
         return _trace_export(model, _as_tuple(example_inputs), kwargs)  # (plain fx does not trace transformers)
     try:
         traced = symbolic_trace(model, leaf_modules=(*leaf_modules, *LEAF_MODULES), concrete_args=concrete_args)
@@ -282,9 +282,12 @@ def _trace_fx(model: nn.Module, traced: Traced, example_inputs: Any) -> PruneGra
 
 def _model_constraints(model: nn.Module, analysis: ChannelAnalysis) -> ChannelAnalysis:
     """What the graph cannot say about the model: a transformers model keeps its heads
-    whole (``prunefx.transformers.heads``)."""
-    if not is_transformers_model(model):
+    whole (``prunefx.transformers.heads``), also inside a PEFT model or a wrapper."""
+    inner = transformers_models(model)
+    if not inner:
         return analysis
     from prunefx.transformers.heads import whole_heads
 
-    return whole_heads(model, analysis)
+    for prefix, hf in inner:
+        analysis = whole_heads(hf, analysis, prefix)
+    return analysis

@@ -158,6 +158,11 @@ AUTOGRAD_ONLY_HOOKS = frozenset({
     # embeddings; activation_checkpointing_enable() (gradient_checkpointing_enable before
     # transformers 5) registers it on every text model
     ("transformers.modeling_utils", "make_inputs_require_grads"),
+    # the same, registered by PEFT on a model without enable_input_require_grads (get_peft_model
+    # on a custom model with get_input_embeddings; prepare_model_for_kbit_training)
+    ("peft.peft_model", "make_inputs_require_grad"),
+    ("peft.mixed_model", "make_inputs_require_grad"),
+    ("peft.utils.other", "make_inputs_require_grad"),
 })
 
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from prunefx import peft
 from prunefx.analysis.propagate import Role
 from prunefx.checkpoint import record_capture
 from prunefx.errors import MaskError, ReconfigureError
@@ -37,7 +38,7 @@ from prunefx.guards import refuse_foreign_graph
 from prunefx.mask import Keep, resolve_mask
 from prunefx.passes import DEFAULT_PIPELINE, Pipeline, RewriteState
 from prunefx.plan import make_plan
-from prunefx.tracing import is_transformers_model
+from prunefx.tracing import transformers_models
 from prunefx.wrappers import rewrap_compiled, unwrap_compiled, unwrapped
 
 __all__ = ["reconfigure", "apply_mask"]
@@ -90,11 +91,12 @@ def reconfigure(
     ``emit="graph"`` returns a GraphModule whose submodule names match ``model``'s;
     ``emit="module"`` a copy of ``model`` of the same class with every size attribute
     updated (checked against the graph result; ``ReconfigureError`` names what cannot be
-    expressed); ``emit="auto"`` the module for a transformers ``PreTrainedModel``, a
-    torchvision detection model (checked against the masked model through its detection API)
-    and a model whose forward checkpoints activations (``torch.utils.checkpoint``: a graph
-    would keep every activation; when the class cannot hold the pruned sizes, the graph with a
-    warning), the graph otherwise. ``example_kwargs`` and ``frontend`` are passed to ``prunefx.trace``. ``model``
+    expressed); ``emit="auto"`` the module for a transformers ``PreTrainedModel`` (or a model
+    holding one) and a PEFT model, a torchvision detection model (checked against the masked
+    model through its detection API) and a model whose forward checkpoints activations
+    (``torch.utils.checkpoint``: a graph would keep every activation; when the class cannot
+    hold the pruned sizes, the graph with a warning), the graph otherwise. ``example_kwargs``
+    and ``frontend`` are passed to ``prunefx.trace``. ``model``
     is never modified. Pass ``graph=prunefx.trace(model, x)`` to reuse an analysis. With
     ``optimizer``, its param_groups and per-parameter state are re-pointed to the new
     parameters and sliced alike, in place. On any error nothing is changed.
@@ -140,9 +142,9 @@ def _checkpoints_lost(model: nn.Module, g: PruneGraph) -> str:
 
 
 def _emitter(model: nn.Module, emit: str) -> str:
-    """``emit="auto"``: the module emitter for a Hugging Face ``PreTrainedModel`` (a pruned
-    transformers model must stay one) and a torchvision detection model (only ever a
-    module), the graph emitter otherwise."""
+    """``emit="auto"``: the module emitter for a Hugging Face ``PreTrainedModel`` or a model
+    holding one, and a PEFT model (a pruned transformers or PEFT model must stay one), and a
+    torchvision detection model (only ever a module), the graph emitter otherwise."""
     if emit not in ("auto", "graph", "module"):
         raise MaskError(f"emit must be 'auto', 'graph' or 'module', got {emit!r}")
     if is_detection(model):
@@ -154,7 +156,7 @@ def _emitter(model: nn.Module, emit: str) -> str:
         return "module"
     if emit != "auto":
         return emit
-    return "module" if is_transformers_model(model) else "graph"
+    return "module" if transformers_models(model) or peft.holds_peft_layers(model) else "graph"
 
 
 def apply_mask(

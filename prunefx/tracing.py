@@ -42,12 +42,33 @@ from torch.fx.proxy import ParameterProxy
 from prunefx import guards, ops
 from prunefx.errors import TraceError
 
-__all__ = ["SourceLoc", "Traced", "symbolic_trace", "describe_node", "guess_example_inputs", "in_mode", "is_transformers_model", "attributes_restored"]
+__all__ = ["SourceLoc", "Traced", "symbolic_trace", "describe_node", "guess_example_inputs", "in_mode", "is_transformers_model", "transformers_models", "attributes_restored"]
 
 
 def is_transformers_model(model: nn.Module) -> bool:
     """A Hugging Face ``PreTrainedModel`` (found by its bases: transformers is not imported)."""
-    return any(c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers") for c in type(model).__mro__)
+    return _is_pretrained_class(type(model))
+
+
+@functools.cache
+def _is_pretrained_class(cls: type) -> bool:
+    return any(c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers") for c in cls.__mro__)
+
+
+def transformers_models(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The Hugging Face ``PreTrainedModel`` instances in ``model``, outermost only, each with
+    the prefix of its parameter names (``""`` for ``model`` itself): a PEFT model or a user's
+    wrapper holds one (``base_model.model.``), whose heads and config are kept as if it were
+    the model."""
+    if is_transformers_model(model):
+        return [("", model)]
+    if "transformers" not in sys.modules:  # (no such model can exist: the walk is skipped)
+        return []
+    found: list[tuple[str, nn.Module]] = []
+    for name, m in model.named_modules():
+        if _is_pretrained_class(type(m)) and not any(name.startswith(p) for p, _ in found):
+            found.append((f"{name}.", m))
+    return found
 
 
 @contextmanager

@@ -478,3 +478,42 @@ def test_a_custom_function_in_a_transformers_model(monkeypatch) -> None:
             seen.add(fn)
             todo.extend(f for f, _ in fn.next_functions)
     assert any(type(fn).__name__ == "GeLUFunctionBackward" for fn in seen)
+
+
+class _Classifier(torch.nn.Module):
+    """A user's model holding a transformers model: BERT and a head of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        cfg = transformers.BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      intermediate_size=96, hidden_dropout_prob=0.1)
+        self.bert = transformers.BertModel(cfg)
+        self.head = torch.nn.Linear(64, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.bert(ids).last_hidden_state[:, 0])
+
+
+def test_a_model_holding_a_transformers_model(tmp_path) -> None:
+    """The transformers model inside is treated like one at top level: captured by torch.export
+    in evaluation mode, heads kept whole, and the default emitter gives the user's class with
+    the inner model's head counts and config updated, so it saves and reloads."""
+    torch.manual_seed(0)
+    model = _randomize(_Classifier()).train()
+    x = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    graph = prunefx.trace(model, (x,))
+    assert graph.frontend == "export"
+    assert [g.size for g in graph.groups if g.exact and g.name.startswith("bert.encoder.layer.0.")] == [4, 96]  # heads, MLP
+    mask = prunefx.masks.random(graph, 0.5, exact_only=True, seed=0)
+    small = prunefx.reconfigure(model, mask, graph=graph)
+    assert type(small) is _Classifier and small.training and _sizes(small.bert) == [(2, 2, 48)] * 2
+    assert (small.bert.config.num_attention_heads, small.bert.config.intermediate_size) == (2, 48)
+    masked = prunefx.apply_mask(copy.deepcopy(model), mask, graph=graph).eval()
+    small.eval()
+    for ids in (x, torch.randint(0, 128, (3, 11))):
+        with torch.no_grad():
+            assert max_rel_diff(small(ids), masked(ids)) < 1e-5
+    small.bert.save_pretrained(tmp_path)
+    with torch.no_grad():
+        assert max_rel_diff(prunefx.transformers.from_pretrained(tmp_path).eval()(x).last_hidden_state,
+                            small.bert(x).last_hidden_state) < 1e-6

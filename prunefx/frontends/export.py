@@ -47,7 +47,7 @@ from prunefx.tracing import (
     Traced,
     attributes_restored,
     in_mode,
-    is_transformers_model,
+    transformers_models,
 )
 
 __all__ = ["export_trace", "dynamic_shapes_for"]
@@ -102,12 +102,13 @@ def export_trace(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, A
 
 @contextlib.contextmanager
 def _evaluation_mode(model: nn.Module) -> Iterator[bool]:
-    """A transformers model is captured in evaluation mode, whatever mode it is in (PruneTrain
-    traces it while it trains): torch.export bakes the mode into the graph (dropout becomes a
-    random op with ``train=True``), while the pruned model is a model of its own class whose
-    own forward follows ``.train()``/``.eval()`` (dropout changes no channel). Yields the mode
-    the graph holds; every module's flag is restored. Other models are captured as they are."""
-    if not (model.training and is_transformers_model(model)):
+    """A transformers model (or a model holding one, a PEFT model) is captured in evaluation
+    mode, whatever mode it is in (PruneTrain traces it while it trains): torch.export bakes
+    the mode into the graph (dropout becomes a random op with ``train=True``), while the
+    pruned model is a model of its own class whose own forward follows ``.train()``/``.eval()``
+    (dropout changes no channel). Yields the mode the graph holds; every module's flag is
+    restored. Other models are captured as they are."""
+    if not (model.training and transformers_models(model)):
         yield model.training
         return
     with in_mode(model, False):
@@ -145,7 +146,7 @@ def _capture(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
             cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             advice = "check that example_inputs / example_kwargs are what forward takes " \
                 "(e.g. example_kwargs={'use_cache': False} for a transformers model), or capture a submodule that export can follow."
-            if "use_cache" not in kwargs and "Cache" in cause and is_transformers_model(model):
+            if "use_cache" not in kwargs and "Cache" in cause and transformers_models(model):
                 advice = "pass example_kwargs={'use_cache': False}: torch.export cannot return the key-value cache, and pruning needs none."
             raise TraceError(f"torch.export cannot capture {type(model).__name__}: {type(exc).__name__}: {cause}\n  What to do: {advice}") from first
         warnings.warn(

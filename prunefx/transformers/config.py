@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from prunefx.errors import ReconfigureError
+from prunefx.peft import base_state_dict
 from prunefx.transformers.layers import (
     LayerSizes,
     attention_of,
@@ -150,7 +151,7 @@ def _changed_shapes(model: nn.Module, original: dict[str, Any]) -> dict[str, lis
         theirs = {}  # then every shape is recorded
     finally:
         set_back(model.config, saved)
-    return {k: list(t.shape) for k, t in model.state_dict().items() if theirs.get(k) != tuple(t.shape)}
+    return {k: list(t.shape) for k, t in base_state_dict(model).items() if theirs.get(k) != tuple(t.shape)}
 
 
 def _hidden_size(model: nn.Module) -> int | None:
@@ -192,7 +193,7 @@ def stock_reason(model: nn.Module) -> str | None:
             f"{type(model).__name__} could not be built from its config on the meta device to compare ({exc}); "
             "load it with prunefx.transformers.from_pretrained"
         )
-    for key, t in model.state_dict().items():
+    for key, t in base_state_dict(model).items():
         if key in theirs and theirs[key] != tuple(t.shape):
             owner = key.rpartition(".")[0]
             kind = type(model.get_submodule(owner)).__name__ if owner else type(model).__name__

@@ -41,12 +41,13 @@ def _layer_of(path: str, layers: list[str]) -> str:
     return ".".join(parts[: last + 1])
 
 
-def whole_heads(model: nn.Module, analysis: ChannelAnalysis) -> ChannelAnalysis:
-    """``analysis`` with the groups inside a head pinned (see the module docstring)."""
-    attentions = attention_modules(model)
+def whole_heads(model: nn.Module, analysis: ChannelAnalysis, prefix: str = "") -> ChannelAnalysis:
+    """``analysis`` with the groups inside a head pinned (see the module docstring);
+    ``prefix``: where ``model`` sits in the traced model (``base_model.model.`` in a PEFT model)."""
+    attentions = [(prefix + name, attn, kind) for name, attn, kind in attention_modules(model)]
     if not attentions:
         return analysis
-    layers = [prefix for prefix, _ in decoder_layers(model)]
+    layers = [prefix + path for path, _ in decoder_layers(model)]
     roots = [analysis.uf.find(m.ids) for m in analysis.members]
     tensors_of: dict[int, set[str]] = defaultdict(set)
     for m, r in zip(analysis.members, roots, strict=True):
@@ -58,13 +59,13 @@ def whole_heads(model: nn.Module, analysis: ChannelAnalysis) -> ChannelAnalysis:
             d = kind.head_dim(attn)
         except (AttributeError, TypeError, ValueError):
             continue
-        path, prefix = f"{name}.", _layer_of(name, layers)
+        path, layer = f"{name}.", _layer_of(name, layers)
         for m, r in zip(analysis.members, roots, strict=True):
             if not m.tensor.startswith(path) or d <= 1 or r.size % d:
                 continue
             for head in r.reshape(-1, d):
                 inside = np.unique(head)
-                if inside.size > 1 and all(all(t.startswith(prefix + ".") for t in tensors_of[int(x)]) for x in inside):
+                if inside.size > 1 and all(all(t.startswith(layer + ".") for t in tensors_of[int(x)]) for x in inside):
                     notes.append(Note(inside, m.node, (
                         f"a group inside a head of '{name}' ({type(attn).__name__}): transformers reads "
                         f"head_dim={d} from the config, so heads are kept or removed whole"

@@ -34,6 +34,7 @@ from typing import Any
 from torch import nn
 
 from prunefx.errors import ReconfigureError
+from prunefx.peft import base_layer
 
 __all__ = [
     "LayerSizes", "AttentionKind", "MlpKind", "ATTENTION", "MLP", "decoder_layers", "decoder_stack", "layer_sizes", "stack_sizes", "write_sizes", "attention_of",
@@ -54,11 +55,14 @@ class LayerSizes:
 
 
 def _rows(m: Any) -> int:
-    """Output features of a Linear, or of a transformers Conv1D (weight (in, out))."""
+    """Output features of a Linear, or of a transformers Conv1D (weight (in, out)); of the
+    layer a PEFT (LoRA) layer wraps."""
+    m = base_layer(m)
     return int(m.weight.shape[0]) if isinstance(m, nn.Linear) else int(m.weight.shape[1])
 
 
 def _cols(m: Any) -> int:
+    m = base_layer(m)
     return int(m.weight.shape[1]) if isinstance(m, nn.Linear) else int(m.weight.shape[0])
 
 
@@ -143,7 +147,7 @@ class MlpKind:
 
 
 MLP: tuple[MlpKind, ...] = (
-    MlpKind("down_proj", lambda m: _has(m, "down_proj") and isinstance(m.down_proj, nn.Linear), lambda m: _cols(m.down_proj)),
+    MlpKind("down_proj", lambda m: _has(m, "down_proj") and isinstance(base_layer(m.down_proj), nn.Linear), lambda m: _cols(m.down_proj)),
     MlpKind("GPT-2 c_fc", lambda m: _has(m, "c_fc", "c_proj"), lambda m: _rows(m.c_fc)),
     MlpKind("fc1/fc2", lambda m: _has(m, "fc1", "fc2"), lambda m: _rows(m.fc1)),
     MlpKind("dense_h_to_4h", lambda m: _has(m, "dense_h_to_4h", "dense_4h_to_h"), lambda m: _rows(m.dense_h_to_4h)),  # GPT-NeoX, Falcon
@@ -225,7 +229,7 @@ def _moe_shared_width(layer: nn.Module) -> tuple[int | None, set[int]]:
         if hasattr(m, "experts"):
             inside = {id(x) for x in m.modules()}
             shared = getattr(m, "shared_expert", None)
-            if shared is not None and isinstance(getattr(shared, "down_proj", None), nn.Linear):
+            if shared is not None and isinstance(base_layer(getattr(shared, "down_proj", None)), nn.Linear):
                 return _cols(shared.down_proj), inside
             return None, inside
     return None, set()

@@ -1,0 +1,209 @@
+"""A pruned PEFT (LoRA) model is a PEFT model (prunefx/peft.py).
+
+A tiny random-init Llama (GQA, 2 layers, hidden 64) with LoRA adapters on its q/v/up/down
+projections, the user's own ``rank_pattern``/``alpha_pattern`` on q_proj (constant tensors,
+lora_B's zeros included, randomised: they hide misaligned slices), traced while it trains:
+
+- the analysis finds each layer's KV slots, MLP channels and every adapter's rank as exact
+  groups (heads kept whole, as in the model without adapters);
+- ``reconfigure`` with its default emitter returns the model's own PEFT class, equal to
+  ``apply_mask`` on a copy at the example shape and at another batch size and sequence
+  length; every LoRA layer's ``in_features``/``out_features``/``r`` follow its tensors and
+  its ``scaling`` is unchanged; the adapter config gets the pruned ranks (and the alphas
+  keeping the scaling) first in its patterns; the transformers config inside says the new
+  sizes; the input model and its config are unchanged;
+- ``merge_and_unload`` gives a pruned Llama that saves and reloads through
+  ``prunefx.transformers.from_pretrained``; the adapter saved by ``save_pretrained`` loads
+  onto the pruned base model (``PeftModel.from_pretrained``) into the same model;
+- pruning first and adding LoRA afterwards (LLM-Pruner's order) targets the pruned sizes;
+- PEFT on a custom model registers a hook that only makes the embeddings' output require
+  grad: the capture accepts it and the result keeps it;
+- other PEFT tuners (IA3): ``ReconfigureError`` by default (their sizes are not updated),
+  ``emit="graph"`` works.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import peft
+import pytest
+import torch
+import transformers
+from test_export_frontend import _randomize
+
+import prunefx
+import prunefx.transformers
+from zoo import max_rel_diff, state_copy
+
+pytestmark = pytest.mark.usefixtures("quiet_transformers")
+
+TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
+
+
+def _llama() -> transformers.LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def _ids(batch: int = 2, seq: int = 16) -> torch.Tensor:
+    return torch.randint(0, 128, (batch, seq), generator=torch.Generator().manual_seed(batch * 100 + seq))
+
+
+def _logits(model, ids) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+def _lora_layers(model):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
+
+
+@pytest.fixture(scope="module")
+def lora():
+    """(LoRA model, its graph traced in training mode, a 50% mask over the exact groups, the pruned model)."""
+    config = peft.LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, lora_dropout=0.1, target_modules=TARGETS,
+                             rank_pattern={"q_proj": 6}, alpha_pattern={"q_proj": 3})
+    model = _randomize(peft.get_peft_model(_llama(), config)).train()
+    graph = prunefx.trace(model, (_ids(),), example_kwargs={"use_cache": False})
+    mask = prunefx.masks.random(graph, 0.5, exact_only=True, seed=0)
+    return model, graph, mask, prunefx.reconfigure(model, mask, graph=graph)
+
+
+def _reference(model, graph, mask):
+    ref = copy.deepcopy(model)
+    prunefx.apply_mask(ref, mask, graph=graph)
+    return ref.eval()
+
+
+def test_a_lora_model_is_pruned_into_a_peft_model(lora):
+    model, graph, mask, small = lora
+    layer0 = "base_model.model.model.layers.0."
+    assert sorted(g.name.removeprefix(layer0) for g in graph.groups if g.exact and g.name.startswith(layer0)) == [
+        "mlp.down_proj.lora_A.default", "mlp.gate_proj", "mlp.up_proj.lora_A.default",
+        "self_attn.q_proj.base_layer", "self_attn.q_proj.lora_A.default", "self_attn.v_proj.lora_A.default",
+    ]
+    assert graph.group(f"{layer0}self_attn.q_proj.base_layer").size == 2  # KV slots: heads kept whole
+    assert type(small) is type(model) and isinstance(small, peft.PeftModelForCausalLM)
+    assert model.training and small.training  # captured in evaluation mode, the modes left as they were
+    before = state_copy(model)
+    ref = _reference(model, graph, mask)
+    small.eval()
+    for ids in (_ids(), _ids(3, 9)):
+        assert max_rel_diff(_logits(small, ids), _logits(ref, ids)) < 1e-5
+
+    inner = small.get_base_model()
+    assert (inner.config.num_attention_heads, inner.config.num_key_value_heads, inner.config.intermediate_size) == (2, 1, 48)
+    scalings = {n: dict(m.scaling) for n, m in _lora_layers(model)}
+    config = small.peft_config["default"]
+    for name, layer in _lora_layers(small):
+        base = layer.get_base_layer()
+        assert (layer.in_features, layer.out_features) == (base.in_features, base.out_features)
+        rank = layer.lora_A["default"].weight.shape[0]
+        assert layer.r["default"] == rank == layer.lora_B["default"].weight.shape[1] < (6 if "q_proj" in name else 4)
+        assert layer.scaling == scalings[name]
+        assert layer.scaling["default"] == pytest.approx(layer.lora_alpha["default"] / rank)
+        key = name.removeprefix("base_model.model.")
+        assert next(k for k in config.rank_pattern if k in (key, "q_proj") and key.endswith(k)) == key  # first: PEFT takes the first match
+        assert config.rank_pattern[key] == rank
+    assert config.rank_pattern["q_proj"] == 6 and config.alpha_pattern["q_proj"] == 3  # the user's patterns stay
+    # the input model is unchanged
+    assert model.peft_config["default"].rank_pattern == {"q_proj": 6}
+    assert model.get_base_model().config.intermediate_size == 96
+    assert all(layer.r["default"] in (4, 6) for _, layer in _lora_layers(model))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_pruned_lora_model_merges_saves_and_reloads(lora, tmp_path):
+    model, graph, mask, small = lora
+    small.eval()
+    ids = _ids(3, 9)
+    want = _logits(small, ids)
+    merged = copy.deepcopy(small).merge_and_unload()
+    assert type(merged) is transformers.LlamaForCausalLM and merged.config.intermediate_size == 48
+    assert max_rel_diff(_logits(merged, ids), want) < 1e-5
+    merged.save_pretrained(tmp_path / "merged")
+    assert max_rel_diff(_logits(prunefx.transformers.from_pretrained(tmp_path / "merged"), ids), want) < 1e-5
+
+    small.save_pretrained(tmp_path / "adapter")
+    copy.deepcopy(small).unload().save_pretrained(tmp_path / "base")
+    base = prunefx.transformers.from_pretrained(tmp_path / "base")
+    reloaded = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    assert [(n, m.r, m.scaling) for n, m in _lora_layers(reloaded)] == [(n, m.r, m.scaling) for n, m in _lora_layers(small)]
+    assert max_rel_diff(_logits(reloaded, ids), want) < 1e-5
+
+
+def test_lora_added_after_pruning_targets_the_pruned_sizes():
+    llama = _randomize(_llama())
+    graph = prunefx.trace(llama, (_ids(),), example_kwargs={"use_cache": False})
+    small = prunefx.reconfigure(llama, prunefx.masks.random(graph, 0.5, exact_only=True, seed=1), graph=graph)
+    tuned = peft.get_peft_model(small, peft.LoraConfig(r=4, target_modules=TARGETS))
+    down = tuned.get_base_model().model.layers[0].mlp.down_proj
+    assert down.in_features == down.lora_A["default"].in_features == small.config.intermediate_size == 48
+    frozen = {n: p.clone() for n, p in tuned.named_parameters() if not p.requires_grad}
+    opt = torch.optim.AdamW([p for p in tuned.parameters() if p.requires_grad], lr=1e-2)
+    ids = _ids()
+    tuned.train()
+    for _ in range(2):
+        opt.zero_grad()
+        tuned(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        opt.step()
+    assert all(torch.equal(p, frozen[n]) for n, p in tuned.named_parameters() if n in frozen)
+    assert any(not torch.equal(p, torch.zeros_like(p)) for n, p in tuned.named_parameters() if "lora_B" in n)
+
+
+class _TinyLM(torch.nn.Module):
+    """Not a transformers model, with ``get_input_embeddings``: PEFT registers its own
+    input-require-grads hook on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(50, 32)
+        self.up = torch.nn.Linear(32, 64)
+        self.down = torch.nn.Linear(64, 32)
+        self.out = torch.nn.Linear(32, 50)
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.emb
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids)
+        return self.out(h + self.down(torch.relu(self.up(h))))
+
+
+def _hooks(model) -> list[str]:
+    return [h.__name__ for h in model.get_base_model().emb._forward_hooks.values()]
+
+
+def test_lora_on_a_custom_model_keeps_peft_hook():
+    model = _randomize(peft.get_peft_model(_TinyLM(), peft.LoraConfig(r=4, target_modules=["up", "down"])))
+    assert _hooks(model) == ["make_inputs_require_grad"]
+    ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning, match="captured with torch.export instead"):
+        graph = prunefx.trace(model, (ids,))
+    mask = prunefx.masks.random(graph, 0.5, exact_only=True, seed=0)
+    small = prunefx.reconfigure(model, mask, graph=graph)
+    assert type(small) is type(model) and _hooks(small) == ["make_inputs_require_grad"]
+    assert small.peft_config["default"].rank_pattern == {"up": 2, "down": 2}
+    assert small.get_base_model().up.base_layer.out_features == small.get_base_model().up.out_features == 32
+    ref = _reference(model, graph, mask)
+    for x in (ids, ids[:1, :3]):
+        with torch.no_grad():
+            assert max_rel_diff(small(x), ref(x)) < 1e-5
+
+
+def test_another_peft_tuner_is_refused_by_the_module_emitter():
+    model = _randomize(peft.get_peft_model(_TinyLM(), peft.IA3Config(target_modules=["up", "down"], feedforward_modules=["down"])))
+    ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning, match="captured with torch.export instead"):
+        graph = prunefx.trace(model, (ids,))
+    mask = prunefx.masks.random(graph, 0.5, exact_only=True, seed=0)
+    before = state_copy(model)
+    with pytest.raises(prunefx.ReconfigureError, match=r"'base_model.model.up' is a PEFT ia3.Linear layer.*merge_and_unload"):
+        prunefx.reconfigure(model, mask, graph=graph)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    small = prunefx.reconfigure(model, mask, graph=graph, emit="graph")
+    with torch.no_grad():
+        assert max_rel_diff(small(ids), _reference(model, graph, mask)(ids)) < 1e-5
