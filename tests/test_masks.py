@@ -184,6 +184,26 @@ def test_gradient_criteria_drop_dead_channels_that_magnitude_keeps(criterion: st
     assert all(p.grad is None for p in model.parameters())  # autograd.grad: .grad untouched
 
 
+@pytest.mark.parametrize("criterion", ["taylor", "snip", "gradient_flow"])
+def test_gradient_criteria_score_frozen_weights(criterion: str) -> None:
+    """A frozen weight's channels (a frozen backbone, a LoRA model's base model) are scored
+    as if it trained, not as zeros; the flags are put back, also when the loss fails."""
+    model = net().train()
+    g = prunefx.trace(model, X)
+    scorer = getattr(prunefx.masks.saliency, f"{criterion}_scores")
+    want = scorer(g, loss_fn=LOSS, batch=(X, Y))
+    for p in (model.conv1.weight, model.conv3.weight, model.conv3.bias, model.bn2.weight):
+        p.requires_grad_(False)
+    flags = [p.requires_grad for p in model.parameters()]
+    got = scorer(g, loss_fn=LOSS, batch=(X, Y))
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert (got["conv3"] > 0).all()
+    assert [p.requires_grad for p in model.parameters()] == flags
+    with pytest.raises(ValueError, match="scalar"):
+        scorer(g, loss_fn=lambda out, y: out, batch=(X, Y))
+    assert [p.requires_grad for p in model.parameters()] == flags
+
+
 def test_taylor_is_the_first_order_loss_change() -> None:
     model = net()
     g = prunefx.trace(model, X)

@@ -16,6 +16,8 @@ lora_B's zeros included, randomised: they hide misaligned slices), traced while 
   ``prunefx.transformers.from_pretrained``; the adapter saved by ``save_pretrained`` loads
   onto the pruned base model (``PeftModel.from_pretrained``) into the same model;
 - pruning first and adding LoRA afterwards (LLM-Pruner's order) targets the pruned sizes;
+- gradient criteria score the frozen base model's channels (Taylor on a fresh adapter equals
+  Taylor on the model without it);
 - PEFT on a custom model registers a hook that only makes the embeddings' output require
   grad: the capture accepts it and the result keeps it;
 - other PEFT tuners (IA3): ``ReconfigureError`` by default (their sizes are not updated),
@@ -152,6 +154,23 @@ def test_lora_added_after_pruning_targets_the_pruned_sizes():
         opt.step()
     assert all(torch.equal(p, frozen[n]) for n, p in tuned.named_parameters() if n in frozen)
     assert any(not torch.equal(p, torch.zeros_like(p)) for n, p in tuned.named_parameters() if "lora_B" in n)
+
+
+def test_taylor_scores_the_frozen_base_model():
+    """A fresh adapter (lora_B = 0) computes what the base model computes, and gradient
+    criteria score the frozen base weights: the LoRA model's heads and MLP channels get the
+    base model's Taylor scores, not zeros."""
+    llama = _randomize(_llama())
+    lora = peft.get_peft_model(copy.deepcopy(llama), peft.LoraConfig(r=4, target_modules=TARGETS)).eval()
+    assert not any(p.requires_grad for n, p in lora.named_parameters() if "lora_" not in n)
+    ids = _ids()
+    scores = [prunefx.masks.saliency.taylor_scores(prunefx.trace(m, (ids,), example_kwargs={"use_cache": False}),
+                                                   loss_fn=prunefx.masks.causal_lm_loss, batch=(ids, ids))
+              for m in (llama, lora)]
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.gate_proj"):
+        base, adapted = scores[0][name], scores[1][f"base_model.model.{name}" + (".base_layer" if "q_proj" in name else "")]
+        assert (base > 0).all()
+        torch.testing.assert_close(adapted, base, rtol=1e-4, atol=0)
 
 
 class _TinyLM(torch.nn.Module):

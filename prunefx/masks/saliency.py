@@ -30,7 +30,8 @@ so the model's ``.grad`` fields are left alone. The model is run in whatever mod
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -88,17 +89,28 @@ def _loss(model: nn.Module, batch: Sequence[Any], loss_fn: LossFn, kwargs: Mappi
     return loss
 
 
-def _parameters(graph: PruneGraph, model: nn.Module | None) -> tuple[nn.Module, dict[str, torch.Tensor], list[torch.Tensor]]:
-    """The model to run, its parameters by every name, and the distinct trainable ones."""
+@contextmanager
+def _differentiable(graph: PruneGraph, model: nn.Module | None) -> Iterator[tuple[nn.Module, dict[str, torch.Tensor], list[torch.Tensor]]]:
+    """The model to run, its parameters by every name, and the distinct floating-point ones,
+    every one requiring grad for the duration: a frozen weight's channels (a LoRA model's
+    base model, a frozen backbone) are scored like a trainable one's, not as zeros. The flags
+    are put back afterwards."""
     model = graph.module if model is None else model
     named = dict(model.named_parameters(remove_duplicate=False))
     unique: dict[int, torch.Tensor] = {}
     for p in named.values():
-        if p.requires_grad:
+        if p.is_floating_point():
             unique.setdefault(id(p), p)
     if not unique:
-        raise ValueError("the model has no parameter with requires_grad=True: gradient criteria need gradients")
-    return model, named, list(unique.values())
+        raise ValueError("the model has no floating-point parameter: gradient criteria need gradients")
+    frozen = [p for p in unique.values() if not p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(True)
+    try:
+        yield model, named, list(unique.values())
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
 
 
 def _by_name(named: dict[str, torch.Tensor], params: list[torch.Tensor], values: Sequence[torch.Tensor | None]) -> dict[str, torch.Tensor]:
@@ -111,25 +123,25 @@ def _by_name(named: dict[str, torch.Tensor], params: list[torch.Tensor], values:
 # ---- scores ---------------------------------------------------------------------------------
 def taylor_scores(graph: PruneGraph, *, loss_fn: LossFn, batch: Any = None, batches: Iterable[Any] | None = None,
                   model: nn.Module | None = None, roles: Iterable[str] = WEIGHT_ROLES) -> dict[str, torch.Tensor]:
-    model, named, params = _parameters(graph, model)
     total: dict[str, torch.Tensor] = {}
     items = _batch_list(batch, batches)
-    for b in items:
-        grads = torch.autograd.grad(_loss(model, b, loss_fn, graph.example_kwargs), params, allow_unused=True)
-        g = _by_name(named, params, grads)
-        wg = {n: named[n].detach() * g[n] for n in g}
-        for k, v in channel_sums(graph, along, roles=roles, tensors=wg).items():
-            total[k] = total.get(k, 0) + v.square()
+    with _differentiable(graph, model) as (model, named, params):
+        for b in items:
+            grads = torch.autograd.grad(_loss(model, b, loss_fn, graph.example_kwargs), params, allow_unused=True)
+            g = _by_name(named, params, grads)
+            wg = {n: named[n].detach() * g[n] for n in g}
+            for k, v in channel_sums(graph, along, roles=roles, tensors=wg).items():
+                total[k] = total.get(k, 0) + v.square()
     return {k: v / len(items) for k, v in total.items()}
 
 
 def snip_scores(graph: PruneGraph, *, loss_fn: LossFn, batch: Any = None, batches: Iterable[Any] | None = None,
                 model: nn.Module | None = None, roles: Iterable[str] = WEIGHT_ROLES) -> dict[str, torch.Tensor]:
-    model, named, params = _parameters(graph, model)
-    acc: list[torch.Tensor | None] = [None] * len(params)
-    for b in _batch_list(batch, batches):
-        grads = torch.autograd.grad(_loss(model, b, loss_fn, graph.example_kwargs), params, allow_unused=True)
-        acc = [a if g is None else (g if a is None else a + g) for a, g in zip(acc, grads, strict=True)]
+    with _differentiable(graph, model) as (model, named, params):
+        acc: list[torch.Tensor | None] = [None] * len(params)
+        for b in _batch_list(batch, batches):
+            grads = torch.autograd.grad(_loss(model, b, loss_fn, graph.example_kwargs), params, allow_unused=True)
+            acc = [a if g is None else (g if a is None else a + g) for a, g in zip(acc, grads, strict=True)]
     g = _by_name(named, params, acc)
     wg = {n: (named[n].detach() * g[n]).abs() for n in g}
     return channel_sums(graph, along, roles=roles, tensors=wg)
@@ -137,23 +149,23 @@ def snip_scores(graph: PruneGraph, *, loss_fn: LossFn, batch: Any = None, batche
 
 def gradient_flow_scores(graph: PruneGraph, *, loss_fn: LossFn, batch: Any = None, batches: Iterable[Any] | None = None,
                          model: nn.Module | None = None) -> dict[str, torch.Tensor]:
-    model, named, params = _parameters(graph, model)
     items = _batch_list(batch, batches)
-    g_const: list[torch.Tensor] = [torch.zeros_like(p) for p in params]
-    for b in items:
-        grads = torch.autograd.grad(_loss(model, b, loss_fn, graph.example_kwargs), params, allow_unused=True)
-        g_const = [a if g is None else a + g.detach() for a, g in zip(g_const, grads, strict=True)]
-    hg: list[torch.Tensor] = [torch.zeros_like(p) for p in params]
-    for b in items:
-        # the fused attention kernels (flash, memory-efficient) have no second derivative;
-        # the math kernel computes the same attention and does
-        with sdpa_kernel(SDPBackend.MATH):
-            grads = torch.autograd.grad(_loss(model, b, loss_fn, graph.example_kwargs), params, create_graph=True, allow_unused=True)
-            z = sum((gc * g).sum() for gc, g in zip(g_const, grads, strict=True) if g is not None)
-            if not isinstance(z, torch.Tensor) or not z.requires_grad:
-                continue  # the loss is linear in every parameter: no gradient flow to measure
-            hvp = torch.autograd.grad(z, params, allow_unused=True)
-        hg = [a if h is None else a + h.detach() for a, h in zip(hg, hvp, strict=True)]
+    with _differentiable(graph, model) as (model, named, params):
+        g_const: list[torch.Tensor] = [torch.zeros_like(p) for p in params]
+        for b in items:
+            grads = torch.autograd.grad(_loss(model, b, loss_fn, graph.example_kwargs), params, allow_unused=True)
+            g_const = [a if g is None else a + g.detach() for a, g in zip(g_const, grads, strict=True)]
+        hg: list[torch.Tensor] = [torch.zeros_like(p) for p in params]
+        for b in items:
+            # the fused attention kernels (flash, memory-efficient) have no second derivative;
+            # the math kernel computes the same attention and does
+            with sdpa_kernel(SDPBackend.MATH):
+                grads = torch.autograd.grad(_loss(model, b, loss_fn, graph.example_kwargs), params, create_graph=True, allow_unused=True)
+                z = sum((gc * g).sum() for gc, g in zip(g_const, grads, strict=True) if g is not None)
+                if not isinstance(z, torch.Tensor) or not z.requires_grad:
+                    continue  # the loss is linear in every parameter: no gradient flow to measure
+                hvp = torch.autograd.grad(z, params, allow_unused=True)
+            hg = [a if h is None else a + h.detach() for a, h in zip(hg, hvp, strict=True)]
     h = _by_name(named, params, hg)
     g = _by_name(named, params, g_const)
     gate = {n: named[n].detach() * h[n] + g[n].square() for n in h}
