@@ -15,6 +15,9 @@ lora_B's zeros included, randomised: they hide misaligned slices), traced while 
 - ``merge_and_unload`` gives a pruned Llama that saves and reloads through
   ``prunefx.transformers.from_pretrained``; the adapter saved by ``save_pretrained`` loads
   onto the pruned base model (``PeftModel.from_pretrained``) into the same model;
+- the same on every family of ``tests/test_export_frontend.py`` (GPT-2's fused Conv1D
+  ``c_attn`` with ``fan_in_fan_out``, BERT, DeBERTa-v2, ViT, ...), LoRA on its attention and
+  MLP projections: equal to ``apply_mask`` at three shapes, every LoRA layer's sizes PEFT's;
 - pruning first and adding LoRA afterwards (LLM-Pruner's order) targets the pruned sizes;
 - gradient criteria score the frozen base model's channels (Taylor on a fresh adapter equals
   Taylor on the model without it);
@@ -32,7 +35,7 @@ import peft
 import pytest
 import torch
 import transformers
-from test_export_frontend import _randomize
+from test_export_frontend import FAMILIES, _randomize
 
 import prunefx
 import prunefx.transformers
@@ -135,6 +138,28 @@ def test_a_pruned_lora_model_merges_saves_and_reloads(lora, tmp_path):
     reloaded = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
     assert [(n, m.r, m.scaling) for n, m in _lora_layers(reloaded)] == [(n, m.r, m.scaling) for n, m in _lora_layers(small)]
     assert max_rel_diff(_logits(reloaded, ids), want) < 1e-5
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_lora_on_every_family(family: str) -> None:
+    make, kwargs, attn, mlp, inputs = FAMILIES[family]
+    torch.manual_seed(0)
+    targets = [attn.rsplit(".", 1)[-1], mlp.rsplit(".", 1)[-1]]
+    model = _randomize(peft.get_peft_model(make(), peft.LoraConfig(r=4, target_modules=targets, fan_in_fan_out=family == "gpt2")))
+    x, *others = inputs()
+    graph = prunefx.trace(model, (x,), example_kwargs=kwargs)
+    mask = prunefx.masks.random(graph, 0.5, exact_only=True, seed=0)
+    small = prunefx.reconfigure(model, mask, graph=graph)
+    assert type(small) is type(model)
+    ref = _reference(model, graph, mask)
+    for inp in (x, *others):
+        with torch.no_grad():
+            got, want = small(inp, **kwargs), ref(inp, **kwargs)
+        assert max_rel_diff(got.logits if hasattr(got, "logits") else got[0], want.logits if hasattr(want, "logits") else want[0]) < 1e-5
+    layers = _lora_layers(small)
+    assert len(layers) >= 4 and all((m.in_features, m.out_features) == m._get_in_out_features(m.get_base_layer()) for _, m in layers)
+    assert all(m.r["default"] == 2 for _, m in layers)
+    assert prunefx.transformers.layer_sizes(small.get_base_model())[0].num_attention_heads == 2
 
 
 def test_lora_added_after_pruning_targets_the_pruned_sizes():
