@@ -38,7 +38,7 @@ from torch import nn
 
 from prunefx.errors import ReconfigureError
 
-__all__ = ["finish", "holds_peft_layers", "base_layer", "base_state_dict"]
+__all__ = ["finish", "holds_peft_layers", "base_layer", "base_state_dict", "adapter_modules"]
 
 
 def _is(m: Any, name: str, module_prefix: str) -> bool:
@@ -63,6 +63,18 @@ def base_layer(m: nn.Module) -> nn.Module:
     """The layer a PEFT tuner layer wraps (``q_proj.base_layer``), or ``m`` itself: what
     ``prunefx.transformers`` reads sizes from."""
     return m.get_base_layer() if _is(m, "BaseTunerLayer", "peft.") else m
+
+
+def adapter_modules(model: nn.Module) -> set[str]:
+    """The names of the modules inside ``model``'s tuner layers that are not their base layer
+    (``q_proj.lora_A``, ``q_proj.lora_A.default``, ...): the adapters' own modules."""
+    out: set[str] = set()
+    if "peft" not in sys.modules:
+        return out
+    for name, layer in _tuner_layers(model):
+        base = f"{name}.base_layer"
+        out.update(f"{name}.{n}" for n, _ in layer.named_modules() if n and not (f"{name}.{n}" == base or f"{name}.{n}".startswith(base + ".")))
+    return out
 
 
 def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -18,6 +18,7 @@ lora_B's zeros included, randomised: they hide misaligned slices), traced while 
 - the same on every family of ``tests/test_export_frontend.py`` (GPT-2's fused Conv1D
   ``c_attn`` with ``fan_in_fan_out``, BERT, DeBERTa-v2, ViT, ...), LoRA on its attention and
   MLP projections: equal to ``apply_mask`` at three shapes, every LoRA layer's sizes PEFT's;
+- the inspector shows the base model's blocks (heads, MLP), adapters' ranks apart;
 - pruning first and adding LoRA afterwards (LLM-Pruner's order) targets the pruned sizes;
 - gradient criteria score the frozen base model's channels (Taylor on a fresh adapter equals
   Taylor on the model without it);
@@ -119,6 +120,17 @@ def test_a_lora_model_is_pruned_into_a_peft_model(lora):
     assert model.get_base_model().config.intermediate_size == 96
     assert all(layer.r["default"] in (4, 6) for _, layer in _lora_layers(model))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_the_inspector_shows_the_base_models_blocks(lora):
+    """One row per layer of the Llama inside, its heads and MLP; an adapter's rank group is
+    not one of the block's attention or MLP groups."""
+    model, graph, _, small = lora
+    blocks = prunefx.inspect(model, graph=graph).blocks
+    assert [b.name for b in blocks] == ["base_model.model.model.layers.0", "base_model.model.model.layers.1"]
+    assert [(b.heads, b.kv_heads, b.mlp_channels, b.slot) for b in blocks] == [(4, 2, 96, "a KV head with its 2 query heads")] * 2
+    assert blocks[0].attention == ("base_model.model.model.layers.0.self_attn.q_proj.base_layer",)
+    assert blocks[0].mlp == ("base_model.model.model.layers.0.mlp.gate_proj",)
 
 
 def test_a_pruned_lora_model_merges_saves_and_reloads(lora, tmp_path):

@@ -16,7 +16,8 @@ heads, KV heads and MLP channels each layer has, and which group removes them. A
   inside it: the export front-end records which module computed each node).
 
 Models without a ``config`` and a ``ModuleList`` of ``config.num_hidden_layers`` blocks get
-no rows.
+no rows. A model holding a transformers model (a PEFT model, a wrapper) gets its rows, and a
+LoRA adapter's rank group is not counted as an attention or MLP group.
 """
 
 from __future__ import annotations
@@ -28,10 +29,12 @@ from rich.markup import escape
 from rich.table import Table
 from torch import nn
 
+from prunefx import peft
 from prunefx.errors import PruneFxError
 from prunefx.graph import PruneGraph
 from prunefx.inspector.render import human, shorten
 from prunefx.inspector.tables import GroupRow, LayerRow
+from prunefx.tracing import transformers_models
 
 __all__ = ["BlockRow", "block_rows", "blocks_table"]
 
@@ -69,9 +72,25 @@ def _slot(heads: int | None, kv: int | None, size: int) -> str:
 
 
 def block_rows(model: nn.Module, graph: PruneGraph, layers: Sequence[LayerRow], groups: Sequence[GroupRow]) -> tuple[BlockRow, ...]:
-    """A ``BlockRow`` per repeated block of ``model``; empty for other models."""
-    if getattr(model, "config", None) is None:
+    """A ``BlockRow`` per repeated block of ``model`` (or of the transformers models it holds:
+    a PEFT model's base, a wrapper's); empty for other models."""
+    inner = transformers_models(model) or ([("", model)] if getattr(model, "config", None) is not None else [])
+    if not inner:
         return ()
+    owner = {n.name: path for n, path in graph.traced.owners.items()}
+    node_owner = [(r, owner.get(r.name) or (r.target if r.op == "call_module" else None)) for r in layers]
+    adapters = peft.adapter_modules(model)  # a LoRA rank is no attention or MLP group of the block
+    prunable = [g for g in groups if g.prunable and not (g.modules and set(g.modules) <= adapters)]
+    rows: list[BlockRow] = []
+    for at, hf in inner:
+        rows.extend(_rows_of(at, hf, node_owner, prunable))
+    return tuple(rows)
+
+
+def _rows_of(at: str, model: nn.Module, node_owner: list[tuple[LayerRow, str | None]], prunable: list[GroupRow]) -> list[BlockRow]:
+    """The rows of one transformers model whose names start with ``at`` in the traced model."""
+    if getattr(model, "config", None) is None:
+        return []
     from prunefx.transformers.layers import (
         attention_of,
         decoder_layers,
@@ -82,16 +101,14 @@ def block_rows(model: nn.Module, graph: PruneGraph, layers: Sequence[LayerRow], 
 
     blocks = decoder_layers(model)
     if not blocks:
-        return ()
+        return []
     try:
         sizes = layer_sizes(model)
     except PruneFxError:  # a layout the size records refuse: no per-block view
-        return ()
-    owner = {n.name: path for n, path in graph.traced.owners.items()}
-    node_owner = [(r, owner.get(r.name) or (r.target if r.op == "call_module" else None)) for r in layers]
-    prunable = [g for g in groups if g.prunable]
+        return []
     rows = []
-    for (prefix, layer), s in zip(blocks, sizes, strict=True):
+    for (path, layer), s in zip(blocks, sizes, strict=True):
+        prefix = at + path
         attn, mlp, experts = attention_of(layer), mlp_of(layer), experts_of(layer)
         attn_path = f"{prefix}.{attn[0]}" if attn is not None else None
         mlp_path = f"{prefix}.{mlp[0]}" if mlp is not None else None
@@ -108,7 +125,7 @@ def block_rows(model: nn.Module, graph: PruneGraph, layers: Sequence[LayerRow], 
             mlp=mlp_groups, params=sum(p.numel() for p in layer.parameters()),
             flops=sum(r.flops for r, path in node_owner if path is not None and (path == prefix or path.startswith(prefix + "."))),
         ))
-    return tuple(rows)
+    return rows
 
 
 def _opt(n: int | None) -> str:
