@@ -110,6 +110,8 @@ def reconfigure(
         warnings.warn(f"prunefx: {_checkpoints_lost(model, g)}; emit='module' (or 'auto') keeps them", stacklevel=2)
     elif for_checkpoints:
         emitter = "module"
+    if emitter == "graph" and g.frontend == "export" and model.training != g.traced.training:
+        warnings.warn(f"prunefx: {_mode_held(model, g)}", stacklevel=2)
     keep = resolve_mask(g, mask, policy)  # mask resolution (validates everything first)
     plan = make_plan(g.analysis, keep)  # kept indices and new shapes
     state = pipeline.run(RewriteState.start(plan, g.origin, g.example_inputs))  # slice, rebuild, fix args, DCE, assemble, record
@@ -139,6 +141,14 @@ def _checkpoints_lost(model: nn.Module, g: PruneGraph) -> str:
     where = ", ".join(g.traced.checkpoints[:2]) + (", ..." if len(g.traced.checkpoints) > 2 else "")
     return (f"{type(model).__name__} checkpoints activations (torch.utils.checkpoint at {where}), which a GraphModule "
             "cannot keep: it computes the same values but keeps every activation for backward")
+
+
+def _mode_held(model: nn.Module, g: PruneGraph) -> str:
+    held, now = ("training", "evaluation") if g.traced.training else ("evaluation", "training")
+    why = " (a transformers model is captured in evaluation mode)" if transformers_models(model) and not g.traced.training else ""
+    return (f"{type(model).__name__} is in {now} mode, but torch.export captured its graph in {held} mode{why}: the "
+            f"GraphModule runs {held}-mode dropout and BatchNorm whatever .train()/.eval() says; emit='module' (or "
+            f"'auto') gives a model that follows its mode")
 
 
 def _emitter(model: nn.Module, emit: str) -> str:

@@ -447,6 +447,8 @@ def test_a_training_model_is_captured_in_evaluation_mode() -> None:
     small.train()
     first, second = (small(x, use_cache=False).logits for _ in range(2))
     assert not torch.equal(first, second)  # dropout is live in training mode
+    with pytest.warns(UserWarning, match="captured its graph in evaluation mode .a transformers model"):
+        prunefx.reconfigure(model, mask, graph=graph, emit="graph")  # a GraphModule cannot follow the mode
 
 
 def test_a_custom_function_in_a_transformers_model(monkeypatch) -> None:
