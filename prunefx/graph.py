@@ -37,6 +37,8 @@ from prunefx.wrappers import unwrapped
 
 __all__ = ["PruneGraph", "trace", "FRONTENDS"]
 
+Held = list[tuple[str, nn.Module]] | None  # the transformers models a model holds (tracing.transformers_models)
+
 
 class PruneGraph:
     """The traced model with its channel groups. Build it with ``prunefx.trace``."""
@@ -208,20 +210,21 @@ def trace(
         return _trace_detection(model, example_inputs, kwargs, frontend, leaf_modules)
     if frontend == "fx" and kwargs:
         raise TraceError("the fx front-end takes positional example inputs only; pass frontend='export' (or 'auto') for example_kwargs")
-    if frontend == "export" or (frontend == "auto" and (kwargs or transformers_models(model))):
-        return _trace_export(model, _as_tuple(example_inputs), kwargs)  # (plain fx does not trace transformers)
+    inner = transformers_models(model)  # (one walk for the front-end's choice and the heads)
+    if frontend == "export" or (frontend == "auto" and (kwargs or inner)):
+        return _trace_export(model, _as_tuple(example_inputs), kwargs, inner)  # (plain fx does not trace transformers)
     try:
         traced = symbolic_trace(model, leaf_modules=(*leaf_modules, *LEAF_MODULES), concrete_args=concrete_args)
     except TraceError as fx_error:
         if frontend == "fx" or example_inputs is None:
             raise
         try:
-            graph = _trace_export(model, _as_tuple(example_inputs), kwargs)
+            graph = _trace_export(model, _as_tuple(example_inputs), kwargs, inner)
         except TraceError as export_error:
             raise TraceError(f"{fx_error}\n  torch.export could not capture it either: {str(export_error).splitlines()[0]}") from fx_error
         warnings.warn(f"prunefx: {str(fx_error).splitlines()[0]}; captured with torch.export instead (frontend='export')", stacklevel=2)
         return graph
-    return _trace_fx(model, traced, example_inputs)
+    return _trace_fx(model, traced, example_inputs, inner)
 
 
 def _trace_detection(model: nn.Module, example_inputs: Any, kwargs: dict[str, Any], frontend: str, leaf_modules: Iterable[Any]) -> PruneGraph:
@@ -240,7 +243,7 @@ def _trace_detection(model: nn.Module, example_inputs: Any, kwargs: dict[str, An
     return graph
 
 
-def _trace_export(model: nn.Module, args: tuple[Any, ...] | None, kwargs: dict[str, Any]) -> PruneGraph:
+def _trace_export(model: nn.Module, args: tuple[Any, ...] | None, kwargs: dict[str, Any], inner: Held = None) -> PruneGraph:
     from prunefx.frontends.export import export_trace
 
     if args is None and not kwargs:
@@ -248,11 +251,11 @@ def _trace_export(model: nn.Module, args: tuple[Any, ...] | None, kwargs: dict[s
     args = args or ()
     traced, flat = export_trace(model, args, kwargs)
     shapes = propagate_shapes(traced, flat)
-    analysis = _model_constraints(model, analyze(traced, shapes))
+    analysis = _model_constraints(model, analyze(traced, shapes), inner)
     return PruneGraph(traced, shapes, analysis, args, origin=layout_of(model), example_kwargs=kwargs)
 
 
-def _trace_fx(model: nn.Module, traced: Traced, example_inputs: Any) -> PruneGraph:
+def _trace_fx(model: nn.Module, traced: Traced, example_inputs: Any, inner: Held = None) -> PruneGraph:
     inputs = _as_tuple(example_inputs)
     if inputs is None:
         inputs = guess_example_inputs(traced.module)
@@ -276,14 +279,15 @@ def _trace_fx(model: nn.Module, traced: Traced, example_inputs: Any) -> PruneGra
         )
         traced = dataclasses.replace(traced, other=None)
         shapes = propagate_shapes(traced, inputs)
-    analysis = _model_constraints(model, analyze(traced, shapes))
+    analysis = _model_constraints(model, analyze(traced, shapes), inner)
     return PruneGraph(traced, shapes, analysis, inputs, origin=layout_of(model))
 
 
-def _model_constraints(model: nn.Module, analysis: ChannelAnalysis) -> ChannelAnalysis:
+def _model_constraints(model: nn.Module, analysis: ChannelAnalysis, inner: Held = None) -> ChannelAnalysis:
     """What the graph cannot say about the model: a transformers model keeps its heads
-    whole (``prunefx.transformers.heads``), also inside a PEFT model or a wrapper."""
-    inner = transformers_models(model)
+    whole (``prunefx.transformers.heads``), also inside a PEFT model or a wrapper (``inner``:
+    ``transformers_models(model)`` when the caller has it)."""
+    inner = transformers_models(model) if inner is None else inner
     if not inner:
         return analysis
     from prunefx.transformers.heads import whole_heads
