@@ -40,7 +40,7 @@ a library's hook that only marks an output as  not a channel op: neither refused
 requiring grad (transformers'                  (``AUTOGRAD_ONLY_HOOKS``). The module result,
 ``enable_input_require_grads``, which          a copy of the model, keeps it; a GraphModule
 ``activation_checkpointing_enable``            result does not run it (nor checkpoints).
-registers)
+registers; PEFT's on a model without it)
 grad mode or autocast changed inside forward  fx runs ``torch.no_grad()``,
 (``torch.no_grad()``, ``set_grad_enabled``,    ``torch.autocast(...)`` while it traces and
 ``torch.autocast(...)`` blocks or decorators)  records nothing: the pruned graph would run the
