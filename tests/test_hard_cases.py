@@ -1249,3 +1249,34 @@ def test_index_maps_match_channel_by_channel(make) -> None:
         assert [tuple(m) + (m.role,) for m in g.members] == _index_maps_channel_by_channel(g), g.name
         several |= any(len(row) > 1 for m in g.members for row in m.index_map)
     assert several or not isinstance(model, _FlattenRepeat), "a channel holding several indices is covered"
+
+
+class _DivideByChannelNorm(nn.Module):
+    """A weight-normalised output scaled per channel (PEFT's DoRA does this with
+    ``torch.linalg.norm(weight, dim=1)``): a masked channel's norm is 0 in the masked model."""
+
+    def __init__(self, eps: float) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 4, 1)
+        self.eps = eps
+
+    def forward(self, x):
+        w = self.conv1.weight.flatten(1)
+        norm = torch.linalg.norm(w, dim=1) + self.eps  # per output channel
+        return self.conv2(self.conv1(x) / norm[None, :, None, None])
+
+
+def test_division_by_masked_channels_is_not_exact():
+    """Without an eps the masked model divides 0 by 0 in every masked channel (NaN), which the
+    pruned model cannot reproduce: the group is approximate, with the reason. With an eps the
+    masked channels are 0 / eps = 0 and the group is exact (``linalg.norm`` over one dim
+    reduces like ``vector_norm``)."""
+    x = rand(2, 3, 6, 6)
+    graph = prunefx.trace(prepare(_DivideByChannelNorm, 0.0), x)
+    g = graph.group_of("conv1")
+    assert g.prunable and not g.exact and "divides by channels that are zero in the masked model" in g.reason
+    line = line_of(_DivideByChannelNorm.forward, "return self.conv2(self.conv1(x) / norm")
+    assert f"test_hard_cases.py:{line}" in g.reason, g.reason
+    graph, _, _ = prune_exact(prepare(_DivideByChannelNorm, 1e-3), x)
+    assert graph.group_of("conv1").exact

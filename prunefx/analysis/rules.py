@@ -150,9 +150,14 @@ def elementwise(kind: str) -> Callable[[Analyzer, fx.Node], Any]:
             zero = False
         elif kind == MUL:
             zero = any(covers(lay, shp) for lay, shp in operands) or any(v == 0 for v in scalars)
-        else:  # division: zero numerator
-            first = node.args[0]
+        else:  # division: zero numerator, over a divisor that is not zero there
+            first, second = node.args[0], _arg(node, 1, "other")
             zero = isinstance(first, fx.Node) and isinstance(a.value(first), Layout) and covers(a.value(first), a.shape(first))
+            divisor = a.value(second) if isinstance(second, fx.Node) else None
+            if isinstance(divisor, Layout) and divisor.zero:  # x/0 or 0/0 in the masked model: inf or NaN, not zero
+                for f in divisor.factors:
+                    a.mark_inexact(f.ids, node, "divides by channels that are zero in the masked model (x/0 or 0/0 there)")
+                zero = False
         return Layout(factors, zero)
 
     return rule
@@ -519,6 +524,23 @@ def reduction(kind: str, dim_at: int = 1) -> Callable[[Analyzer, fx.Node], Any]:
         return out_lay.with_zero(zero)
 
     return rule
+
+
+_VECTOR_NORM = reduction("norm", dim_at=2)
+
+
+def linalg_norm(a: Analyzer, node: fx.Node) -> Any:
+    """``torch.linalg.norm(x, ord, dim)``: a vector norm (one ``dim``, or every element when
+    ``ord`` is None) and the Frobenius norm reduce like ``vector_norm``. Another matrix norm
+    (two dims: spectral, nuclear, largest column sum, ...) is no reduction of channels: no
+    rule (PEFT's DoRA takes ``torch.linalg.norm(weight, dim=1)``)."""
+    order, dims = _arg(node, 1, "ord"), _arg(node, 2, "dim")
+    shape = a.shape(node.args[0])
+    matrix = (isinstance(dims, (tuple, list)) and len(dims) == 2) or (
+        dims is None and order is not None and isinstance(shape, torch.Size) and len(shape) == 2)
+    if matrix and order not in (None, "fro"):
+        return unknown(a, node)
+    return _VECTOR_NORM(a, node)
 
 
 def reduction_with_indices(kind: str) -> Callable[[Analyzer, fx.Node], Any]:

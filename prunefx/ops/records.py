@@ -181,6 +181,7 @@ SPECS: tuple[OpSpec, ...] = (
     OpSpec("roll", r.roll, functions=(torch.roll, *_aten("roll.default")), methods=("roll",)),
     # ---- reductions, pooling, resizing -------------------------------------------------------
     OpSpec("vector_norm", r.reduction("norm", dim_at=2), functions=(torch.linalg.vector_norm, *_aten("linalg_vector_norm.default"))),
+    OpSpec("linalg_norm", r.linalg_norm, functions=(torch.linalg.norm, *_aten("linalg_norm.default"))),  # DoRA's weight norm
     OpSpec("sum", r.reduction("sum"), functions=(torch.sum, *_aten("sum.dim_IntList")), methods=("sum",), empty_ok=True),
     OpSpec("mean", r.reduction("mean"), functions=(torch.mean, *_aten("mean.dim")), methods=("mean",), empty_ok=True),
     OpSpec("amax", r.reduction("amax"), functions=(torch.amax, *_aten("amax.default")), methods=("amax",)),
