@@ -24,6 +24,7 @@ lora_B's zeros included, randomised: they hide misaligned slices), traced while 
   Taylor on the model without it);
 - PEFT on a custom model registers a hook that only makes the embeddings' output require
   grad: the capture accepts it and the result keeps it;
+- DoRA: heads and MLP channels approximate (0/0 in the masked model), ranks exact;
 - other PEFT tuners (IA3): ``ReconfigureError`` by default (their sizes are not updated),
   ``emit="graph"`` works.
 """
@@ -172,6 +173,26 @@ def test_lora_on_every_family(family: str) -> None:
     assert len(layers) >= 4 and all((m.in_features, m.out_features) == m._get_in_out_features(m.get_base_layer()) for _, m in layers)
     assert all(m.r["default"] == 2 for _, m in layers)
     assert prunefx.transformers.layer_sizes(small.get_base_model())[0].num_attention_heads == 2
+
+
+def test_dora_heads_are_approximate_and_its_ranks_exact(tmp_path):
+    """DoRA divides by the norm of each output row of ``W + scaling * B @ A``: in the masked
+    model a removed head's rows are zero, so 0/0. Its heads and MLP channels are approximate
+    (said why), its ranks exact, and a mask over the ranks reloads like LoRA."""
+    model = _randomize(peft.get_peft_model(_llama(), peft.LoraConfig(r=4, target_modules=TARGETS, use_dora=True))).eval()
+    ids = _ids()
+    graph = prunefx.trace(model, (ids,), example_kwargs={"use_cache": False})
+    heads = graph.group("base_model.model.model.layers.0.self_attn.q_proj.base_layer")
+    assert heads.prunable and not heads.exact and "divides by channels that are zero in the masked model" in heads.reason
+    exact = [g.name for g in graph.groups if g.exact]
+    assert len(exact) == 8 and all(".lora_A.default" in n for n in exact)
+    mask = prunefx.masks.random(graph, 0.5, exact_only=True, seed=0)
+    small = prunefx.reconfigure(model, mask, graph=graph)
+    assert max_rel_diff(_logits(small, ids), _logits(_reference(model, graph, mask), ids)) < 1e-5
+    small.save_pretrained(tmp_path / "adapter")
+    copy.deepcopy(small).unload().save_pretrained(tmp_path / "base")
+    reloaded = peft.PeftModel.from_pretrained(prunefx.transformers.from_pretrained(tmp_path / "base"), tmp_path / "adapter")
+    assert max_rel_diff(_logits(reloaded.eval(), ids), _logits(small, ids)) < 1e-6
 
 
 def test_lora_added_after_pruning_targets_the_pruned_sizes():
