@@ -142,7 +142,7 @@ def finish(model: nn.Module) -> None:
     for root, configs in _owners(model):
         for key, layer in root.named_modules():
             if _is(layer, "LoraLayer", "peft.tuners.lora"):
-                _adapter_sizes(f"{key}", layer, configs, get_pattern_key)
+                _adapter_sizes(key, layer, configs, get_pattern_key)
 
 
 def _adapter_sizes(key: str, layer: nn.Module, configs: dict[str, Any], get_pattern_key: Any) -> None:
