@@ -70,13 +70,15 @@ def _lora_layers(model):
 
 @pytest.fixture(scope="module")
 def lora():
-    """(LoRA model, its graph traced in training mode, a 50% mask over the exact groups, the pruned model)."""
+    """(LoRA model, its graph traced in training mode, a 50% mask over the exact groups, the
+    pruned model, the model's tensors before it was traced and reconfigured)."""
     config = peft.LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, lora_dropout=0.1, target_modules=TARGETS,
                              rank_pattern={"q_proj": 6}, alpha_pattern={"q_proj": 3})
     model = _randomize(peft.get_peft_model(_llama(), config)).train()
+    before = state_copy(model)
     graph = prunefx.trace(model, (_ids(),), example_kwargs={"use_cache": False})
     mask = prunefx.masks.random(graph, 0.5, exact_only=True, seed=0)
-    return model, graph, mask, prunefx.reconfigure(model, mask, graph=graph)
+    return model, graph, mask, prunefx.reconfigure(model, mask, graph=graph), before
 
 
 def _reference(model, graph, mask):
@@ -86,7 +88,7 @@ def _reference(model, graph, mask):
 
 
 def test_a_lora_model_is_pruned_into_a_peft_model(lora):
-    model, graph, mask, small = lora
+    model, graph, mask, small, before = lora
     layer0 = "base_model.model.model.layers.0."
     assert sorted(g.name.removeprefix(layer0) for g in graph.groups if g.exact and g.name.startswith(layer0)) == [
         "mlp.down_proj.lora_A.default", "mlp.gate_proj", "mlp.up_proj.lora_A.default",
@@ -95,7 +97,6 @@ def test_a_lora_model_is_pruned_into_a_peft_model(lora):
     assert graph.group(f"{layer0}self_attn.q_proj.base_layer").size == 2  # KV slots: heads kept whole
     assert type(small) is type(model) and isinstance(small, peft.PeftModelForCausalLM)
     assert model.training and small.training  # captured in evaluation mode, the modes left as they were
-    before = state_copy(model)
     ref = _reference(model, graph, mask)
     small.eval()
     for ids in (_ids(), _ids(3, 9)):
@@ -126,7 +127,7 @@ def test_a_lora_model_is_pruned_into_a_peft_model(lora):
 def test_the_inspector_shows_the_base_models_blocks(lora):
     """One row per layer of the Llama inside, its heads and MLP; an adapter's rank group is
     not one of the block's attention or MLP groups."""
-    model, graph, _, small = lora
+    model, graph, *_ = lora
     blocks = prunefx.inspect(model, graph=graph).blocks
     assert [b.name for b in blocks] == ["base_model.model.model.layers.0", "base_model.model.model.layers.1"]
     assert [(b.heads, b.kv_heads, b.mlp_channels, b.slot) for b in blocks] == [(4, 2, 96, "a KV head with its 2 query heads")] * 2
@@ -135,7 +136,7 @@ def test_the_inspector_shows_the_base_models_blocks(lora):
 
 
 def test_a_pruned_lora_model_merges_saves_and_reloads(lora, tmp_path):
-    model, graph, mask, small = lora
+    small = lora[3]
     small.eval()
     ids = _ids(3, 9)
     want = _logits(small, ids)
