@@ -1280,3 +1280,86 @@ def test_division_by_masked_channels_is_not_exact():
     assert f"test_hard_cases.py:{line}" in g.reason, g.reason
     graph, _, _ = prune_exact(prepare(_DivideByChannelNorm, 1e-3), x)
     assert graph.group_of("conv1").exact
+
+
+class _StandardizeChannels(nn.Module):
+    """Each channel over its root mean square, written with one of the ops that are not finite
+    at 0 (a hand-written per-channel norm; RMSNorm does the same over the channel dim)."""
+
+    def __init__(self, op: str, eps: float) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 4, 1)
+        self.op, self.eps = op, eps
+
+    def forward(self, x):
+        y = self.conv1(x)
+        ms = y.pow(2).mean((2, 3), keepdim=True) + self.eps
+        if self.op == "rsqrt":
+            scale = torch.rsqrt(ms)
+        elif self.op == "reciprocal":
+            scale = ms.sqrt().reciprocal()
+        elif self.op == "pow":
+            scale = ms ** -0.5
+        else:  # log: exp(-log(rms)) = 1/rms
+            scale = torch.exp(-0.5 * ms.log())
+        return self.conv2(y * scale)
+
+
+@pytest.mark.parametrize("op", ["rsqrt", "reciprocal", "pow", "log"])
+def test_infinity_from_masked_channels_is_not_exact(op):
+    """Without an eps the masked model computes 0 * inf = NaN in every masked channel: the
+    analysis tracks zeros, not infinities, so the group is approximate from the op that maps 0
+    to inf, naming its line. With an eps the same model is exact and equal."""
+    x = rand(2, 3, 6, 6)
+    model = prepare(_StandardizeChannels, op, 0.0)
+    mask = {"conv1": torch.arange(8) % 2 == 0}
+    assert not torch.isfinite(prunefx.apply_mask(copy.deepcopy(model), mask)(x)).all()  # what the reference computes
+    g = prunefx.trace(model, x).group_of("conv1")
+    assert g.prunable and not g.exact and "maps channels that are zero in the masked model to inf" in g.reason, g.reason
+    graph, _, _ = prune_exact(prepare(_StandardizeChannels, op, 1e-3), x)
+    assert graph.group_of("conv1").exact
+
+
+class _Between(nn.Module):
+    """conv1 -> an activation-like module -> conv2."""
+
+    def __init__(self, act: nn.Module) -> None:
+        super().__init__()
+        self.conv1, self.act, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), act, nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.conv2(self.act(self.conv1(x)))
+
+
+@pytest.mark.parametrize("act, exact", [
+    (nn.Threshold(0.1, 20.0), False),  # 0 <= 0.1, so a masked channel becomes 20: conv2 reads it
+    (nn.Threshold(0.1, 0.0), True),
+    (nn.Threshold(-0.5, 20.0), True),  # 0 > -0.5 passes through
+], ids=["threshold-to-20", "threshold-to-0", "negative-threshold"])
+def test_threshold_keeps_zeros_only_when_it_maps_them_to_zero(act, exact):
+    x = rand(2, 3, 6, 6)
+    model = prepare(_Between, act)
+    g = prunefx.trace(model, x).group_of("conv1")
+    assert g.prunable and g.exact is exact, g.reason
+    if exact:
+        prune_exact(model, x)
+    else:
+        assert "reads channels whose masked values are not zero" in g.reason
+        mask = {"conv1": torch.arange(8) % 2 == 0}
+        ref = prunefx.apply_mask(copy.deepcopy(model), mask)
+        assert (prunefx.reconfigure(model, mask)(x) - ref(x)).abs().max() > 1e-3  # why it is not exact
+
+
+def test_alpha_dropout_keeps_zeros_in_evaluation_only():
+    """Alpha dropout (SELU networks) maps a dropped unit to a negative constant and shifts every
+    unit, so in training a masked channel is not zero after it; in evaluation it is the identity."""
+    x = rand(2, 3, 6, 6)
+    model = prepare(_Between, nn.AlphaDropout(0.5))
+    assert prunefx.trace(model, x).group_of("conv1").exact
+    model.train()
+    g = prunefx.trace(model, x).group_of("conv1")
+    assert g.prunable and not g.exact and "reads channels whose masked values are not zero" in g.reason
+    torch.manual_seed(0)
+    masked = prunefx.apply_mask(copy.deepcopy(model), {"conv1": torch.arange(8) < 4}).conv1(x)
+    assert (model.act(masked)[:, 4:] != 0).any()  # what the rule says

@@ -181,6 +181,53 @@ def unary(zero_preserving: bool) -> Callable[[Analyzer, fx.Node], Any]:
     return rule
 
 
+def _elementwise_input(a: Analyzer, node: fx.Node) -> Layout | None:
+    x = a.value(node.args[0]) if node.args else a.value(node.kwargs.get("input"))
+    return x if isinstance(x, Layout) else None
+
+
+def threshold(a: Analyzer, node: fx.Node) -> Any:
+    """``F.threshold``/``nn.Threshold``: x where x > threshold, else ``value``; so 0 stays 0
+    only when the threshold is negative or the value is 0."""
+    if node.op == "call_module":
+        m = a.module(node)
+        th, value = m.threshold, m.value
+    else:
+        th, value = _arg(node, 1, "threshold"), _arg(node, 2, "value")
+    x = _elementwise_input(a, node)
+    if x is None or not isinstance(th, (int, float)) or not isinstance(value, (int, float)):
+        return unknown(a, node)
+    return x.with_zero(x.zero and (th < 0 or value == 0))
+
+
+def alpha_dropout(a: Analyzer, node: fx.Node) -> Any:
+    """Alpha dropout (SELU networks) sets dropped units to a negative constant and then
+    shifts every unit: in training 0 does not stay 0; in evaluation it is the identity."""
+    training = a.module(node).training if node.op == "call_module" else _arg(node, 2, "training", False)
+    x = _elementwise_input(a, node)
+    if x is None or not isinstance(training, bool):
+        return unknown(a, node)
+    return x.with_zero(x.zero and not training)
+
+
+def pole_at_zero(a: Analyzer, node: fx.Node) -> Any:
+    """log, rsqrt, reciprocal: not finite at 0. Where the masked model holds zeros, it holds
+    inf there, and inf * 0 or inf - inf downstream is NaN, which no pruned model reproduces
+    (the analysis tracks zeros, not infinities, so the group is approximate from here on)."""
+    x = _elementwise_input(a, node)
+    if x is None:
+        return unknown(a, node) if isinstance(a.shape(node), torch.Size) else None
+    if x.zero:
+        _maps_zero_to_infinity(a, node, x)
+    return x.with_zero(False)
+
+
+def _maps_zero_to_infinity(a: Analyzer, node: fx.Node, lay: Layout) -> None:
+    for f in lay.factors:
+        a.mark_inexact(f.ids, node, "maps channels that are zero in the masked model to inf (log, rsqrt, "
+                       "reciprocal or a negative power of 0 there)")
+
+
 def clamp(a: Analyzer, node: fx.Node) -> Any:
     lo, hi = _arg(node, 1, "min"), _arg(node, 2, "max")
     x = a.value(node.args[0])
@@ -195,6 +242,10 @@ def power(a: Analyzer, node: fx.Node) -> Any:
     if not isinstance(x, fx.Node) or isinstance(e, fx.Node):
         return unknown(a, node)
     lay = a.value(x)
+    if not isinstance(lay, Layout):
+        return unknown(a, node) if isinstance(a.shape(node), torch.Size) else None
+    if lay.zero and isinstance(e, (int, float)) and e < 0:
+        _maps_zero_to_infinity(a, node, lay)
     return lay.with_zero(lay.zero and isinstance(e, (int, float)) and e > 0)
 
 

@@ -60,7 +60,7 @@ def _frozen_batchnorm() -> tuple[type, ...]:
 _ZERO_PRESERVING_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish,
     nn.Hardswish, nn.Hardtanh, nn.Tanh, nn.Softshrink, nn.Hardshrink, nn.Tanhshrink, nn.Identity,
-    nn.modules.dropout._DropoutNd, nn.Threshold,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
 )
 _POOLS = (
     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
@@ -122,7 +122,7 @@ SPECS: tuple[OpSpec, ...] = (
     OpSpec("zero-preserving activation", r.unary(True), functions=(
         torch.relu, torch.relu_, F.relu, F.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu,
         F.mish, F.hardswish, F.hardtanh, F.tanh, torch.tanh, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
-        F.alpha_dropout, F.feature_alpha_dropout, torch.abs, torch.sqrt, torch.square, torch.sin, torch.erf,
+        torch.abs, torch.sqrt, torch.square, torch.sin, torch.erf,
         F.softshrink, F.hardshrink, F.tanhshrink, operator.pos,
         *_aten("relu.default", "relu_.default", "gelu.default", "gelu_.default", "silu.default", "silu_.default",
                "hardswish.default", "hardswish_.default", "hardtanh.default", "hardtanh_.default", "tanh.default",
@@ -132,12 +132,19 @@ SPECS: tuple[OpSpec, ...] = (
     ), methods=("relu", "relu_", "tanh", "tanh_", "abs", "sqrt", "square"), modules=_ZERO_PRESERVING_MODULES, empty_ok=True,
         shape=sr.elementwise, keeps_shape=True),
     OpSpec("non-zero activation", r.unary(False), functions=(
-        torch.sigmoid, F.sigmoid, F.hardsigmoid, F.softplus, F.logsigmoid, torch.exp, torch.cos, torch.log,
-        torch.rsqrt, torch.reciprocal,
+        torch.sigmoid, F.sigmoid, F.hardsigmoid, F.softplus, F.logsigmoid, torch.exp, torch.cos,
         *_aten("sigmoid.default", "sigmoid_.default", "hardsigmoid.default", "hardsigmoid_.default",
-               "softplus.default", "exp.default", "cos.default", "log.default", "rsqrt.default", "reciprocal.default"),
-    ), methods=("sigmoid", "sigmoid_", "exp", "rsqrt"), modules=(nn.Sigmoid, nn.Hardsigmoid, nn.Softplus, nn.LogSigmoid),
+               "softplus.default", "exp.default", "cos.default"),
+    ), methods=("sigmoid", "sigmoid_", "exp"), modules=(nn.Sigmoid, nn.Hardsigmoid, nn.Softplus, nn.LogSigmoid),
         empty_ok=True, shape=sr.elementwise, keeps_shape=True),
+    OpSpec("threshold", r.threshold, functions=(F.threshold, F.threshold_), modules=(nn.Threshold,), empty_ok=True,
+           shape=sr.elementwise, keeps_shape=True),
+    OpSpec("alpha dropout", r.alpha_dropout, functions=(F.alpha_dropout, F.feature_alpha_dropout),
+           modules=(nn.AlphaDropout, nn.FeatureAlphaDropout), empty_ok=True, shape=sr.elementwise, keeps_shape=True),
+    OpSpec("pole at zero", r.pole_at_zero, functions=(
+        torch.log, torch.log2, torch.log10, torch.rsqrt, torch.reciprocal,
+        *_aten("log.default", "log2.default", "log10.default", "rsqrt.default", "reciprocal.default"),
+    ), methods=("log", "log2", "log10", "rsqrt", "reciprocal"), empty_ok=True, shape=sr.elementwise, keeps_shape=True),
     OpSpec("zeros_like", r.like(True), functions=(torch.zeros_like, *_aten("zeros_like.default", "zero_.default")), methods=("zero_",)),
     OpSpec("constant_like", r.like(False), functions=(
         torch.ones_like, torch.empty_like, torch.full_like, torch.rand_like, torch.randn_like,
