@@ -251,9 +251,9 @@ def test_zoo_through_export(name: str) -> None:
     assert diff <= 1e-4, f"reconfigured output differs from the masked model by {diff:.3g}"
     flops, small_flops = prunefx.count_flops(model, x), prunefx.count_flops(small, x)
     assert small_flops <= 0.8 * flops, f"FLOPs only fell to {small_flops / flops:.2f}"
-    if name in cnn_names() and name not in TWO_MODES:
-        fx_sizes = sorted(g.size for g in prunefx.trace(model, x, frontend="fx").groups if g.prunable)
-        assert sorted(g.size for g in graph.groups if g.prunable) == fx_sizes, "fx and export found different groups"
+    if name in cnn_names() and name not in TWO_MODES:  # every group, pinned ones too (no kernel dims)
+        fx_groups = sorted((g.size, g.prunable, g.exact) for g in prunefx.trace(model, x, frontend="fx").groups)
+        assert sorted((g.size, g.prunable, g.exact) for g in graph.groups) == fx_groups, "fx and export found different groups"
 
 
 # emit="auto" gives the module emitter for a transformers PreTrainedModel: every family here
@@ -398,3 +398,27 @@ def test_sizes_export_keeps_static_are_checked_by_name(tmp_path) -> None:
         graph.traced.graphs[0](torch.randn(2, 3, 9, 9))
     result = prunefx.export_onnx(small, tmp_path / "small.onnx", x)  # verified in ONNX Runtime at two batch sizes
     assert result.path.exists() and result.dynamic_batch and result.max_rel_diff <= 1e-4
+
+
+class _KernelNet(torch.nn.Module):
+    """3x3 convolutions as modules and one as ``F.conv2d`` on a weight of the model's own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.weight = torch.nn.Parameter(torch.randn(8, 8, 3, 3) * 0.1)
+        self.conv2 = torch.nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.conv1(x))
+        return self.conv2(torch.relu(torch.nn.functional.conv2d(y, self.weight, padding=1)))
+
+
+def test_kernel_dims_are_no_groups() -> None:
+    """A convolution's kernel dims are fixed sizes, not channels: no pinned group of their own
+    when the weight is a tensor the graph reads (every weight under torch.export, a functional
+    convolution's under fx), so both front-ends list the same groups."""
+    model, x = _KernelNet().eval(), torch.randn(2, 3, 8, 8)
+    listed = {fe: {(g.name, g.size, g.prunable, g.exact) for g in prunefx.trace(model, x, frontend=fe).groups} for fe in ("fx", "export")}
+    assert listed["fx"] == listed["export"] == {
+        ("conv1", 8, True, True), ("conv1#1", 3, False, False), ("weight", 8, True, True), ("conv2", 4, False, False)}

@@ -170,6 +170,13 @@ class Analyzer:
         if role is Role.WRITE and old.role is not Role.WRITE:
             self._members[key] = Member(old.tensor, dim, old.ids, Role.WRITE, old.node)
 
+    def forget(self, tensor: str, dims: Iterable[int]) -> None:
+        """No member for these dims of ``tensor``: the only op reading it treats them as fixed
+        sizes, never channels (a convolution's kernel), so they form no group of their own.
+        Their ids stay (pinned by that op)."""
+        for d in dims:
+            self._members.pop((self.canonical(tensor), d), None)
+
     def set_role(self, tensor: str, dim: int, role: Role) -> None:
         key = (self.canonical(tensor), dim)
         old = self._members.get(key)

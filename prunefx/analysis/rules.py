@@ -806,6 +806,8 @@ def _conv_call(a: Analyzer, node: fx.Node, n: int, transposed: bool) -> Any:
     wl, wshape = a.value(weight), a.shape(weight)
     if weight.op == "get_attr":
         a.set_role(weight.target, 0 if transposed else 1, Role.READ)
+        if len(weight.users) == 1:  # (as a conv module's weight: kernel dims, and the index within a group, are no group)
+            a.forget(weight.target, range(1 if groups > 1 else 2, len(wshape)))
     _only_on(a, node, wl, {0, 1}, "kernel dims of a convolution weight")
     w0, w1 = a.axis_ids(wl, 0), a.axis_ids(wl, 1)
     if groups > 1:
