@@ -30,6 +30,7 @@ from prunefx.errors import MaskError, TraceError
 from prunefx.flops import NodeCost, node_costs
 from prunefx.frontends.detection import detection_leaves, is_detection, surrogate, surrogate_inputs
 from prunefx.nn import LEAF_MODULES
+from prunefx.peft import holds_peft_layers
 from prunefx.provenance import layout_of
 from prunefx.shapes import Shapes, propagate_shapes
 from prunefx.tracing import Traced, guess_example_inputs, symbolic_trace, transformers_models
@@ -197,7 +198,7 @@ def trace(
     when that is not possible. ``frontend``: "fx" (``torch.fx.symbolic_trace``), "export"
     (``torch.export``, an aten-level graph, for models fx cannot trace, such as Hugging Face
     transformers) or "auto" (fx, and export when fx cannot trace the model, for a transformers
-    model, or when keyword inputs are given; ``graph.frontend`` says which ran). ``leaf_modules`` (types or qualified names,
+    model or one holding PEFT layers, or when keyword inputs are given; ``graph.frontend`` says which ran). ``leaf_modules`` (types or qualified names,
     fx only) are kept opaque: their channels are pinned.
     """
     if not isinstance(model, nn.Module):
@@ -211,8 +212,9 @@ def trace(
     if frontend == "fx" and kwargs:
         raise TraceError("the fx front-end takes positional example inputs only; pass frontend='export' (or 'auto') for example_kwargs")
     inner = transformers_models(model)  # (one walk for the front-end's choice and the heads)
-    if frontend == "export" or (frontend == "auto" and (kwargs or inner)):
-        return _trace_export(model, _as_tuple(example_inputs), kwargs, inner)  # (plain fx does not trace transformers)
+    # plain fx traces neither transformers nor PEFT's tuner layers (they branch on x.dtype)
+    if frontend == "export" or (frontend == "auto" and (kwargs or inner or holds_peft_layers(model))):
+        return _trace_export(model, _as_tuple(example_inputs), kwargs, inner)
     try:
         traced = symbolic_trace(model, leaf_modules=(*leaf_modules, *LEAF_MODULES), concrete_args=concrete_args)
     except TraceError as fx_error:

@@ -32,6 +32,7 @@ lora_B's zeros included, randomised: they hide misaligned slices), traced while 
 from __future__ import annotations
 
 import copy
+import warnings
 
 import peft
 import pytest
@@ -257,12 +258,21 @@ def _hooks(model) -> list[str]:
     return [h.__name__ for h in model.get_base_model().emb._forward_hooks.values()]
 
 
+def _trace_without_fx_attempt(model, *inputs) -> prunefx.PruneGraph:
+    """``trace`` on a model holding PEFT layers goes straight to torch.export: plain fx never
+    traces a tuner layer (it branches on ``x.dtype``), so no fallback warning."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        graph = prunefx.trace(model, inputs)
+    assert graph.frontend == "export" and not [w for w in caught if "prunefx" in str(w.message)], [str(w.message) for w in caught]
+    return graph
+
+
 def test_lora_on_a_custom_model_keeps_peft_hook():
     model = _randomize(peft.get_peft_model(_TinyLM(), peft.LoraConfig(r=4, target_modules=["up", "down"])))
     assert _hooks(model) == ["make_inputs_require_grad"]
     ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(0))
-    with pytest.warns(UserWarning, match="captured with torch.export instead"):
-        graph = prunefx.trace(model, (ids,))
+    graph = _trace_without_fx_attempt(model, ids)
     mask = prunefx.masks.random(graph, 0.5, exact_only=True, seed=0)
     small = prunefx.reconfigure(model, mask, graph=graph)
     assert type(small) is type(model) and _hooks(small) == ["make_inputs_require_grad"]
@@ -277,8 +287,7 @@ def test_lora_on_a_custom_model_keeps_peft_hook():
 def test_another_peft_tuner_is_refused_by_the_module_emitter():
     model = _randomize(peft.get_peft_model(_TinyLM(), peft.IA3Config(target_modules=["up", "down"], feedforward_modules=["down"])))
     ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(0))
-    with pytest.warns(UserWarning, match="captured with torch.export instead"):
-        graph = prunefx.trace(model, (ids,))
+    graph = _trace_without_fx_attempt(model, ids)
     mask = prunefx.masks.random(graph, 0.5, exact_only=True, seed=0)
     before = state_copy(model)
     with pytest.raises(prunefx.ReconfigureError, match=r"'base_model.model.up' is a PEFT ia3.Linear layer.*merge_and_unload"):
@@ -289,3 +298,50 @@ def test_another_peft_tuner_is_refused_by_the_module_emitter():
     for x in (ids, ids[:1, :3]):
         with torch.no_grad():
             assert max_rel_diff(small(x), ref(x)) < 1e-5
+
+
+class _ConvNet(torch.nn.Module):
+    """A small CNN: BatchNorm, a residual add, a 3x3 and a 1x1 convolution, a classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16)
+        self.conv2, self.bn2 = torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.BatchNorm2d(16)
+        self.conv3 = torch.nn.Conv2d(16, 8, 1)
+        self.fc = torch.nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = torch.relu(self.bn2(self.conv2(y))) + y
+        return self.fc(self.conv3(y).mean((2, 3)))
+
+
+def test_lora_on_convolutions():
+    """LoRA's Conv2d layers (``lora_A`` a conv of the base kernel, ``lora_B`` a 1x1 conv) are
+    pruned with their base convolutions: equal to ``apply_mask`` at two image sizes, every LoRA
+    layer's sizes PEFT's, and ``merge_and_unload`` gives the pruned CNN."""
+    torch.manual_seed(0)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["conv1", "conv2", "conv3", "fc"])
+    model = _randomize(peft.get_peft_model(_ConvNet(), config)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    graph = _trace_without_fx_attempt(model, x)
+    exact = {g.name.removeprefix("base_model.model."): g.size for g in graph.groups if g.exact}
+    assert exact == {"conv1.base_layer": 16, "conv3.base_layer": 8, **{f"{n}.lora_A.default": 4 for n in ("conv1", "conv2", "conv3", "fc")}}
+    mask = prunefx.masks.random(graph, 0.5, exact_only=True, seed=0)
+    small = prunefx.reconfigure(model, mask, graph=graph)
+    assert type(small) is type(model)
+    ref = _reference(model, graph, mask)
+    for inp in (x, torch.randn(1, 3, 11, 7)):
+        with torch.no_grad():
+            assert max_rel_diff(small(inp), ref(inp)) < 1e-5
+    layers = _lora_layers(small)
+    assert len(layers) == 4 and all((m.in_features, m.out_features) == m._get_in_out_features(m.get_base_layer()) for _, m in layers)
+    assert all(m.r["default"] == 2 for _, m in layers)
+    conv2 = small.get_base_model().conv2
+    a, b = conv2.lora_A["default"], conv2.lora_B["default"]
+    assert (conv2.in_features, conv2.out_features) == (8, 8)
+    assert (a.in_channels, a.out_channels, a.kernel_size, b.in_channels, b.out_channels) == (8, 2, (3, 3), 2, 8)
+    merged = copy.deepcopy(small).merge_and_unload()
+    assert type(merged) is _ConvNet and merged.conv2.weight.shape == (8, 8, 3, 3)
+    with torch.no_grad():
+        assert max_rel_diff(merged(x), ref(x)) < 1e-5
