@@ -305,6 +305,12 @@ def test_encoder_decoder_models(make, tmp_path) -> None:
     model = _randomize(model.eval())
     kwargs = {"decoder_input_ids": dec, "use_cache": False}
     graph = prunefx.trace(model, (x,), example_kwargs=kwargs, frontend="export")
+    # the inspector's blocks: both stacks, each block's MLP group (BART's fc1/fc2 are the
+    # layer's own), its self-attention's heads (T5's are kept whole)
+    rows = prunefx.inspect(model, graph=graph).blocks
+    assert [r.name.split(".")[-3] for r in rows] == ["encoder", "encoder", "decoder", "decoder"]
+    assert all(len(r.mlp) == 1 and r.mlp[0].startswith(r.name + ".") and r.mlp_channels == 96 for r in rows)
+    assert all(r.attention == () if make is _t5 else len(r.attention) == 1 and ".self_attn." in r.attention[0] for r in rows)
     mask = prunefx.masks.random(graph, 0.5, exact_only=True, seed=0)
     small = prunefx.reconfigure(model, mask, graph=graph)
     assert type(small) is type(model) and _params(small) <= 0.9 * _params(model)
@@ -506,6 +512,12 @@ def test_a_model_holding_a_transformers_model(tmp_path) -> None:
     graph = prunefx.trace(model, (x,))
     assert graph.frontend == "export"
     assert [g.size for g in graph.groups if g.exact and g.name.startswith("bert.encoder.layer.0.")] == [4, 96]  # heads, MLP
+    # the inspector's block rows name them, though BERT's head group also spans
+    # `attention.output.dense` and its MLP spans `intermediate` and `output`
+    rows = prunefx.inspect(model, graph=graph).blocks
+    assert [(b.name, b.heads, b.mlp_channels, b.attention, b.mlp, b.slot) for b in rows] == [
+        (f"bert.encoder.layer.{i}", 4, 96, (f"bert.encoder.layer.{i}.attention.self.query",),
+         (f"bert.encoder.layer.{i}.intermediate.dense",), "a head") for i in (0, 1)]
     mask = prunefx.masks.random(graph, 0.5, exact_only=True, seed=0)
     small = prunefx.reconfigure(model, mask, graph=graph)
     assert type(small) is _Classifier and small.training and _sizes(small.bert) == [(2, 2, 48)] * 2

@@ -9,14 +9,15 @@ heads, KV heads and MLP channels each layer has, and which group removes them. A
 - ``heads``, ``kv_heads``, ``head_dim``, ``mlp_channels``, ``experts`` and
   ``expert_channels`` (a mixture of experts: how many, and their width): read from the layer's weights
   (``prunefx.transformers.layer_sizes``), so a pruned model shows what it keeps;
-- ``attention`` / ``mlp``: the prunable groups whose every member lies in the layer's
-  attention (MLP; for an MoE block, its experts) module, and ``slot``: what one channel of the attention group is (a head;
+- ``attention`` / ``mlp``: the prunable groups whose every member lies in the layer and
+  some member in its attention (MLP; for an MoE block, its experts) module, and ``slot``: what one channel of the attention group is (a head;
   under grouped-query attention a KV head with its query heads);
 - ``params`` (the layer's parameters) and ``flops`` (the FLOPs of the nodes computed
   inside it: the export front-end records which module computed each node).
 
-Models without a ``config`` and a ``ModuleList`` of ``config.num_hidden_layers`` blocks get
-no rows. A model holding a transformers model (a PEFT model, a wrapper) gets its rows, and a
+An encoder-decoder model (BART, T5, Whisper) gets a row per block of both stacks (a decoder
+block's attention group is its self-attention's). Models without a ``config`` and a
+``ModuleList`` of ``config.num_hidden_layers`` blocks get no rows. A model holding a transformers model (a PEFT model, a wrapper) gets its rows, and a
 LoRA adapter's rank group is not counted as an attention or MLP group.
 """
 
@@ -57,8 +58,16 @@ class BlockRow:
     flops: int
 
 
+def _under(path: str, module: str) -> bool:
+    return module == path or module.startswith(path + ".")
+
+
 def _inside(path: str, modules: Sequence[str]) -> bool:
-    return bool(modules) and all(m == path or m.startswith(path + ".") for m in modules)
+    return bool(modules) and all(_under(path, m) for m in modules)
+
+
+def _touches(path: str | None, modules: Sequence[str]) -> bool:
+    return path is not None and any(_under(path, m) for m in modules)
 
 
 def _slot(heads: int | None, kv: int | None, size: int) -> str:
@@ -92,30 +101,44 @@ def _rows_of(at: str, model: nn.Module, node_owner: list[tuple[LayerRow, str | N
     if getattr(model, "config", None) is None:
         return []
     from prunefx.transformers.layers import (
+        attention_modules,
         attention_of,
         decoder_layers,
+        decoder_stack,
         experts_of,
-        layer_sizes,
         mlp_of,
+        stack_sizes,
     )
 
     blocks = decoder_layers(model)
     if not blocks:
         return []
+    blocks += decoder_stack(model)  # an encoder-decoder model's second stack
     try:
-        sizes = layer_sizes(model)
+        sizes = stack_sizes(blocks)
     except PruneFxError:  # a layout the size records refuse: no per-block view
         return []
     rows = []
     for (path, layer), s in zip(blocks, sizes, strict=True):
         prefix = at + path
         attn, mlp, experts = attention_of(layer), mlp_of(layer), experts_of(layer)
+        attns = [f"{prefix}.{n}" for n, _, _ in attention_modules(layer)]  # its self- (first) and cross-attention
         attn_path = f"{prefix}.{attn[0]}" if attn is not None else None
-        mlp_path = f"{prefix}.{mlp[0]}" if mlp is not None else None
         if mlp is None and experts is not None:  # an MoE block: its groups are the experts'
-            mlp_path = prefix + "." + next(n for n, m in layer.named_modules() if m is experts[0])
-        attention = tuple(g.name for g in prunable if attn_path and _inside(attn_path, g.modules))
-        mlp_groups = tuple(g.name for g in prunable if mlp_path and _inside(mlp_path, g.modules))
+            mlp_paths = [prefix + "." + next(n for n, m in layer.named_modules() if m is experts[0])]
+        elif mlp is not None and mlp[0]:
+            mlp_paths = [f"{prefix}.{mlp[0]}"]
+        elif mlp is not None:  # the layer itself holds the MLP's projections (BART's fc1/fc2)
+            mlp_paths = [p for p in (f"{prefix}.{n}" for n, _ in layer.named_children()) if not any(_under(p, a) for a in attns)]
+        else:
+            mlp_paths = []
+        # a group of the block that reaches into its attention (MLP) module: BERT's heads also
+        # span `attention.output.dense`, outside `attention.self`, and its MLP channels span
+        # `intermediate` and `output`
+        local = [g for g in prunable if _inside(prefix, g.modules)]
+        attention = tuple(g.name for g in local if _touches(attn_path, g.modules))
+        mlp_groups = tuple(g.name for g in local if any(_touches(p, g.modules) for p in mlp_paths)
+                           and not any(_touches(a, g.modules) for a in attns))
         first = next((g for g in prunable if attention and g.name == attention[0]), None)
         rows.append(BlockRow(
             name=prefix, heads=s.num_attention_heads, kv_heads=s.num_key_value_heads, head_dim=s.head_dim,
