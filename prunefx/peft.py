@@ -27,7 +27,6 @@ base layer changed sizes is a ``ReconfigureError`` (merge the adapter first, or
 
 from __future__ import annotations
 
-import functools
 import math
 import sys
 from collections.abc import Iterator
@@ -37,22 +36,18 @@ import torch
 from torch import nn
 
 from prunefx.errors import ReconfigureError
+from prunefx.tracing import derives_from
 
 __all__ = ["finish", "holds_peft_layers", "base_layer", "base_state_dict", "adapter_modules"]
 
 
-def _is(m: Any, name: str, module_prefix: str) -> bool:
-    return _class_is(type(m), name, module_prefix)
-
-
-@functools.cache
-def _class_is(cls: type, name: str, module_prefix: str) -> bool:
-    """``cls`` derives from PEFT's class ``name`` (found by name: peft is not imported)."""
-    return any(c.__name__ == name and c.__module__.startswith(module_prefix) for c in cls.__mro__)
+def _is(m: Any, name: str, module_prefix: str = "peft.") -> bool:
+    """``m`` is an instance of PEFT's class ``name`` (found by name: peft is not imported)."""
+    return derives_from(type(m), name, module_prefix)
 
 
 def _tuner_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    return ((n, m) for n, m in model.named_modules() if _is(m, "BaseTunerLayer", "peft."))
+    return ((n, m) for n, m in model.named_modules() if _is(m, "BaseTunerLayer"))
 
 
 def holds_peft_layers(model: nn.Module) -> bool:
@@ -62,7 +57,7 @@ def holds_peft_layers(model: nn.Module) -> bool:
 def base_layer(m: nn.Module) -> nn.Module:
     """The layer a PEFT tuner layer wraps (``q_proj.base_layer``), or ``m`` itself: what
     ``prunefx.transformers`` reads sizes from."""
-    return m.get_base_layer() if _is(m, "BaseTunerLayer", "peft.") else m
+    return m.get_base_layer() if _is(m, "BaseTunerLayer") else m
 
 
 def adapter_modules(model: nn.Module) -> set[str]:
@@ -117,9 +112,9 @@ def _owners(model: nn.Module) -> Iterator[tuple[nn.Module, dict[str, Any]]]:
         configs = getattr(m, "peft_config", None)
         if not isinstance(configs, dict):
             continue
-        if _is(m, "BaseTuner", "peft."):
+        if _is(m, "BaseTuner"):
             yield m.model, configs
-        elif not _is(m, "PeftModel", "peft.") and not _is(m, "PeftMixedModel", "peft."):  # (those delegate to a tuner)
+        elif not _is(m, "PeftModel") and not _is(m, "PeftMixedModel"):  # (those delegate to a tuner)
             yield m, configs
 
 

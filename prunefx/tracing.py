@@ -45,14 +45,16 @@ from prunefx.errors import TraceError
 __all__ = ["SourceLoc", "Traced", "symbolic_trace", "describe_node", "guess_example_inputs", "in_mode", "is_transformers_model", "transformers_models", "attributes_restored"]
 
 
+@functools.cache
+def derives_from(cls: type, name: str, module_prefix: str) -> bool:
+    """``cls`` derives from the class ``name`` of a library whose modules start with
+    ``module_prefix`` (found by name in its bases: the library need not be imported)."""
+    return any(c.__name__ == name and c.__module__.startswith(module_prefix) for c in cls.__mro__)
+
+
 def is_transformers_model(model: nn.Module) -> bool:
     """A Hugging Face ``PreTrainedModel`` (found by its bases: transformers is not imported)."""
-    return _is_pretrained_class(type(model))
-
-
-@functools.cache
-def _is_pretrained_class(cls: type) -> bool:
-    return any(c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers") for c in cls.__mro__)
+    return derives_from(type(model), "PreTrainedModel", "transformers")
 
 
 def transformers_models(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -66,7 +68,7 @@ def transformers_models(model: nn.Module) -> list[tuple[str, nn.Module]]:
         return []
     found: list[tuple[str, nn.Module]] = []
     for name, m in model.named_modules():
-        if _is_pretrained_class(type(m)) and not any(name.startswith(p) for p, _ in found):
+        if is_transformers_model(m) and not any(name.startswith(p) for p, _ in found):
             found.append((f"{name}.", m))
     return found
 
