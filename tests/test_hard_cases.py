@@ -1336,8 +1336,11 @@ class _Between(nn.Module):
     (nn.Threshold(0.1, 20.0), False),  # 0 <= 0.1, so a masked channel becomes 20: conv2 reads it
     (nn.Threshold(0.1, 0.0), True),
     (nn.Threshold(-0.5, 20.0), True),  # 0 > -0.5 passes through
-], ids=["threshold-to-20", "threshold-to-0", "negative-threshold"])
-def test_threshold_keeps_zeros_only_when_it_maps_them_to_zero(act, exact):
+    (nn.Hardtanh(0.5, 2.0), False),  # clamps 0 up to 0.5
+    (nn.Hardtanh(-1.0, 1.0), True),
+    (nn.ReLU6(), True),
+], ids=["threshold-to-20", "threshold-to-0", "negative-threshold", "hardtanh-above-0", "hardtanh", "relu6"])
+def test_threshold_and_hardtanh_keep_zeros_only_when_they_map_0_to_0(act, exact):
     x = rand(2, 3, 6, 6)
     model = prepare(_Between, act)
     g = prunefx.trace(model, x).group_of("conv1")

@@ -200,6 +200,20 @@ def threshold(a: Analyzer, node: fx.Node) -> Any:
     return x.with_zero(x.zero and (th < 0 or value == 0))
 
 
+def hardtanh(a: Analyzer, node: fx.Node) -> Any:
+    """``F.hardtanh``/``nn.Hardtanh`` (ReLU6 is one): a clamp to [min_val, max_val], so 0 stays
+    0 only when the range holds it."""
+    if node.op == "call_module":
+        m = a.module(node)
+        lo, hi = m.min_val, m.max_val
+    else:
+        lo, hi = _arg(node, 1, "min_val", -1.0), _arg(node, 2, "max_val", 1.0)
+    x = _elementwise_input(a, node)
+    if x is None or not isinstance(lo, (int, float)) or not isinstance(hi, (int, float)):
+        return unknown(a, node)
+    return x.with_zero(x.zero and lo <= 0 <= hi)
+
+
 def alpha_dropout(a: Analyzer, node: fx.Node) -> Any:
     """Alpha dropout (SELU networks) sets dropped units to a negative constant and then
     shifts every unit: in training 0 does not stay 0; in evaluation it is the identity."""

@@ -59,7 +59,7 @@ def _frozen_batchnorm() -> tuple[type, ...]:
 
 _ZERO_PRESERVING_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Hardswish, nn.Hardtanh, nn.Tanh, nn.Softshrink, nn.Hardshrink, nn.Tanhshrink, nn.Identity,
+    nn.Hardswish, nn.Tanh, nn.Softshrink, nn.Hardshrink, nn.Tanhshrink, nn.Identity,
     nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
 )
 _POOLS = (
@@ -121,11 +121,11 @@ SPECS: tuple[OpSpec, ...] = (
            empty_ok=True, pure=True, shape=sr.elementwise),
     OpSpec("zero-preserving activation", r.unary(True), functions=(
         torch.relu, torch.relu_, F.relu, F.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu,
-        F.mish, F.hardswish, F.hardtanh, F.tanh, torch.tanh, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
+        F.mish, F.hardswish, F.tanh, torch.tanh, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
         torch.abs, torch.sqrt, torch.square, torch.sin, torch.erf,
         F.softshrink, F.hardshrink, F.tanhshrink, operator.pos,
         *_aten("relu.default", "relu_.default", "gelu.default", "gelu_.default", "silu.default", "silu_.default",
-               "hardswish.default", "hardswish_.default", "hardtanh.default", "hardtanh_.default", "tanh.default",
+               "hardswish.default", "hardswish_.default", "tanh.default",
                "tanh_.default", "leaky_relu.default", "leaky_relu_.default", "elu.default", "elu_.default",
                "mish.default", "mish_.default", "abs.default", "sqrt.default", "square.default", "sin.default",
                "erf.default", "dropout.default", "dropout_.default", "feature_dropout.default"),
@@ -137,6 +137,8 @@ SPECS: tuple[OpSpec, ...] = (
                "softplus.default", "exp.default", "cos.default"),
     ), methods=("sigmoid", "sigmoid_", "exp"), modules=(nn.Sigmoid, nn.Hardsigmoid, nn.Softplus, nn.LogSigmoid),
         empty_ok=True, shape=sr.elementwise, keeps_shape=True),
+    OpSpec("hardtanh", r.hardtanh, functions=(F.hardtanh, F.hardtanh_, *_aten("hardtanh.default", "hardtanh_.default")),
+           modules=(nn.Hardtanh,), empty_ok=True, shape=sr.elementwise, keeps_shape=True),
     OpSpec("threshold", r.threshold, functions=(F.threshold, F.threshold_), modules=(nn.Threshold,), empty_ok=True,
            shape=sr.elementwise, keeps_shape=True),
     OpSpec("alpha dropout", r.alpha_dropout, functions=(F.alpha_dropout, F.feature_alpha_dropout),
