@@ -10,15 +10,17 @@ heads, KV heads and MLP channels each layer has, and which group removes them. A
   ``expert_channels`` (a mixture of experts: how many, and their width): read from the layer's weights
   (``prunefx.transformers.layer_sizes``), so a pruned model shows what it keeps;
 - ``attention`` / ``mlp``: the prunable groups whose every member lies in the layer and
-  some member in its attention (MLP; for an MoE block, its experts) module, and ``slot``: what one channel of the attention group is (a head;
-  under grouped-query attention a KV head with its query heads);
+  some member in its attention (MLP; for an MoE block, its experts) module, and ``slot``:
+  what one channel of the attention group is (a head; under grouped-query attention a KV
+  head with its query heads);
 - ``params`` (the layer's parameters) and ``flops`` (the FLOPs of the nodes computed
   inside it: the export front-end records which module computed each node).
 
 An encoder-decoder model (BART, T5, Whisper) gets a row per block of both stacks (a decoder
 block's attention group is its self-attention's). Models without a ``config`` and a
-``ModuleList`` of ``config.num_hidden_layers`` blocks get no rows. A model holding a transformers model (a PEFT model, a wrapper) gets its rows, and a
-LoRA adapter's rank group is not counted as an attention or MLP group.
+``ModuleList`` of ``config.num_hidden_layers`` blocks get no rows. A model holding a
+transformers model (a PEFT model, a wrapper) gets its rows, and a LoRA adapter's rank group
+is not counted as an attention or MLP group.
 """
 
 from __future__ import annotations
