@@ -276,12 +276,12 @@ def test_propagation_records_what_the_kernels_give(make: Any, monkeypatch: pytes
 
 KEEPS_SHAPE_MODULES = {  # an instance of each abstract or argument-taking class that a record says keeps shape
     nn.modules.batchnorm._NormBase: lambda: nn.BatchNorm2d(8),
-    nn.modules.dropout._DropoutNd: lambda: nn.Dropout2d(0.5),
     nn.GroupNorm: lambda: nn.GroupNorm(2, 8),
     nn.LayerNorm: lambda: nn.LayerNorm(5),
     nn.LocalResponseNorm: lambda: nn.LocalResponseNorm(2),
     nn.Threshold: lambda: nn.Threshold(0.1, 0.0),
 }
+KEEPS_SHAPE_INPUTS = {nn.Dropout1d: (2, 8, 5), nn.Dropout3d: (2, 8, 5, 5, 5)}  # the rest take (2, 8, 5, 5)
 
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
@@ -300,10 +300,12 @@ def test_modules_said_to_keep_shape_do(memory_format: torch.memory_format, train
             continue
         for cls in spec.modules:
             mod = KEEPS_SHAPE_MODULES.get(cls, cls)().to("meta").train(training)
-            x = _meta(2, 8, 5, 5).contiguous(memory_format=memory_format)
+            x = _meta(*KEEPS_SHAPE_INPUTS.get(cls, (2, 8, 5, 5)))
+            if x.dim() == 4:  # channels-last is a 4-d layout
+                x = x.contiguous(memory_format=memory_format)
             like, out = _layout(shapes._like(x)), _layout(_run(mod, (x,), {}))
             if memory_format == torch.channels_last:
                 like, out = (like[0], like[2]), (out[0], out[2])
             assert like == out, cls.__name__
             checked.append(cls)
-    assert nn.modules.batchnorm._NormBase in checked and nn.ReLU in checked
+    assert {nn.modules.batchnorm._NormBase, nn.ReLU, nn.Dropout1d, nn.Dropout3d} <= set(checked)
