@@ -222,6 +222,16 @@ def test_doc_block(block: Block, _docs_tmp: Path, monkeypatch: pytest.MonkeyPatc
             gc.collect()
 
 
+def test_a_pages_blocks_share_a_worker(request: pytest.FixtureRequest) -> None:
+    """Under ``--dist loadgroup`` (``make test``) xdist tags each block's node id with its
+    page's group; without the tag the blocks of a page spread over the workers and each
+    worker replays the page from its start (pytest 9.2 with pytest-xdist 3.8 did)."""
+    if getattr(request.config.option, "loadgroup", False):
+        blocks = [item for item in request.session.items if item.name.startswith("test_doc_block[")]
+        untagged = [b.nodeid for b in blocks if not b.nodeid.endswith("@" + b.get_closest_marker("xdist_group").args[0])]
+        assert not untagged, f"{len(untagged)} blocks not tagged with their page's group, e.g. {untagged[:2]}"
+
+
 def test_every_block_is_labelled() -> None:
     """Every fence says whether it runs; every output block follows a Python block."""
     problems = []
